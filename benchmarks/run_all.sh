@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every benchmark of the 2-GPU machine in one call: RMA microbenchmarks, fused GEMMs, Flash Decode.
+#   bash benchmarks/run_all.sh OUTDIR [gemm-args...]
+# NVLink multicast stays off (the machine's policy); each script has its own time limit so one hang
+# cannot take the others' time.
+set -u
+out=${1:-benchmarks/results}; shift || true
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+run() { local name=$1 limit=$2; shift 2
+  echo "=== $name"; timeout "$limit" python3 -m torch.distributed.run --nproc_per_node=2 "$@" > "$out/$name.log" 2>&1
+  echo "exit $?"; grep -v "^\[rank\|Warning\|warn" "$out/$name.log" | tail -n "${TAIL:-40}"; }
+run rma 90 benchmarks/rma_bench.py --json "$out/rma_h200x2.json"
+run gemm "${GEMM_LIMIT:-330}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
+run decode "${DECODE_LIMIT:-150}" benchmarks/decode_bench.py --json "$out/decode_h200x2.json" --plot "$out/decode_h200x2.png"

@@ -1,0 +1,429 @@
+"""Host side of decode attention with the KV cache split along the sequence across ranks.
+
+Single GPU, the two graph-IR ops::
+
+    o, lse = decode_partial(q, k, v, kv_lens=lens)          # split-KV kernel + merge of the splits
+    o, lse = merge_states(o_n, lse_n)                       # merge n states [n, B, H, D], [n, B, H]
+
+Across ranks, one ``FlashDecode`` per rank (built in the same order on every rank: it allocates on
+the symmetric heap and ends with a heap barrier)::
+
+    fd = FlashDecode(ctx.heap, ctx.world_size, ctx.rank, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16)
+    out, lse = fd(q, k_shard, v_shard, kv_lens=lens)        # every rank; q is the same on all ranks
+
+``stage`` picks the schedule of one decode step (launches counted per step):
+
+- 0, BSP: split kernel, merge of the splits, ``torch.distributed.all_gather_into_tensor`` of the packed
+  fp32 (O, LSE) (NCCL on GPUs, gloo in the simulator; with no process group, the RMA put kernel and a
+  heap barrier), merge of the ranks: 3 kernels + 1 collective.
+- 1, RMA all-gather: split, merge of the splits into this rank's slot of the gather buffer, a put
+  kernel copying it to every peer, a heap barrier (host), merge of the ranks: 4 kernels + 1 barrier.
+- 2, fine-grained waits: as 1, but the put kernel raises a per-(batch, head-tile) flag on every rank and
+  the merge of the ranks waits per tile and source instead of a barrier: 4 kernels, no host sync.
+- 3, fused push: 1 kernel (``fused_decode_kernel``): the last split of a tile merges the tile's splits,
+  pushes it to every rank and raises the tile's flag; merge programs consume tiles as they arrive.
+
+Flags carry epochs (``Epoch``) and counters are reset on the device, so steps need no host reset. The
+gather buffer is double-buffered by epoch parity: a rank can be at most one step ahead of a peer's
+reads of it (it needs the peer's tiles of a step before finishing that step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from bspfuse.kernels import decode as K
+from bspfuse.runtime import Epoch
+from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
+
+STAGES = (0, 1, 2, 3)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLITS = 64
+MIN_SPLIT_BLOCKS = 4  # a split streams at least this many BLOCK_N blocks, or its fixed cost dominates
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+
+
+@dataclass(frozen=True)
+class DecodeTiling:
+    """How heads and keys are cut into programs; constexprs of every decode kernel."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    group: int  # query heads per KV head
+    block_h: int  # query heads per tile: the M of tl.dot (>= 16)
+    head_tiles: int  # tiles per KV head
+    block_d: int
+    block_n: int  # keys per loop step
+    num_warps: int
+    num_stages: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.B * self.Hkv * self.head_tiles
+
+    def constexprs(self) -> dict:
+        return dict(GROUP=self.group, HEAD_TILES=self.head_tiles, BLOCK_H=self.block_h, D=self.D,
+                    BLOCK_D=self.block_d)
+
+
+def decode_tiling(B: int, Hq: int, Hkv: int, D: int, block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None, device: torch.device | str = "cpu") -> DecodeTiling:
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"flash decode: {Hq} query heads do not group evenly over {Hkv} KV heads")
+    if D < 1 or D > 512:
+        raise ValueError(f"flash decode: head dim {D} is outside 1..512")
+    group = Hq // Hkv
+    block_h = min(max(16, triton.next_power_of_2(group)), 64)
+    block_d = max(16, triton.next_power_of_2(D))
+    gpu = torch.device(device).type == "cuda"
+    if block_n is None:
+        block_n = (64 if block_d <= 128 else 32) if gpu else 16
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"flash decode: block_n must be a power of two >= 16, got {block_n}")
+    return DecodeTiling(B, Hq, Hkv, D, group, block_h, -(-group // block_h), block_d, block_n,
+                        num_warps or 4, num_stages or (3 if gpu else 1))
+
+
+def choose_num_splits(num_tiles: int, kv_capacity: int, block_n: int, num_sms: int) -> int:
+    """Splits of the KV length per tile: enough programs for ~3 per SM (a few waves of small CTAs keep
+    HBM busy at batch 1), but each split at least MIN_SPLIT_BLOCKS blocks long."""
+    want = -(-3 * num_sms // max(num_tiles, 1))
+    longest = max(1, kv_capacity // (MIN_SPLIT_BLOCKS * block_n))
+    return max(1, min(want, longest, MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the simulator: a couple of splits, so the merge of splits is exercised
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class _KV:
+    """Checked decode inputs and the strides and constexprs the kernels take."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: torch.Tensor | None
+    table: torch.Tensor | None
+    capacity: int  # most keys a batch entry can have
+    page: int
+
+    def args(self):
+        q, k, v = self.q, self.k, self.v
+        table = self.table if self.table is not None else q
+        lens = self.lens if self.lens is not None else q
+        return (q, k, v, lens, table)
+
+    def strides(self):
+        q, k, v = self.q, self.k, self.v
+        bt = self.table.stride(0) if self.table is not None else 0
+        return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                v.stride(2), bt)
+
+
+def _check_inputs(q, k, v, kv_lens, block_table, B, Hq, Hkv, D, dtype) -> _KV:
+    def shape(t):
+        return list(t.shape)
+
+    if q.dim() != 3 or tuple(q.shape) != (B, Hq, D):
+        raise ValueError(f"flash decode: q must be [B={B}, Hq={Hq}, D={D}], got {shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[2] != Hkv or t.shape[3] != D:
+            raise ValueError(f"flash decode: {name} must be [B, S, Hkv={Hkv}, D={D}] (or [blocks, page, Hkv, D] "
+                             f"with a block table), got {shape(t)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"flash decode: {name} is {t.dtype} but q is {q.dtype}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"flash decode: k {shape(k)} and v {shape(v)} differ in shape")
+    if dtype is not None and q.dtype != dtype:
+        raise ValueError(f"flash decode: built for {dtype}, got q of {q.dtype}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"flash decode: dtype {q.dtype} is not supported (fp16, bf16, fp32)")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if block_table is not None:
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"flash decode: block_table must be [B={B}, max_blocks], got {shape(block_table)}")
+        block_table = block_table.to(torch.int32).contiguous()
+        page = k.shape[1]
+        capacity = block_table.shape[1] * page
+    else:
+        if k.shape[0] != B:
+            raise ValueError(f"flash decode: k has batch {k.shape[0]}, q has {B} (a paged cache needs a block_table)")
+        page, capacity = 0, k.shape[1]
+    if kv_lens is not None:
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"flash decode: kv_lens must be [B={B}], got {shape(kv_lens)}")
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _KV(q, k, v, kv_lens, block_table, capacity, page)
+
+
+def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
+    # fp32: an exact dot rather than tf32. bf16 on the CPU: triton 3.6's interpreter multiplies bf16 bits.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
+
+
+def _launch_split(kv: _KV, tiling: DecodeTiling, num_splits: int, scale: float, mid_o, mid_lse):
+    grid = (tiling.num_tiles, num_splits)
+    K.decode_split_kernel[grid](
+        *kv.args(), mid_o, mid_lse, kv.capacity, tiling.B, tiling.Hq, tiling.Hkv, num_splits, *kv.strides(),
+        scale * K.LOG2E, **tiling.constexprs(), BLOCK_N=tiling.block_n, PAGE=kv.page, HAS_LENS=kv.lens is not None,
+        DOT_F32=_dot_f32(kv.q.dtype, kv.q.device), num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+
+
+def _launch_merge(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags=None, epoch=0,
+                  rank=0, err=None, max_spins=0):
+    wait = flags is not None
+    K.merge_states_kernel[(tiling.num_tiles,)](
+        o, lse, out_o, out_lse, n, stride_on, stride_ln, tiling.Hq, tiling.Hkv,
+        flags if wait else out_lse, epoch, rank, err if err is not None else out_lse,
+        **tiling.constexprs(), WAIT=wait, MAX_SPINS=max_spins, num_warps=tiling.num_warps)
+
+
+# ------------------------------------------------------------------------------------------------ one GPU
+
+
+def decode_partial(q, k, v, kv_lens=None, block_table=None, *, scale: float | None = None,
+                   num_splits: int | None = None, block_n: int | None = None):
+    """Decode attention over this GPU's keys: (O [B, Hq, D] in q's dtype, LSE [B, Hq] fp32, natural log).
+
+    q [B, Hq, D]; k, v [B, S, Hkv, D], or [blocks, page, Hkv, D] with block_table [B, max_blocks] (i32);
+    kv_lens [B]: keys per batch entry (default: all S). An entry with no keys gives (0, -inf).
+
+    Example::
+
+        o, lse = decode_partial(q, k, v, kv_lens=torch.tensor([5, 0]))
+    """
+    B, Hq, D = q.shape
+    kv = _check_inputs(q, k, v, kv_lens, block_table, B, Hq, k.shape[2], D, None)
+    tiling = decode_tiling(B, Hq, k.shape[2], D, block_n, device=q.device)
+    splits = num_splits or choose_num_splits(tiling.num_tiles, kv.capacity, tiling.block_n, _num_sms(q.device))
+    mid_o = torch.empty(splits, B, Hq, D, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(splits, B, Hq, dtype=torch.float32, device=q.device)
+    _launch_split(kv, tiling, splits, scale if scale is not None else D ** -0.5, mid_o, mid_lse)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    _launch_merge(tiling, mid_o, mid_lse, splits, B * Hq * D, B * Hq, out, lse)
+    return out, lse
+
+
+def merge_states(o: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype | None = None):
+    """Merge n attention states: o [n, B, H, D], lse fp32 [n, B, H] (natural log) -> (O [B, H, D], LSE [B, H]).
+
+    States with LSE = -inf (no keys) are ignored; if all are empty the result is (0, -inf).
+    """
+    if o.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != tuple(o.shape[:3]) or lse.dtype != torch.float32:
+        raise ValueError(f"merge_states needs o [n, B, H, D] and fp32 lse [n, B, H], got {list(o.shape)} "
+                         f"({o.dtype}) and {list(lse.shape)} ({lse.dtype})")
+    n, B, H, D = o.shape
+    o, lse = o.contiguous(), lse.contiguous()
+    tiling = decode_tiling(B, H, 1, D, device=o.device)  # all heads as one group: any H works
+    out = torch.empty(B, H, D, dtype=out_dtype or o.dtype, device=o.device)
+    out_lse = torch.empty(B, H, dtype=torch.float32, device=o.device)
+    _launch_merge(tiling, o, lse, n, B * H * D, B * H, out, out_lse)
+    return out, out_lse
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+
+
+class FlashDecode:
+    """Decode attention over a KV cache split along the sequence across ranks; one object per rank.
+
+    Owns its heap buffers (a double-buffered fp32 gather buffer of every rank's (O, LSE), per-tile flags)
+    and its epoch. Build it on every rank in the same order (it allocates on the symmetric heap and ends
+    with a barrier); call it on every rank once per decode step; ``close()`` frees the heap buffers.
+
+    Example::
+
+        fd = FlashDecode(ctx.heap, ctx.world_size, ctx.rank, B=2, Hq=8, Hkv=2, D=32,
+                         dtype=torch.float16, stage=3)
+        for step in range(n):
+            out, lse = fd(q, k, v, kv_lens=lens)   # the same q on every rank, this rank's KV shard
+
+    Arguments beyond the shapes: ``scale`` (default D**-0.5), ``num_splits`` (default: enough to fill the
+    SMs for the first step's KV capacity, then kept: any split count is correct for any length),
+    ``block_n``, ``num_warps``, ``num_stages``; ``max_spins`` > 0 bounds every flag wait (debug: a wait
+    that gives up raises RemoteWaitTimeout naming rank, tile and flag); ``group`` the process group of
+    stage 0's collective (default: the default group, if one is initialized).
+    """
+
+    def __init__(self, heap, world_size: int, rank: int, B: int, Hq: int, Hkv: int, D: int,
+                 dtype: torch.dtype = torch.bfloat16, stage: int = 3, *, scale: float | None = None,
+                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None, max_spins: int = 0, group=None):
+        if stage not in STAGES:
+            raise ValueError(f"FlashDecode: stage must be one of {STAGES}, got {stage!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"FlashDecode: dtype {dtype} is not supported (fp16, bf16, fp32)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"FlashDecode: rank {rank} is outside world size {world_size}")
+        self.heap, self.world_size, self.rank = heap, world_size, rank
+        self.B, self.Hq, self.Hkv, self.D, self.dtype, self.stage = B, Hq, Hkv, D, dtype, stage
+        self.scale = scale if scale is not None else D ** -0.5
+        self.device = heap.device
+        self.tiling = decode_tiling(B, Hq, Hkv, D, block_n, num_warps, num_stages, self.device)
+        self.num_splits = num_splits
+        self.max_spins = max_spins
+        self.group = group
+        self.epoch = Epoch()
+        # One rank's state, packed: O [B, Hq, D] then LSE [B, Hq], padded to 16 floats (64 bytes), so a
+        # stage-0 collective moves one buffer and every slot starts aligned.
+        self._o_numel = B * Hq * D
+        self.slot = -(-(self._o_numel + B * Hq) // 16) * 16
+        tiles = self.tiling.num_tiles
+        self.gather = heap.zeros(2, world_size, self.slot, dtype=torch.float32, name="flash_decode.gather")
+        self.flags = heap.zeros(world_size, tiles, dtype=torch.int32, name="flash_decode.flags")
+        self.tile_count = torch.zeros(tiles, dtype=torch.int32, device=self.device)
+        self.ticket = torch.zeros(1, dtype=torch.int64, device=self.device)  # stage 3: tickets, hence epochs
+        self.err = new_error_buffer(self.device)
+        self._mid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        heap.barrier()  # peers may signal into our flags from their first step on
+
+    @classmethod
+    def from_op(cls, op, heap, sizes: dict | None = None, **kwargs) -> "FlashDecode":
+        """The FlashDecode that runs a graph-IR ``flash_decode`` op (what ``fuse_flash_decode`` makes).
+
+        Its operands are q, k, v, then the block table if ``paged``, then kv_lens if ``kv_lens``; call the
+        result with the same tensors: ``fd(q, k, v, kv_lens=..., block_table=...)``. ``sizes`` binds
+        symbolic dims; ``kwargs`` go to the constructor (tuning, ``max_spins``).
+        """
+        from bspfuse.ir import concrete
+
+        if op.opcode != "flash_decode":
+            raise ValueError(f"FlashDecode.from_op needs a flash_decode op, got {op.opcode}")
+        world = heap.world_size
+        q, k = op.inputs[0].type, op.inputs[1].type
+        B, Hq, D = (concrete(d, sizes, world) for d in q.shape)
+        Hkv = concrete(k.shape[2], sizes, world)
+        dtype = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[q.dtype]
+        return cls(heap, world, heap.rank, B, Hq, Hkv, D, dtype, stage=op.attrs["stage"],
+                   scale=op.attrs.get("scale"), **kwargs)
+
+    def close(self) -> None:
+        """Free the heap buffers (collective, like construction)."""
+        self.heap.barrier()
+        self.heap.free(self.flags)
+        self.heap.free(self.gather)
+
+    # -------------------------------------------------------------------------------------------- step
+
+    def __call__(self, q, k, v, kv_lens=None, block_table=None):
+        """One decode step: (O [B, Hq, D] in the model dtype, LSE [B, Hq] fp32) over every rank's keys."""
+        kv = _check_inputs(q, k, v, kv_lens, block_table, self.B, self.Hq, self.Hkv, self.D, self.dtype)
+        if self.num_splits is None:  # fixed at the first step: stage 3 derives epochs from a program count
+            self.num_splits = choose_num_splits(self.tiling.num_tiles, kv.capacity, self.tiling.block_n,
+                                                _num_sms(self.device))
+        splits = self.num_splits
+        out = torch.empty(self.B, self.Hq, self.D, dtype=self.dtype, device=self.device)
+        out_lse = torch.empty(self.B, self.Hq, dtype=torch.float32, device=self.device)
+        mid_o, mid_lse = self._mid_buffers(splits)
+        if self.stage == 3:  # counts its epochs on the device
+            self._fused_step(kv, splits, mid_o, mid_lse, out, out_lse)
+        else:
+            epoch = self.epoch.next()
+            buf = self.gather[epoch % 2]
+            gather_o, gather_lse = buf[:, :self._o_numel], buf[:, self._o_numel:]
+            self._bsp_step(kv, splits, epoch, buf, gather_o, gather_lse, mid_o, mid_lse, out, out_lse)
+        if self.max_spins:
+            raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+        return out, out_lse
+
+    def launches(self) -> list[str]:
+        """What one step launches, in order (kernels, collectives, host barriers)."""
+        if self.stage == 0:
+            gather = "all_gather_into_tensor" if self._collective() else "put_states_kernel, heap.barrier"
+            return ["decode_split_kernel", "merge_states_kernel", gather, "merge_states_kernel"]
+        if self.stage == 1:
+            return ["decode_split_kernel", "merge_states_kernel", "put_states_kernel", "heap.barrier",
+                    "merge_states_kernel"]
+        if self.stage == 2:
+            return ["decode_split_kernel", "merge_states_kernel", "put_states_kernel",
+                    "merge_states_kernel(WAIT)"]
+        return ["fused_decode_kernel"]
+
+    def _mid_buffers(self, splits: int):
+        if splits not in self._mid:
+            B, Hq, D = self.B, self.Hq, self.D
+            self._mid[splits] = (torch.empty(splits, B, Hq, D, dtype=torch.float32, device=self.device),
+                                 torch.empty(splits, B, Hq, dtype=torch.float32, device=self.device))
+        return self._mid[splits]
+
+    def _collective(self) -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+
+    def _bsp_step(self, kv, splits, epoch, buf, gather_o, gather_lse, mid_o, mid_lse, out, out_lse):
+        t, W, r, slot = self.tiling, self.world_size, self.rank, self.slot
+        BH = self.B * self.Hq
+        _launch_split(kv, t, splits, self.scale, mid_o, mid_lse)
+        # the merge of the splits writes this rank's state into its own slot of the gather buffer
+        _launch_merge(t, mid_o, mid_lse, splits, BH * self.D, BH, gather_o[r], gather_lse[r])
+        if self.stage == 0 and self._collective():
+            import torch.distributed as dist
+
+            gathered = torch.empty(W * slot, dtype=torch.float32, device=self.device)  # flat: gloo wants 1-D
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13
+            all_gather(gathered, buf[r], group=self.group)
+            gathered = gathered.view(W, slot)
+            _launch_merge(t, gathered, gathered[:, self._o_numel:], W, slot, slot, out, out_lse)
+            return
+        fine = self.stage == 2
+        K.put_states_kernel[(t.num_tiles,)](
+            gather_o, gather_lse, slot, slot, self.Hq, self.Hkv, self.flags, epoch, r, self.heap.heap_bases,
+            WORLD=W, **t.constexprs(), SIGNAL=fine, num_warps=t.num_warps)
+        if not fine:
+            self.heap.barrier()
+        _launch_merge(t, gather_o, gather_lse, W, slot, slot, out, out_lse, self.flags if fine else None, epoch, r,
+                      self.err, self.max_spins)
+
+    def _fused_step(self, kv, splits, mid_o, mid_lse, out, out_lse):
+        t, gather = self.tiling, self.gather
+        grid = (t.num_tiles * splits + t.num_tiles,)
+        K.fused_decode_kernel[grid](
+            *kv.args(), mid_o, mid_lse, gather[0], gather[0, :, self._o_numel:], out, out_lse, self.flags,
+            self.tile_count, self.ticket, self.rank, self.heap.heap_bases, self.err,
+            kv.capacity, self.B, self.Hq, self.Hkv, t.num_tiles, splits, gather.stride(0), self.slot, self.slot,
+            *kv.strides(),
+            self.scale * K.LOG2E, WORLD=self.world_size, **t.constexprs(), BLOCK_N=t.block_n, PAGE=kv.page,
+            HAS_LENS=kv.lens is not None, DOT_F32=_dot_f32(self.dtype, self.device), ONE_SPLIT=splits == 1,
+            MAX_SPINS=self.max_spins, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def reference_decode(q, k, v, kv_lens=None, block_table=None, scale: float | None = None):
+    """float64 (O, LSE) on the CPU over one rank's (or the full, unsharded) KV: the tests' reference.
+    Same argument conventions as ``decode_partial``."""
+    q64 = q.detach().double().cpu()
+    B, Hq, D = q64.shape
+    k64, v64 = k.detach().double().cpu(), v.detach().double().cpu()
+    if block_table is not None:
+        bt = block_table.long().cpu()
+        k64 = k64[bt].flatten(1, 2)  # [B, max_blocks * page, Hkv, D]
+        v64 = v64[bt].flatten(1, 2)
+    Hkv = k64.shape[2]
+    scale = scale if scale is not None else D ** -0.5
+    lens = kv_lens.long().cpu().tolist() if kv_lens is not None else [k64.shape[1]] * B
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        n = lens[b]
+        if n == 0:
+            continue
+        kb = k64[b, :n].repeat_interleave(Hq // Hkv, dim=1)  # [n, Hq, D]
+        vb = v64[b, :n].repeat_interleave(Hq // Hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q64[b], kb) * scale
+        lse[b] = torch.logsumexp(s, dim=1)
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=1), vb)
+    return out, lse

@@ -1,0 +1,239 @@
+"""The simulator backend: N ranks as N CPU processes, each heap a shared-memory segment.
+
+Every rank process maps every rank's segment, so ``heap_bases[r]`` is this process's
+address of rank r's heap and ``iris.translate`` works exactly as on GPUs. Kernels run
+in Triton's interpreter (``TRITON_INTERPRET=1`` is set for the child processes before
+they import anything), so remote loads, stores, atomics and spin-waits are real
+accesses to shared memory by concurrent processes.
+
+What the interpreter does and does not give (triton 3.6):
+- 32- and 64-bit integer and float atomics are ``std::atomic`` operations on the raw
+  address: hardware atomics, correct across processes.
+- 16-bit float ``atomic_add`` (fp16) is guarded by a process-local mutex, so it is NOT
+  atomic across processes, and bf16 ``atomic_add``/``atomic_xchg`` are not supported
+  at all. ``patch_interpreter`` replaces both with a compare-and-swap loop on the
+  aligned 32-bit word around the element (real hardware CAS).
+- The programs of one launch run one after another in one process: a program that
+  waits for a later program of the same launch on the same rank never sees it
+  (a bounded ``wait_until`` reports it). Waits between ranks work.
+- A spinning rank sleeps 0.2 ms when a flag read returns the same value as its
+  previous read (``patch_interpreter``), so world sizes above the core count still
+  make progress quickly.
+- Calls of ``@triton.jit`` device functions from a kernel re-patch ``triton.language``
+  each time (about 2 ms a call); ``patch_interpreter`` skips that while a kernel runs,
+  which makes kernels that call ``iris.*`` in loops about 1.5x faster.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+import threading
+from multiprocessing import shared_memory
+
+import numpy as np
+import torch
+
+from .errors import BspfuseRuntimeError
+
+
+class SharedMemoryBacking:
+    """Maps every rank's segment into this process; ``buffer`` is this rank's."""
+
+    def __init__(self, rank: int, world_size: int, names: list[str], nbytes: int,
+                 barrier, barrier_timeout_s: float):
+        self.rank, self.world_size = rank, world_size
+        self._segments = [shared_memory.SharedMemory(name=n) for n in names]
+        self._views = [torch.frombuffer(s.buf, dtype=torch.uint8, count=nbytes)
+                       for s in self._segments]
+        self.buffer = self._views[rank]
+        self.bases = [v.data_ptr() for v in self._views]
+        self._barrier = barrier
+        self._barrier_timeout_s = barrier_timeout_s
+
+    def barrier(self, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or self._barrier_timeout_s
+        try:
+            self._barrier.wait(timeout_s)
+        except threading.BrokenBarrierError:
+            raise BspfuseRuntimeError(
+                f"rank {self.rank}: heap.barrier() broke: another rank failed or did not "
+                f"reach the barrier within {timeout_s:g} s") from None
+
+    def peer_buffer(self, rank: int) -> torch.Tensor:
+        return self._views[rank]
+
+
+def create_segments(world_size: int, nbytes: int) -> list[shared_memory.SharedMemory]:
+    """The parent makes one zero-filled segment per rank (pages are allocated lazily)."""
+    segments = []
+    try:
+        for _ in range(world_size):
+            segments.append(shared_memory.SharedMemory(create=True, size=nbytes))
+    except BaseException:
+        destroy_segments(segments)
+        raise
+    return segments
+
+
+def destroy_segments(segments) -> None:
+    for s in segments:
+        try:
+            s.close()
+            s.unlink()
+        except (FileNotFoundError, BufferError):
+            pass
+
+
+# ---- interpreter patches (applied in each simulated rank) ----------------------------
+
+_patched = False
+SPIN_BACKOFF_S = 2e-4
+
+
+def patch_interpreter() -> None:
+    """Make the interpreter's atomics cross-process safe and let spinning ranks yield."""
+    global _patched
+    if _patched:
+        return
+    from triton.runtime import interpreter
+    interpreter._interpreter = _CrossProcessAtomics(interpreter._interpreter)
+    _patch_nested_calls(interpreter)
+    _patch_bf16_dot(interpreter)
+    _patched = True
+
+
+def _patch_bf16_dot(interpreter) -> None:
+    """tl.dot on bf16 operands: the interpreter keeps bf16 as raw uint16 bits and multiplies the bits
+    (triton 3.6). Widen bf16 operands to float32 first, as the tensor cores would."""
+    builder = interpreter.InterpreterBuilder
+    dot = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == interpreter.tl.bfloat16:
+            bits = h.data.astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), interpreter.tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+
+def _patch_nested_calls(interpreter) -> None:
+    """Skip re-patching triton.language on every nested @triton.jit call.
+
+    The interpreter rebuilds its patches of ``triton.language`` (``inspect.getmembers``
+    over the whole module) at each call of a device function from a kernel, about 2 ms
+    a call: most of the time of a kernel that calls ``iris.*`` in a loop. While a
+    kernel runs, the modules it sees are already patched, so a nested call whose
+    language modules are among them can skip that step.
+    """
+    executor, function = interpreter.GridExecutor, interpreter.InterpretedFunction
+    if not (hasattr(interpreter, "_patch_lang") and hasattr(function, "rewrite")):
+        return  # another triton version: keep its behaviour
+    patched: list[frozenset] = []  # language modules patched by the running kernels
+    langs_of: dict = {}
+
+    def langs(fn) -> frozenset:
+        if fn not in langs_of:
+            langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                     if v is interpreter.tl or v is interpreter.tl.core)
+        return langs_of[fn]
+
+    run_grid = executor.__call__
+
+    def grid_call(self, *args, **kwargs):
+        patched.append(langs(self.fn))
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    def device_call(self, *args, **kwargs):
+        need = langs(self.fn)
+        if not patched or not need <= patched[-1]:
+            interpreter._patch_lang(self.fn)
+            if patched:
+                patched[-1] = patched[-1] | need
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    executor.__call__ = grid_call
+    function.__call__ = device_call
+
+
+class _CrossProcessAtomics:
+    """Wraps ``triton._C.libtriton.interpreter``; forwards everything it does not fix."""
+
+    def __init__(self, native):
+        self._native = native
+        self._fadd, self._xchg = native.RMW_OP.FADD, native.RMW_OP.XCHG
+        self._add = native.RMW_OP.ADD
+        self._last_read = None
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    def atomic_rmw(self, op, ptr, val, mask, sem):
+        if val.dtype.itemsize == 2 and op in (self._fadd, self._xchg):
+            return self._rmw16(op, ptr, val, mask, sem)
+        out = self._native.atomic_rmw(op, ptr, val, mask, sem)
+        if op == self._add and val.dtype.kind in "iu" and not val.any():
+            self._after_flag_read(ptr, out)  # an atomic add of 0 reads a flag
+        return out
+
+    def atomic_cas(self, ptr, cmp, val, sem):
+        out = self._native.atomic_cas(ptr, cmp, val, sem)
+        if np.array_equal(cmp, val):
+            self._after_flag_read(ptr, out)  # a CAS that cannot change anything reads a flag
+        return out
+
+    def _after_flag_read(self, ptr, seen) -> None:
+        """Back off when a rank reads the same flag value again: it is spinning.
+
+        Sleeping (not just sched_yield) hands the core to the rank that will write
+        the flag, which matters when there are more ranks than cores.
+        """
+        key = (ptr.tobytes(), seen.tobytes())
+        if key == self._last_read:
+            time.sleep(SPIN_BACKOFF_S)
+        self._last_read = key
+
+    def _rmw16(self, op, ptr, val, mask, sem):
+        ptrs = ptr.reshape(-1)
+        vals = np.broadcast_to(val, ptr.shape).reshape(-1).view(np.uint16)
+        masks = np.broadcast_to(mask, ptr.shape).reshape(-1)
+        old = np.zeros(ptrs.shape, dtype=np.uint16)
+        is_bf16 = val.dtype == np.uint16  # the interpreter stores bf16 as its bits
+        for i in range(ptrs.size):
+            if masks[i]:
+                old[i] = self._cas_loop16(int(ptrs[i]), int(vals[i]), op, is_bf16, sem)
+        return old.view(val.dtype).reshape(ptr.shape)
+
+    def _cas_loop16(self, addr: int, value_bits: int, op, is_bf16: bool, sem) -> int:
+        word_addr, shift = addr & ~3, (addr & 2) * 8
+        word_ptr = np.array([word_addr], dtype=np.uint64)
+        current = ctypes.c_uint32.from_address(word_addr).value
+        while True:
+            old_bits = (current >> shift) & 0xFFFF
+            new_bits = value_bits if op == self._xchg else _add16(old_bits, value_bits, is_bf16)
+            desired = (current & ~(0xFFFF << shift) & 0xFFFFFFFF) | (new_bits << shift)
+            seen = int(self._native.atomic_cas(word_ptr, np.array([current], dtype=np.uint32),
+                                               np.array([desired], dtype=np.uint32), sem)[0])
+            if seen == current:
+                return old_bits
+            current = seen
+
+
+def _add16(a_bits: int, b_bits: int, is_bf16: bool) -> int:
+    """Round-to-nearest-even sum of two 16-bit floats given as bits (exact in float64)."""
+    if is_bf16:
+        a, b = (float(np.array(x << 16, dtype=np.uint32).view(np.float32)) for x in (a_bits, b_bits))
+        s = torch.tensor(a + b, dtype=torch.float64).to(torch.bfloat16)
+        return int(s.view(torch.int16).item()) & 0xFFFF
+    a, b = (float(np.array(x, dtype=np.uint16).view(np.float16)) for x in (a_bits, b_bits))
+    return int(np.array(a + b, dtype=np.float16).view(np.uint16))

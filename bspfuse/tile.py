@@ -1,0 +1,251 @@
+"""Tile IR: what one fused kernel does, per output tile and per communication chunk.
+
+A fused GEMM kernel is a persistent grid with two kinds of programs:
+
+    comm programs (pid < COMM)   move chunks of an operand between ranks (put/get + signal)
+    gemm programs (the rest)     loop over output tiles: wait, load, dot, epilogue, store/put + signal
+
+A `TileProgram` lists both as statements. Lowering a fused graph op gives the *direct* form, where a
+tile reads a peer's rows with a remote load (correct, but every N-tile would pull the same A tile across
+NVLink again: 5-7x slower, BASELINES.md). The rewrites `stage_pull` and `stage_push` turn that remote
+load into "fetch each chunk once into a local buffer + per-chunk flag" and "wait on the flag + local
+load"; pull and push differ only in which side issues the transfer and where the flags live. Tile sizes
+and the number of comm programs are attributes, so one autotuner can search both together.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+# ----------------------------------------------------------------------------------------------- statements
+# Ranks are symbolic: "me", "src" (the rank a tile's rows come from), "dst" (the rank a tile's rows go to),
+# "peer" (a loop over the other ranks). Buffers are named; the host allocates the ones on the heap.
+
+@dataclass(frozen=True)
+class Signal:
+    """Raise `flag[index]` on `rank` to this call's epoch (release, system scope); op="add" counts instead,
+    for a flag that several programs raise once each per call."""
+    flag: str
+    index: str
+    rank: str
+    op: str = "set"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Spin until the local `flag[index]` reaches this call's epoch (acquire, system scope)."""
+    flag: str
+    index: str
+    count: str = "1"  # how many signals per epoch (a counter raised by several programs)
+
+
+@dataclass(frozen=True)
+class LoadA:
+    """The GEMM's A operand for this tile, from `buffer` on `rank` (remote when rank is not "me")."""
+    buffer: str
+    rank: str
+
+
+@dataclass(frozen=True)
+class MoveChunk:
+    """Copy one chunk of rows: `get` reads `src_buffer` on a peer into a local buffer, `put` writes a
+    local chunk into a peer's buffer."""
+    kind: str  # get | put
+    src_buffer: str
+    dst_buffer: str
+    rank: str
+
+
+@dataclass(frozen=True)
+class Dot:
+    pass
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    fns: tuple[str, ...]  # pointwise functions applied to the fp32 accumulator, in order ("bias" reads a vector)
+
+
+@dataclass(frozen=True)
+class StoreTile:
+    """Store the tile into `buffer` on `rank` (a remote store when rank is not "me")."""
+    buffer: str
+    rank: str
+
+
+@dataclass(frozen=True)
+class AddPeerPartials:
+    """acc += the partial tiles the other ranks put into this rank's inbox (after waiting on their flags)."""
+    inbox: str
+    flag: str
+
+
+Stmt = object
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BM: int = 128
+    BN: int = 256
+    BK: int = 64
+    GROUP_M: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    comm_programs: int = 0
+
+    def __str__(self) -> str:
+        s = f"{self.BM}x{self.BN}x{self.BK} group_m={self.GROUP_M} warps={self.num_warps} stages={self.num_stages}"
+        return s + (f" comm_programs={self.comm_programs}" if self.comm_programs else "")
+
+
+@dataclass(frozen=True)
+class TileProgram:
+    """One fused kernel. `order` names how gemm programs walk the M-blocks:
+
+    local_first      AG+GEMM: this rank's rows first, then each peer's, so remote data has time to arrive
+    peer_rows_first  GEMM+RS / GEMM+AR: rows owned by the other ranks first (their partials go out early),
+                     own rows last (they wait for partials that were sent long ago)
+    """
+    kind: str  # ag_matmul | matmul_rs | matmul_ar
+    name: str
+    dtype: str
+    order: str
+    prologue: tuple = ()  # comm programs, once per call
+    per_chunk: tuple = ()  # comm programs, per chunk of rows
+    per_tile: tuple = ()  # gemm programs, per output tile (the phase of own rows for RS/AR: see per_own_tile)
+    per_own_tile: tuple = ()  # gemm programs, for tiles of the rows this rank owns (RS/AR)
+    comm_epilogue: tuple = ()  # comm programs, after their chunks
+    gemm_epilogue: tuple = ()  # gemm programs, after their tiles
+    config: TileConfig = field(default_factory=TileConfig)
+    mode: str = "direct"  # direct | pull | push
+    heap_buffers: tuple[str, ...] = ()  # what the host must allocate on the symmetric heap
+    flags: tuple[str, ...] = ()
+
+    def with_(self, **kw) -> "TileProgram":
+        return dataclasses.replace(self, **kw)
+
+
+def _fmt(s) -> str:
+    name = type(s).__name__
+    args = ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s)
+                     if getattr(s, f.name) != f.default)
+    return f"{name}({args})"
+
+
+def print_tile_program(tp: TileProgram) -> str:
+    lines = [f"tile_program {tp.name} kind={tp.kind} mode={tp.mode} dtype={tp.dtype} order={tp.order}",
+             f"  config: {tp.config}",
+             f"  heap buffers: {', '.join(tp.heap_buffers) or '-'}; flags: {', '.join(tp.flags) or '-'}"]
+    for title, body in (("comm prologue", tp.prologue), ("comm per chunk", tp.per_chunk),
+                        ("comm after chunks", tp.comm_epilogue), ("gemm per tile", tp.per_tile),
+                        ("gemm per own tile", tp.per_own_tile), ("gemm after tiles", tp.gemm_epilogue)):
+        if body:
+            lines.append(f"  {title}:")
+            lines.extend(f"    {_fmt(s)}" for s in body)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- lowering
+
+
+def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
+    """fused_allgather_matmul -> the direct tile program: each tile loads A rows from the rank that owns them."""
+    return TileProgram("ag_matmul", name, dtype, "local_first",
+                       per_tile=(LoadA("a", "src"), Dot(), Epilogue(epilogue), StoreTile("c", "me")),
+                       config=config, heap_buffers=("a",))
+
+
+def lower_matmul_reduce_scatter(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
+    """fused_matmul_reduce_scatter -> partial tiles of other ranks' rows go to their inbox (with a flag);
+    tiles of own rows add the peers' partials, apply the epilogue and store."""
+    return TileProgram("matmul_rs", name, dtype, "peer_rows_first",
+                       per_tile=(LoadA("a", "me"), Dot(), StoreTile("inbox", "dst"), Signal("partial_ready", "tile", "dst")),
+                       per_own_tile=(LoadA("a", "me"), Dot(), AddPeerPartials("inbox", "partial_ready"),
+                                     Epilogue(epilogue), StoreTile("out", "me")),
+                       config=config, mode="push", heap_buffers=("inbox",), flags=("partial_ready",))
+
+
+def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
+    """fused_matmul_allreduce -> reduce-scatter as above, then the owner puts each finished tile into every
+    peer's output (with a flag); at the end each rank waits for the tiles it does not own."""
+    rs = lower_matmul_reduce_scatter(name, dtype, epilogue, config)
+    return rs.with_(kind="matmul_ar",
+                    per_own_tile=rs.per_own_tile + (StoreTile("out", "peer"), Signal("final_ready", "tile", "peer")),
+                    gemm_epilogue=(Wait("final_ready", "tile"),),
+                    heap_buffers=("inbox", "out"), flags=("partial_ready", "final_ready"))
+
+
+# ----------------------------------------------------------------------------------------------- rewrites
+
+
+def stage_pull(tp: TileProgram) -> TileProgram:
+    # LoadA(a, src) per tile  ->  comm: Wait(peer entered) ; get chunk into staging ; Signal(staged, me)
+    #                             gemm: Wait(staged[chunk]) ; LoadA(staging, me)
+    _expect_remote_load(tp)
+    per_tile = tuple(s for s in tp.per_tile if not isinstance(s, LoadA))
+    return tp.with_(
+        mode="pull",
+        prologue=(Signal("entered", "me", "peer"),),
+        per_chunk=(Wait("entered", "src"), MoveChunk("get", "a", "staging", "src"), Signal("staged", "chunk", "me")),
+        per_tile=(Wait("staged", "chunk"), LoadA("staging", "me")) + per_tile,
+        # A peer may overwrite its A as soon as this call returns: keep it until every peer has read it.
+        comm_epilogue=(Signal("done_reading", "me", "peer", op="add"), Wait("done_reading", "peer", count="COMM")),
+        heap_buffers=("a", "staging"), flags=("entered", "staged", "done_reading"))
+
+
+def stage_push(tp: TileProgram) -> TileProgram:
+    # LoadA(a, src) per tile  ->  comm: put own chunk into every peer's inbox ; Signal(arrived, peer)
+    #                             gemm: Wait(arrived[src, chunk]) ; LoadA(inbox, me)
+    _expect_remote_load(tp)
+    per_tile = tuple(s for s in tp.per_tile if not isinstance(s, LoadA))
+    return tp.with_(
+        mode="push",
+        per_chunk=(MoveChunk("put", "a", "inbox", "peer"), Signal("arrived", "chunk", "peer")),
+        per_tile=(Wait("arrived", "chunk"), LoadA("inbox", "me")) + per_tile,
+        heap_buffers=("inbox",), flags=("arrived",))
+
+
+def _expect_remote_load(tp: TileProgram) -> None:
+    if tp.mode != "direct" or not any(isinstance(s, LoadA) and s.rank == "src" for s in tp.per_tile):
+        raise ValueError(f"{tp.name}: staging rewrites a direct program with a remote LoadA, got mode {tp.mode}")
+
+
+STAGING = {"pull": stage_pull, "push": stage_push}
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def choose_config(kind: str, M: int, N: int, K: int, world_size: int, num_sms: int = 132,
+                  comm_programs: int | None = None) -> TileConfig:
+    """Tile sizes that fill the GPU: the largest tile whose count still covers most SMs.
+
+    128x256x64 with 3 stages and 8 warps is the tile that reached cuBLAS speed on an H200 (BASELINES.md);
+    smaller problems (decode-sized M, or a reduce-scatter's per-rank rows) need smaller tiles to fill 132 SMs.
+    """
+    rows = M // world_size if kind in ("matmul_rs", "matmul_ar") else M
+    candidates = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    chosen = candidates[-1]
+    for BM, BN, BK, warps, stages in candidates:
+        tiles = -(-rows // BM) * (world_size if kind != "ag_matmul" else 1) * -(-N // BN)
+        if tiles >= 0.75 * num_sms:
+            chosen = (BM, BN, BK, warps, stages)
+            break
+    BM, BN, BK, warps, stages = chosen
+    if comm_programs is None:
+        comm_programs = default_comm_programs(kind, M, N, K, world_size)
+    return TileConfig(BM, BN, BK, 8, warps, stages, comm_programs)
+
+
+def default_comm_programs(kind: str, M: int, N: int, K: int, world_size: int) -> int:
+    """AG+GEMM needs programs that move A; how many follows from the rate the GEMM consumes remote rows.
+
+    The GEMM eats A at (bytes of A) / (GEMM time); at ~750 TFLOP/s that is 2*K bytes per 2*N*K flops, so
+    remote rows are needed at about 750e12 / N bytes/s times (W-1)/W. One SM moves roughly 20-25 GB/s
+    over NVLink (rma_bench.py measures it); add one program of slack.
+    """
+    if kind != "ag_matmul" or world_size == 1:
+        return 0
+    need = 750e12 / N * (world_size - 1) / world_size  # bytes/s of remote A
+    return int(min(32, max(2, -(-need // 20e9) + 1)))

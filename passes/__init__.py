@@ -1,0 +1,91 @@
+"""Fusion passes over the graph IR: each a named value with a `before -> after` line, run in an explicit list.
+
+A pass returns data: the rewritten program and one `Decision` per candidate it looked at, applied or not,
+with the reason. The verifier runs after every pass. Silent non-fusion is the complaint users have about
+other compilers; here every candidate gets a line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bspfuse.ir import Program
+from bspfuse.verify import verify
+
+
+@dataclass(frozen=True)
+class Decision:
+    pass_name: str
+    site: str  # the ops it looked at, by value name and origin
+    applied: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"[{self.pass_name}] {'fused' if self.applied else 'not fused'}: {self.site}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user can force. mode: auto | pull | push | off (per fusion), plus device and tuning knobs."""
+
+    mode: str = "auto"
+    device: str = "H200"
+    modes: dict = field(default_factory=dict)  # per-site override: {value name: mode}
+
+    def mode_for(self, site: str) -> str:
+        return self.modes.get(site, self.mode)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    before_after: str
+    run: Callable[[Program, Options], tuple[Program, list[Decision]]]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.before_after}"
+
+
+@dataclass
+class Stage:
+    pass_: Pass
+    program: Program
+    decisions: list[Decision]
+
+
+@dataclass
+class PassLog:
+    """Every stage's program and decisions, so `bspfuse inspect` can show each."""
+
+    input: Program
+    stages: list[Stage]
+
+    @property
+    def program(self) -> Program:
+        return self.stages[-1].program if self.stages else self.input
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [d for s in self.stages for d in s.decisions]
+
+
+def run_passes(program: Program, passes: list[Pass] | None = None, options: Options | None = None) -> PassLog:
+    """Run `passes` (default: PIPELINE) in order, verifying before the first and after each."""
+    options = options or Options()
+    verify(program)
+    log = PassLog(program, [])
+    current = program
+    for p in passes if passes is not None else PIPELINE:
+        current, decisions = p.run(current.copy(), options)
+        verify(current)
+        log.stages.append(Stage(p, current, decisions))
+    return log
+
+
+PIPELINE: list[Pass] = []  # filled at the end of this module, in the order the rewrites apply
+
+
+from bspfuse.passes.fuse_gemm import fuse_allgather_matmul, fuse_matmul_allreduce, fuse_matmul_reduce_scatter  # noqa: E402
+from bspfuse.passes.fuse_decode import fuse_flash_decode  # noqa: E402
+
+PIPELINE[:] = [fuse_allgather_matmul, fuse_matmul_reduce_scatter, fuse_matmul_allreduce, fuse_flash_decode]

@@ -1,0 +1,49 @@
+"""The decode benchmark's report side (combine ranks, targets, table, JSON, plot) on made-up timings, so the
+one GPU run it gets is not spent on a typo. The GPU side is compiled for sm_90 in test_flash_decode_compile."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "decode_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("decode_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rank(bench, rank):
+    shapes = []
+    for B in (1, 8):
+        for S in (4096, 131072):
+            base = S * B / 1000.0
+            steps = {"local": base, "allgather": 30.0, "bsp": base + 45, "bsp_graph": base + 35, "stage1": base + 80,
+                     "stage2": base + 25, "stage3": base + 8 + rank, "stage3_graph": base + 6}
+            shapes.append({"B": B, "Hq": 96, "Hkv": 12, "D": 128, "S": S, "splits": 16,
+                           "steps_us": {k: [v, v + 1, v + 2] for k, v in steps.items()},
+                           "b2b_us": {k: steps[k] for k in bench.B2B_VARIANTS}})
+    check = {"B": 1, "Hq": 96, "Hkv": 12, "D": 128, "S": 4096, "ragged": False, "seed": 1,
+             "errors": {"stage3": {"rel_err_o": 1e-3, "max_err_lse": 1e-5, "ok": True}}}
+    meta = {"device": "H200", "sms": 132, "world_size": 2, "torch": "x", "triton": "y", "hbm_bytes_per_s": 4.2e12,
+            "flag_round_trip_us": 2.0 + rank}
+    return {"meta": meta, "checks": [check], "shapes": shapes, "skipped": [], "elapsed_s": 100.0}
+
+
+def test_report(bench, tmp_path, capsys):
+    result = bench.combine([_rank(bench, 0), _rank(bench, 1)])
+    row = result["rows"][0]
+    assert row["us"]["stage3"] == 4.096 + 8 + 2  # median over steps of the slower rank
+    assert row["floor_us"] == pytest.approx(2 * 4096 * 12 * 128 * 2 / 4.2e12 * 1e6 + 3.0)
+    short = result["summary"]["targets"]["stage3_vs_bsp_b1_short"]
+    assert short["value"] == pytest.approx(row["us"]["bsp"] / row["us"]["stage3"]) and short["met"]
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps(result))
+    bench.main(["--from-json", str(path), "--plot", str(tmp_path / "decode.png")])
+    text = capsys.readouterr().out
+    assert "stage3_vs_bsp_geomean" in text and "96/12" in text
+    assert (tmp_path / "decode.png").stat().st_size > 10_000

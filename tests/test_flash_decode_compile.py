@@ -1,0 +1,79 @@
+"""Every Flash Decode kernel the benchmark launches (and its flag ping-pong) compiles for sm_90 on a CPU.
+
+The compile runs in a fresh process without TRITON_INTERPRET (an interpreted @triton.jit cannot be
+compiled). Integer arguments that are multiples of 16 at run time (strides, pointers) are marked so, as
+Triton's launcher would, and the PTX is checked for what the kernels need to stream K/V at bandwidth
+(16-byte loads, async copies pipelined into shared memory, tensor-core dots) and for the flag protocol
+(release stores and acquire loads at system scope).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+COMPILE = textwrap.dedent('''
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bspfuse.kernels import decode as K
+    from bspfuse.kernels.flash_decode import decode_tiling
+
+    def compile_one(fn, pointers, constexprs, **options):
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name] = pointers[name]
+            else:
+                sig[name] = "fp32" if name == "qk_scale" else "i32"
+            if name in pointers or (name.startswith("stride_") and name != "stride_bt"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=options)
+        ops = re.findall(r"\\b(ld\\.global[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+)", k.asm["ptx"])
+        return {"name": fn.__name__, "shared": k.metadata.shared, "ops": sorted(set(ops))}
+
+    out = []
+    ptr = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "lens_ptr": "*i32", "bt_ptr": "*i32",
+           "mid_o": "*fp32", "mid_lse": "*fp32", "gather_o": "*fp32", "gather_lse": "*fp32", "o_ptr": "*fp32",
+           "lse_ptr": "*fp32", "out_o": "*bf16", "out_lse": "*fp32", "flags": "*i32", "tile_count": "*i32",
+           "ticket": "*i64", "heap_bases": "*i64", "err_ptr": "*i64"}
+    for (Hq, Hkv, page, one_split) in [(96, 12, 0, False), (32, 8, 16, True)]:
+        t = decode_tiling(1, Hq, Hkv, 128, device="cuda")
+        opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
+        attend = dict(t.constexprs(), BLOCK_N=t.block_n, PAGE=page, HAS_LENS=True, DOT_F32=False)
+        out.append(compile_one(K.decode_split_kernel, ptr, attend, **opts))
+        out.append(compile_one(K.merge_states_kernel, ptr, dict(t.constexprs(), WAIT=bool(page), MAX_SPINS=0),
+                               num_warps=t.num_warps))
+        out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
+                               num_warps=t.num_warps))
+        out.append(compile_one(K.fused_decode_kernel, ptr,
+                               dict(attend, WORLD=2, ONE_SPLIT=one_split, MAX_SPINS=0), **opts))
+    out.append(compile_one(K.flag_pingpong_kernel, ptr | {"flag": "*i32"}, {"MAX_SPINS": 0}, num_warps=1))
+    print(json.dumps(out))
+''')
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(kernels) == 9
+    for k in kernels:
+        ops = k["ops"]
+        if k["name"] in ("decode_split_kernel", "fused_decode_kernel"):
+            assert any(o.startswith("mma") for o in ops), k  # tensor cores for q.k and p.v
+            assert "cp.async.commit_group" in ops, k  # K/V loads pipelined through shared memory
+            assert any(o.startswith("cp.async.cg") for o in ops), k  # ... as 16-byte copies
+        if k["name"] == "fused_decode_kernel":
+            assert "atom.global.sys.release.exch.b32" in ops, k  # the per-tile flag (iris.signal)
+            assert any(o.startswith("atom.global.sys.acquire") or o.startswith("ld.global.sys.acquire")
+                       for o in ops), k  # the wait
+        if k["name"] == "put_states_kernel":
+            assert any(".v4." in o for o in ops), k  # 16-byte remote stores/loads
