@@ -30,7 +30,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bspfuse.runtime import Epoch, iris, launch, new_error_buffer, raise_if_wait_timed_out  # noqa: E402
+from bspfuse.runtime import (Epoch, iris, launch, new_error_buffer,  # noqa: E402
+                             raise_if_wait_timed_out)
 from bspfuse.runtime.checks import run_rma_checks  # noqa: E402
 
 BLOCK = 4096  # elements (int32) per program per step: 16 KiB
@@ -118,23 +119,22 @@ def measure_bandwidth(ctx, mib: int, iters: int, out: dict) -> None:
 
     peer_src = heap.peer_tensor(src, peer)
     peer_dst = heap.peer_tensor(dst, peer)
-    expect_read = lambda: torch.equal(dst[:1 << 20], torch.arange(1 << 20, device=ctx.device,  # noqa: E731
-                                                                   dtype=torch.int32) + peer)
+    def peer_data_arrived():  # reads and writes both leave the peer's src in our dst
+        head = torch.arange(1 << 20, device=ctx.device, dtype=torch.int32) + peer
+        return torch.equal(dst[:1 << 20], head)
+
     for programs in PROGRAM_SWEEP:
         record("triton remote read", programs,
                lambda p=programs: remote_read_kernel[(p,)](src, dst, heap.heap_bases, rank, peer,
                                                           n, BLOCK=BLOCK, num_warps=8),
-               expect_read)
+               peer_data_arrived)
     for programs in PROGRAM_SWEEP:
         record("triton remote write", programs,
                lambda p=programs: remote_write_kernel[(p,)](src, dst, heap.heap_bases, rank,
                                                            peer, n, BLOCK=BLOCK, num_warps=8),
-               lambda: torch.equal(dst[:1 << 20], torch.arange(1 << 20, device=ctx.device,
-                                                               dtype=torch.int32) + peer))
-    record("copy_ from peer view (read)", 0, lambda: dst.copy_(peer_src), expect_read)
-    record("copy_ into peer view (write)", 0, lambda: peer_dst.copy_(src),
-           lambda: torch.equal(dst[:1 << 20], torch.arange(1 << 20, device=ctx.device,
-                                                           dtype=torch.int32) + peer))
+               peer_data_arrived)
+    record("copy_ from peer view (read)", 0, lambda: dst.copy_(peer_src), peer_data_arrived)
+    record("copy_ into peer view (write)", 0, lambda: peer_dst.copy_(src), peer_data_arrived)
     local = torch.empty_like(src)
     record("local copy_ (reference)", 0, lambda: local.copy_(src), lambda: True)
     ctx.barrier()
@@ -191,8 +191,8 @@ def report(results: list[dict]) -> dict:
     print("\n== RMA checks (all ranks) ==")
     names = list(first.get("checks", {}))
     for name in names:
-        fails = [(r["rank"], r["checks"][name][1]) for r in results
-                 if not r.get("checks", {}).get(name, [False])[0]]
+        fails = [(r["rank"], r.get("checks", {}).get(name, (False, "not run on this rank"))[1])
+                 for r in results if not r.get("checks", {}).get(name, [False])[0]]
         print(f"{'PASS' if not fails else 'FAIL'}  {name}" +
               "".join(f"\n      rank {rk}: {d}" for rk, d in fails))
     for r in results:

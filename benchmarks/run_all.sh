@@ -10,6 +10,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 run() { local name=$1 limit=$2; shift 2
   echo "=== $name"; timeout "$limit" python3 -m torch.distributed.run --nproc_per_node=2 "$@" > "$out/$name.log" 2>&1
   echo "exit $?"; grep -v "^\[rank\|Warning\|warn" "$out/$name.log" | tail -n "${TAIL:-40}"; }
+run gemm "${GEMM_LIMIT:-200}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
+run decode "${DECODE_LIMIT:-270}" benchmarks/decode_bench.py --time-budget-s 170 --json "$out/decode_h200x2.json" \
+  --plot "$out/decode_h200x2.png"
 run rma 90 benchmarks/rma_bench.py --json "$out/rma_h200x2.json"
-run gemm "${GEMM_LIMIT:-330}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
-run decode "${DECODE_LIMIT:-150}" benchmarks/decode_bench.py --json "$out/decode_h200x2.json" --plot "$out/decode_h200x2.png"

@@ -346,7 +346,7 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
         e("partial_ready = flag_ptr  # [WORLD (source rank), per_rank]")
         if ar:
             e("final_ready = flag_ptr + WORLD * per_rank  # [WORLD (owner rank), per_rank]")
-            e("out_rows_base = (slot * WORLD * M_LOCAL).to(tl.int64)  # out is [2, WORLD * M_LOCAL, N] on the heap")
+            e("out_rows_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # out is [2, WORLD * M_LOCAL, N] on the heap")
         else:
             e("out_rows_base = 0")
         e("for t in range(pid, WORLD * per_rank, NUM_PROGRAMS):")

@@ -186,7 +186,8 @@ def check_atomics(ctx) -> dict:
     out["atomic_xchg"] = _compare(c[16:16 + W], 10 * torch.arange(1, W + 1) + 1)
     out["atomic_cas"] = _compare(c[16 + nblk:16 + nblk + W], 100 + torch.arange(W))
     r = ret.cpu()
-    out["atomic_xchg returns"] = _compare(r[:, 1:3], torch.tensor([[0, 10 * (rank + 1)]]).expand(W, 2))
+    out["atomic_xchg returns"] = _compare(r[:, 1:3],
+                                          torch.tensor([[0, 10 * (rank + 1)]]).expand(W, 2))
     out["atomic_cas returns"] = _compare(r[:, 3:5], torch.tensor([[0, 100 + rank]]).expand(W, 2))
     # the CAS race: on every rank exactly one rank won, and the word holds the winner's value
     winner = int(c[10]) - 1
@@ -198,7 +199,8 @@ def check_atomics(ctx) -> dict:
     masked = j < block - 14
     out["atomic_add block+mask"] = _compare(
         blk[:block], torch.where(masked, (j + 1) * (W * (W + 1) // 2), 0))
-    out["atomic_max block+mask"] = _compare(blk[block:], torch.where(masked, (W - 1) * block + j, 0))
+    out["atomic_max block+mask"] = _compare(blk[block:],
+                                            torch.where(masked, (W - 1) * block + j, 0))
     out["atomic_add f32 block"] = _compare(f32, torch.where(masked, 0.5 * W, 0.0))
     out["atomic_add f16"] = _compare(f16, torch.tensor([0.5 * W]))
     out["atomic_add bf16"] = _compare(bf16, torch.tensor([0.5 * W]))
@@ -238,9 +240,10 @@ def check_message_passing(ctx, rounds: int, max_spins: int, epoch: Epoch) -> dic
                                     f"(data, ack) = {flags}, expected {want}")
         except RemoteWaitTimeout as e:
             out[name] = (False, str(e))
-    if not is_producer and peer < W:
-        out["message passing payloads checked"] = _result(int(bad.item()) == 0,
-                                                          f"bad = {int(bad.item())}")
+        heap.barrier()  # everyone read its flags before the next launch signals again
+    consumed = not is_producer and peer < W  # the same names on every rank
+    out["message passing payloads"] = _result(not consumed or int(bad.item()) == 0,
+                                              f"{int(bad.item())} wrong payload elements")
     for t in (inbox, data_flag, ack_flag, bad):
         heap.free(t)
     return out

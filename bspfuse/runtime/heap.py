@@ -272,7 +272,8 @@ class SymmetricHeap:
     def check_symmetric(self, t, what: str = "argument") -> None:
         """Raise ``NotOnHeap`` (naming ``what``) unless ``t`` lives on the heap."""
         if not isinstance(t, torch.Tensor):
-            raise NotOnHeap(f"{what} must be a tensor on the symmetric heap, got {type(t).__name__}")
+            raise NotOnHeap(f"{what} must be a tensor on the symmetric heap, "
+                            f"got {type(t).__name__}")
         if not self.is_symmetric(t):
             raise NotOnHeap(
                 f"{what} (shape {tuple(t.shape)}, {t.dtype}, {t.device}, data_ptr "

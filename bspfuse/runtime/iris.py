@@ -66,7 +66,8 @@ def load(pointer, to_rank, from_rank, heap_bases, mask=None, other=None, hint: t
 
 @triton.jit
 def store(pointer, value, from_rank, to_rank, heap_bases, mask=None, hint: tl.constexpr = None):
-    """Write ``value`` to ``pointer`` (an address on ``from_rank``, the current rank) on ``to_rank``."""
+    """Write ``value`` to ``pointer`` (an address on ``from_rank``, the current rank) on
+    ``to_rank``."""
     remote = translate(pointer, from_rank, to_rank, heap_bases, hint)
     tl.store(remote, value, mask=mask)
 
@@ -74,7 +75,7 @@ def store(pointer, value, from_rank, to_rank, heap_bases, mask=None, hint: tl.co
 @triton.jit
 def get(from_ptr, to_ptr, from_rank, to_rank, heap_bases, mask=None, other=None,
         hint: tl.constexpr = None):
-    """Copy ``from_ptr`` on peer ``to_rank`` into local ``to_ptr`` (``from_rank`` is the current rank)."""
+    """Copy ``from_ptr`` on peer ``to_rank`` into local ``to_ptr`` (``from_rank``: current rank)."""
     remote = translate(from_ptr, from_rank, to_rank, heap_bases, hint)
     tl.store(to_ptr, tl.load(remote, mask=mask, other=other), mask=mask)
 
@@ -82,7 +83,7 @@ def get(from_ptr, to_ptr, from_rank, to_rank, heap_bases, mask=None, other=None,
 @triton.jit
 def put(from_ptr, to_ptr, from_rank, to_rank, heap_bases, mask=None, other=None,
         hint: tl.constexpr = None):
-    """Copy local ``from_ptr`` into ``to_ptr`` on peer ``to_rank`` (``from_rank`` is the current rank)."""
+    """Copy local ``from_ptr`` into ``to_ptr`` on peer ``to_rank`` (``from_rank``: current rank)."""
     remote = translate(to_ptr, from_rank, to_rank, heap_bases, hint)
     tl.store(remote, tl.load(from_ptr, mask=mask, other=other), mask=mask)
 
@@ -90,7 +91,7 @@ def put(from_ptr, to_ptr, from_rank, to_rank, heap_bases, mask=None, other=None,
 @triton.jit
 def copy(src_ptr, dst_ptr, from_rank, to_rank, cur_rank, heap_bases, mask=None, other=None,
          hint: tl.constexpr = None):
-    """Copy ``src_ptr`` on ``from_rank`` to ``dst_ptr`` on ``to_rank``; both are ``cur_rank`` addresses.
+    """Copy ``src_ptr`` on ``from_rank`` to ``dst_ptr`` on ``to_rank`` (both ``cur_rank`` addresses).
 
     ``cur_rank`` should be ``from_rank`` (a push) or ``to_rank`` (a pull).
     """
@@ -99,7 +100,7 @@ def copy(src_ptr, dst_ptr, from_rank, to_rank, cur_rank, heap_bases, mask=None, 
     tl.store(dst, tl.load(src, mask=mask, other=other), mask=mask)
 
 
-# ---- atomics: (pointer, val, from_rank = current, to_rank = peer, heap_bases); return the old value
+# ---- atomics: (pointer, val, from_rank = current, to_rank = peer, heap_bases) -> old value
 
 
 @triton.jit
@@ -121,10 +122,11 @@ def atomic_sub(pointer, val, from_rank, to_rank, heap_bases, mask=None,
 @triton.jit
 def atomic_cas(pointer, cmp, val, from_rank, to_rank, heap_bases,
                sem: tl.constexpr = DEFAULT_SEM, scope: tl.constexpr = DEFAULT_SCOPE):
-    """If ``*pointer@to_rank == cmp`` store ``val``; returns the old value (no mask, as in Triton)."""
+    """If ``*pointer@to_rank == cmp`` store ``val``; returns the old value (no mask, like Triton)."""
     remote = translate(pointer, from_rank, to_rank, heap_bases)
     element = remote.dtype.element_ty  # tl.atomic_cas does not convert cmp and val itself
-    return tl.atomic_cas(remote, tl.cast(cmp, element), tl.cast(val, element), sem=sem, scope=scope)
+    return tl.atomic_cas(remote, tl.cast(cmp, element), tl.cast(val, element), sem=sem,
+                         scope=scope)
 
 
 @triton.jit
@@ -209,7 +211,7 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr):
         while (seen < value) & (spins < MAX_SPINS):
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
             spins += 1
-        if seen < value:
+        if seen < value:  # record layout: errors.ERR_*
             earlier = tl.atomic_add(err_ptr, 1, sem="relaxed", scope="gpu")
             if earlier == 0:
                 tl.store(err_ptr + 1, tl.cast(cur_rank, tl.int64))

@@ -140,7 +140,8 @@ def _check_picklable(fn) -> None:
 class _Supervisor:
     def __init__(self, fn, world_size, backend, heap_bytes, args, kwargs, timeout_s):
         self.fn, self.world_size, self.backend = fn, world_size, backend
-        self.heap_bytes, self.args, self.kwargs, self.timeout_s = heap_bytes, args, kwargs, timeout_s
+        self.heap_bytes, self.args, self.kwargs = heap_bytes, args, kwargs
+        self.timeout_s = timeout_s
         self.results: dict[int, Any] = {}
         self.failures: list[tuple[int, str, str, str, bytes | None]] = []
         self.others_killed: list[int] = []

@@ -104,8 +104,8 @@ def patch_interpreter() -> None:
 
 
 def _patch_bf16_dot(interpreter) -> None:
-    """tl.dot on bf16 operands: the interpreter keeps bf16 as raw uint16 bits and multiplies the bits
-    (triton 3.6). Widen bf16 operands to float32 first, as the tensor cores would."""
+    """tl.dot on bf16 operands: the interpreter keeps bf16 as raw uint16 bits and multiplies
+    the bits (triton 3.6). Widen bf16 operands to float32 first, as the tensor cores would."""
     builder = interpreter.InterpreterBuilder
     dot = builder.create_dot
 
@@ -232,7 +232,8 @@ class _CrossProcessAtomics:
 def _add16(a_bits: int, b_bits: int, is_bf16: bool) -> int:
     """Round-to-nearest-even sum of two 16-bit floats given as bits (exact in float64)."""
     if is_bf16:
-        a, b = (float(np.array(x << 16, dtype=np.uint32).view(np.float32)) for x in (a_bits, b_bits))
+        a, b = (float(np.array(x << 16, dtype=np.uint32).view(np.float32))
+                for x in (a_bits, b_bits))
         s = torch.tensor(a + b, dtype=torch.float64).to(torch.bfloat16)
         return int(s.view(torch.int16).item()) & 0xFFFF
     a, b = (float(np.array(x, dtype=np.uint16).view(np.float16)) for x in (a_bits, b_bits))

@@ -1,4 +1,4 @@
-"""The symmetric heap's allocator, creators and checks, and the host side of wait errors (host only)."""
+"""The symmetric heap (allocator, creators, checks) and the host side of wait errors; host only."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -86,7 +86,8 @@ def test_creators_values_shapes_dtypes():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(heap.randn(8, generator=g1), torch.randn(8, generator=g2))
     x = torch.arange(6, dtype=torch.int16).reshape(2, 3)
-    for make, want in [(heap.zeros_like, torch.zeros_like(x)), (heap.ones_like, torch.ones_like(x))]:
+    for make, want in [(heap.zeros_like, torch.zeros_like(x)),
+                       (heap.ones_like, torch.ones_like(x))]:
         t = make(x)
         assert torch.equal(t, want) and heap.is_symmetric(t)
     assert torch.equal(heap.full_like(x, 9), torch.full_like(x, 9))

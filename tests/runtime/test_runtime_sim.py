@@ -89,3 +89,8 @@ def test_launch_rejects_functions_spawned_ranks_cannot_import():
         launch(lambda ctx: 0, 2)
     with pytest.raises(ValueError, match="backend"):
         launch(fails_on_rank_1, 2, backend="mpi")
+
+
+def test_auto_backend_is_sim_without_gpus_or_torchrun():
+    from bspfuse.runtime.launch import resolve_backend
+    assert resolve_backend("auto") == "sim"

@@ -1,0 +1,352 @@
+"""Run a Program: the unfused reference on the CPU, and the (fused) program per rank in `launch`.
+
+    reference(program, inputs_by_rank)   float64, all ranks at once: the meaning of the BSP program
+    random_inputs(program, world, seed)  per-rank inputs that respect the layouts
+    run_fused(ctx, program, inputs)      one rank, inside launch(...): fused ops through the kernels
+    check(program, world, ...)           all of the above, with relative errors against the reference
+
+Collectives the passes did not fuse run through a small RMA fallback on the symmetric heap (copy in,
+barrier, read every peer's copy, barrier); each is recorded in `Execution.fallbacks`, never as fusion.
+
+Example::
+
+    result = check(parse_file("examples/sp_mlp.bsp"), world_size=2)
+    print(result.report()); assert result.ok
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from bspfuse.ir import FLOAT_DTYPES, Op, Program, Value, concrete
+
+TORCH_DTYPE = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+               "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool, "u8": torch.uint8}
+TOLERANCE = {"bf16": 2e-2, "f16": 5e-3, "f32": 1e-4, "f64": 1e-10}
+
+
+class ExecuteError(Exception):
+    """A program this executor cannot run: names the op and why."""
+
+
+def _shape(program: Program, v: Value) -> tuple[int, ...]:
+    return tuple(concrete(d, program.sizes, program.world_size) for d in v.type.shape)
+
+
+def _where(op: Op) -> str:
+    names = ", ".join(f"%{v.name}" for v in op.outputs)
+    return f"{names} ({op.origin})" if op.origin else names
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def random_inputs(program: Program, world_size: int | None = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Fresh random inputs, one dict {input name: tensor} per rank.
+
+    Floats are normal, scaled by 1/sqrt(rows) when the input is a matmul's B operand so products stay
+    O(1); replicated inputs are equal on every rank; ints are lengths in [1, rows] (never zero)."""
+    world = world_size or program.world_size
+    if world is None:
+        raise ExecuteError(f"program {program.name}: the world size is not known (pass --world)")
+    g = torch.Generator().manual_seed(seed)
+    users = program.users()
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for v in program.inputs:
+        shape, dtype = _shape(program, v), v.type.dtype
+        as_b = any(u.opcode in ("matmul",) and len(u.inputs) > 1 and u.inputs[1] is v for u in users.get(v, []))
+        scale = 1.0 / math.sqrt(shape[0]) if as_b and shape else 1.0
+        same = v.type.layout.kind == "replicated"
+        first = None
+        for r in range(world):
+            if same and first is not None:
+                out[r][v.name] = first.clone()
+                continue
+            if dtype in FLOAT_DTYPES:
+                t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(TORCH_DTYPE[dtype])
+            else:
+                hi = max(1, shape[-1] if shape else 1)
+                t = torch.randint(1, hi + 1, shape, generator=g).to(TORCH_DTYPE[dtype])
+            out[r][v.name] = first = t
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+_UNARY = {
+    "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "neg": torch.neg,
+    "exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda x: x,
+}
+_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "bias": torch.add}
+
+
+def _pointwise(fn: str, xs):
+    if fn in _UNARY:
+        return _UNARY[fn](xs[0])
+    return _BINARY[fn](xs[0], xs[1])
+
+
+def _epilogue(acc, fns, extra):
+    bias = iter(extra)
+    for fn in fns:
+        acc = acc + next(bias) if fn == "bias" else _UNARY[fn](acc)
+    return acc
+
+
+def merge_states_math(o, lse):
+    """Merge n attention states o [n, B, H, D], lse [n, B, H] (natural log) in float64; empty states
+    (lse = -inf) count for nothing."""
+    o, lse = o.double(), lse.double()
+    m = lse.max(dim=0).values
+    safe_m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - safe_m)
+    total = w.sum(dim=0)
+    out = (w.unsqueeze(-1) * o).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out, safe_m + torch.log(total)
+
+
+def _decode_args(op: Op, xs):
+    q, k, v, rest = xs[0], xs[1], xs[2], list(xs[3:])
+    block_table = rest.pop(0) if op.attrs.get("paged") else None
+    kv_lens = rest.pop(0) if op.attrs.get("kv_lens") else None
+    return q, k, v, kv_lens, block_table
+
+
+def reference(program: Program, inputs_by_rank: list[dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """The BSP semantics of `program` in float64 on the CPU, every rank at once: one list of outputs per rank.
+
+    Collectives read every rank's value: all_gather concatenates, reduce_scatter sums and keeps rank r's
+    chunk, all_reduce sums. Fused ops are evaluated by what they replaced, so a fused program runs too."""
+    from bspfuse.kernels.flash_decode import reference_decode
+
+    W = len(inputs_by_rank)
+    envs: list[dict[Value, torch.Tensor]] = [{} for _ in range(W)]
+    for v in program.inputs:
+        for r in range(W):
+            t = inputs_by_rank[r][v.name]
+            envs[r][v] = t.double() if t.is_floating_point() else t
+    for op in program.ops:
+        xs = [[env[v] for v in op.inputs] for env in envs]
+        code, a = op.opcode, op.attrs
+        if code in ("all_gather", "reduce_scatter", "all_reduce"):
+            outs = _collective_reference(code, a, [x[0] for x in xs])
+        elif code == "fused_allgather_matmul":
+            full = torch.cat([x[0] for x in xs], dim=0)
+            outs = [_epilogue(full @ x[1], a.get("epilogue", ()), x[2:]) for x in xs]
+        elif code in ("fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
+            total = sum(x[0] @ x[1] for x in xs)
+            parts = total.chunk(W, dim=0) if code == "fused_matmul_reduce_scatter" else [total] * W
+            outs = [_epilogue(parts[r], a.get("epilogue", ()), xs[r][2:]) for r in range(W)]
+        elif code == "flash_decode":
+            states = [reference_decode(*_decode_args(op, x), scale=a.get("scale")) for x in xs]
+            merged = merge_states_math(torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states]))
+            outs = [merged] * W
+        elif code == "decode_partial":
+            outs = [reference_decode(*_decode_args(op, x), scale=a.get("scale")) for x in xs]
+        else:
+            outs = [_local_op(program, op, x, torch.float64) for x in xs]
+        for r in range(W):
+            res = outs[r] if isinstance(outs[r], (tuple, list)) else (outs[r],)
+            for v, t in zip(op.outputs, res):
+                envs[r][v] = t
+    return [[env[v] for v in program.outputs] for env in envs]
+
+
+def _collective_reference(code: str, attrs: dict, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    W = len(xs)
+    if code == "all_gather":
+        full = torch.cat(xs, dim=attrs["dim"])
+        return [full] * W
+    total = sum(xs)
+    if attrs.get("reduce", "sum") == "avg":
+        total = total / W
+    if code == "all_reduce":
+        return [total] * W
+    return list(total.chunk(W, dim=attrs["dim"]))
+
+
+def _local_op(program: Program, op: Op, xs, float_dtype):
+    """Ops that need no other rank: the same torch code for the reference and for a rank."""
+    code, a = op.opcode, op.attrs
+    if code == "wait":
+        return xs[0]
+    if code == "matmul":
+        return xs[0] @ xs[1]
+    if code == "pointwise":
+        return _pointwise(a["fn"], xs)
+    if code == "reshape":
+        return xs[0].reshape(_shape(program, op.outputs[0]))
+    if code == "transpose":
+        return xs[0].transpose(0, 1)
+    if code == "split":
+        sizes = [concrete(s, program.sizes, program.world_size) for s in a["sizes"]]
+        return tuple(xs[0].split(sizes, dim=a["dim"]))
+    if code == "cat":
+        return torch.cat(xs, dim=a["dim"])
+    if code == "merge_states":
+        o, lse = merge_states_math(xs[0], xs[1])
+        return o.to(xs[0].dtype), lse.float() if float_dtype != torch.float64 else lse
+    if code == "opaque":
+        raise ExecuteError(f"{_where(op)}: cannot execute opaque op {a.get('target', a.get('name', '?'))}")
+    raise ExecuteError(f"{_where(op)}: cannot execute op {code}")
+
+
+# ----------------------------------------------------------------------------------------------- one rank
+
+
+@dataclass
+class Execution:
+    """What one rank computed, and how: the collectives that ran through the unfused fallback."""
+    outputs: list[torch.Tensor]
+    fallbacks: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
+
+
+def rma_collective(heap, code: str, x: torch.Tensor, dim: int = 0, reduce: str = "sum") -> torch.Tensor:
+    """An unfused collective through the heap: copy in, barrier, read every peer's copy, barrier."""
+    W, r = heap.world_size, heap.rank
+    buf = heap.empty(*x.shape, dtype=x.dtype, name=f"fallback.{code}")
+    buf.copy_(x)
+    heap.barrier()
+    parts = [heap.peer_tensor(buf, p).clone() if p != r else x.clone() for p in range(W)]
+    heap.barrier()
+    heap.free(buf)
+    if code == "all_gather":
+        return torch.cat(parts, dim=dim)
+    total = sum(p.float() for p in parts)
+    if reduce == "avg":
+        total = total / W
+    total = total.to(x.dtype)
+    return total if code == "all_reduce" else total.chunk(W, dim=dim)[r].contiguous()
+
+
+
+
+def sim_config():
+    """A TileConfig small enough for Triton's interpreter (the GPU uses choose_config's)."""
+    from bspfuse.tile import TileConfig
+
+    return TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
+
+
+def make_fused_gemm(heap, op: Op, program: Program, config=None, debug: bool = False):
+    """The host object from bspfuse.kernels.gemm that runs a fused GEMM op (constructing it is collective)."""
+    from bspfuse.kernels import gemm
+    from bspfuse.lowering import gemm_shape
+
+    m, n, k = gemm_shape(op, program)
+    dtype = TORCH_DTYPE[op.outputs[0].type.dtype]
+    epilogue = tuple(op.attrs.get("epilogue", ()))
+    name = op.outputs[0].name
+    if op.opcode == "fused_allgather_matmul":
+        return gemm.FusedAllGatherMatmul(heap, m, n, k, dtype, mode=op.attrs.get("mode", "push"), epilogue=epilogue,
+                                         config=config, debug=debug, name=name)
+    cls = gemm.FusedMatmulReduceScatter if op.opcode == "fused_matmul_reduce_scatter" else gemm.FusedMatmulAllReduce
+    return cls(heap, m, n, k, dtype, epilogue=epilogue, config=config, debug=debug, name=name)
+
+
+def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=None, cache: dict | None = None,
+              debug: bool = False) -> Execution:
+    """Run `program` on this rank (inside `launch`): fused GEMMs through their host objects (cached in
+    `cache` by op), flash_decode through FlashDecode, plain ops through torch, unfused collectives
+    through `rma_collective`. `config`: the fused GEMMs' TileConfig (default: the simulator's small one
+    on the CPU, choose_config's on a GPU)."""
+    from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
+
+    heap = ctx.heap
+    device = heap.device
+    if config is None and device.type == "cpu":
+        config = sim_config()
+    cache = cache if cache is not None else {}
+    ex = Execution([])
+    env: dict[Value, torch.Tensor] = {v: inputs[v.name].to(device) for v in program.inputs}
+    for op in program.ops:
+        xs = [env[v] for v in op.inputs]
+        code, a = op.opcode, op.attrs
+        key = (op.outputs[0].name, code)
+        if code in ("fused_allgather_matmul", "fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
+            if key not in cache:
+                cache[key] = make_fused_gemm(heap, op, program, config, debug)
+            bias = xs[2] if "bias" in a.get("epilogue", ()) else None
+            res = cache[key](xs[0], xs[1], bias)
+            res = res.clone() if code == "fused_matmul_allreduce" else res  # the heap slot is reused
+            ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})")
+        elif code == "flash_decode":
+            if key not in cache:
+                cache[key] = FlashDecode.from_op(op, heap, sizes=program.sizes)
+            q, k, v, kv_lens, block_table = _decode_args(op, xs)
+            res = cache[key](q, k, v, kv_lens=kv_lens, block_table=block_table)
+            ex.fused.append(f"%{op.outputs[0].name}: flash_decode (stage {a.get('stage')})")
+        elif code in ("all_gather", "reduce_scatter", "all_reduce"):
+            res = rma_collective(heap, code, xs[0].contiguous(), a.get("dim", 0), a.get("reduce", "sum"))
+            ex.fallbacks.append(f"%{op.outputs[0].name}: {code} through the RMA fallback (not fused)")
+        elif code == "decode_partial":
+            o, lse = reference_decode(*_decode_args(op, xs), scale=a.get("scale"))
+            res = (o.to(xs[0].dtype).to(device), lse.float().to(device))
+        else:
+            res = _local_op(program, op, xs, torch.float32)
+        res = res if isinstance(res, (tuple, list)) else (res,)
+        for v, t in zip(op.outputs, res):
+            env[v] = t
+    ex.outputs = [env[v].cpu() for v in program.outputs]
+    return ex
+
+
+def _rank_main(ctx, program: Program, inputs_by_rank, debug: bool = False) -> Execution:
+    return run_fused(ctx, program, inputs_by_rank[ctx.rank], debug=debug)
+
+
+# ----------------------------------------------------------------------------------------------- checking
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of `out` against the float64 `ref` (absolute when ref is zero)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out64.shape != ref64.shape:
+        return math.inf
+    denom = ref64.norm().item()
+    err = (out64 - ref64).norm().item()
+    return err / denom if denom > 0 else err
+
+
+@dataclass
+class CheckResult:
+    program: str
+    world_size: int
+    rows: list[tuple[int, str, str, float, float]]  # rank, output name, dtype, error, tolerance
+    fallbacks: list[str]
+    fused: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(err <= tol for *_, err, tol in self.rows)
+
+    def report(self) -> str:
+        lines = [f"{self.program} on {self.world_size} ranks"]
+        lines += [f"  fused: {f}" for f in self.fused] or ["  fused: nothing"]
+        lines += [f"  fallback: {f}" for f in self.fallbacks]
+        for rank, name, dtype, err, tol in self.rows:
+            verdict = "ok" if err <= tol else "MISMATCH"
+            lines.append(f"  rank {rank} %{name} ({dtype}): relative error {err:.3e} (tolerance {tol:g}) {verdict}")
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+def check(program: Program, world_size: int | None = None, fused: Program | None = None, backend: str = "sim",
+          seed: int = 0, timeout_s: float = 600.0, heap_bytes: int = 64 << 20) -> CheckResult:
+    """Run `fused` (default: `program` itself) on every rank and compare it with the reference of `program`."""
+    from bspfuse.runtime import launch
+
+    world = world_size or program.world_size
+    fused = fused if fused is not None else program
+    inputs = random_inputs(program, world, seed)
+    ref = reference(program, inputs)
+    runs = launch(_rank_main, world, backend=backend, args=(fused, inputs), heap_bytes=heap_bytes,
+                  timeout_s=timeout_s)
+    rows = []
+    for rank, (run, expected) in enumerate(zip(runs, ref)):
+        for v, out, want in zip(program.outputs, run.outputs, expected):
+            rows.append((rank, v.name, v.type.dtype, rel_error(out, want), TOLERANCE.get(v.type.dtype, 0.0)))
+    return CheckResult(program.name, world, rows, runs[0].fallbacks, runs[0].fused)

@@ -1,0 +1,64 @@
+"""Fused graph op -> tile program: the step between `passes/` and `codegen/`.
+
+    fused_allgather_matmul {mode=push|pull}  ->  lower_allgather_matmul, then STAGING[mode]
+    fused_matmul_reduce_scatter              ->  lower_matmul_reduce_scatter (push)
+    fused_matmul_allreduce                   ->  lower_matmul_allreduce (push)
+
+Shapes come from the op's operands with the program's sizes bound; the tile config from `choose_config`
+(the same choice the host objects in `bspfuse.kernels.gemm` make), unless one is given.
+
+Example::
+
+    log = run_passes(program)
+    for op in log.program.ops:
+        tp = lower_fused(op, log.program)      # None for ops that are not fused GEMMs
+"""
+from __future__ import annotations
+
+from bspfuse.ir import Op, Program, concrete
+from bspfuse.tile import (STAGING, TileConfig, TileProgram, choose_config, lower_allgather_matmul,
+                          lower_matmul_allreduce, lower_matmul_reduce_scatter)
+
+GEMM_KINDS = {
+    "fused_allgather_matmul": "ag_matmul",
+    "fused_matmul_reduce_scatter": "matmul_rs",
+    "fused_matmul_allreduce": "matmul_ar",
+}
+_LOWER = {"ag_matmul": lower_allgather_matmul, "matmul_rs": lower_matmul_reduce_scatter,
+          "matmul_ar": lower_matmul_allreduce}
+
+
+def gemm_shape(op: Op, program: Program) -> tuple[int, int, int]:
+    """(M, N, K) as the host objects take them: AG+GEMM (M_local, N, K); GEMM+RS/AR (M, N, K_local)."""
+    world = program.world_size
+
+    def dims(i):
+        return [concrete(d, program.sizes, world) for d in op.inputs[i].type.shape]
+
+    (m, k), (_, n) = dims(0), dims(1)
+    return m, n, k
+
+
+def gemm_config(op: Op, program: Program) -> TileConfig:
+    """The tile config the host object would choose for `op` on a GPU (one comm program at least for AG)."""
+    kind = GEMM_KINDS[op.opcode]
+    W = program.world_size
+    m, n, k = gemm_shape(op, program)
+    cfg = choose_config(kind, m * W, n, k, W) if kind == "ag_matmul" else choose_config(kind, m, n, k, W)
+    if kind == "ag_matmul" and op.attrs.get("mode") != "direct" and cfg.comm_programs < 1:
+        cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
+    return cfg
+
+
+def lower_fused(op: Op, program: Program, config: TileConfig | None = None) -> TileProgram | None:
+    """The tile program of a fused GEMM op (pull/push staging applied), or None for any other op."""
+    kind = GEMM_KINDS.get(op.opcode)
+    if kind is None:
+        return None
+    dtype = op.outputs[0].type.dtype
+    epilogue = tuple(op.attrs.get("epilogue", ()))
+    tp = _LOWER[kind](op.outputs[0].name, dtype, epilogue, config or gemm_config(op, program))
+    mode = op.attrs.get("mode", "push")
+    if kind == "ag_matmul" and mode in STAGING:
+        tp = STAGING[mode](tp)
+    return tp
