@@ -233,8 +233,35 @@ def summarize(rows):
     return "\n".join(lines)
 
 
+def plot(rows, path):
+    """Speedup over NCCL+cuBLAS per shape: each variant, and the overlap bound as the ceiling."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by = {}
+    for r in rows:
+        if r.get("ms"):
+            by.setdefault(f"{r['op']}\n{r['shape']}", {})[r["variant"]] = r["ms"]
+    names = list(by)
+    variants = ["nccl+cublas graph", "torch symm_mem", "ours push", "ours pull", "ours auto", "overlap bound"]
+    fig, ax = plt.subplots(figsize=(14, 5))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        ys = [by[n]["nccl+cublas"] / by[n][v] if v in by[n] else 0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], ys, width, label=v)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, fontsize=7)
+    ax.set_ylabel("speedup over NCCL+cuBLAS (higher is better)")
+    ax.set_title("Fused GEMM + collective on 2x H200, bf16")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--from-json", help="no run: read this result file (with --plot, draw it)")
+    p.add_argument("--plot", help="write a PNG of speedup per shape")
     p.add_argument("--json", default="benchmarks/results/gemm_h200x2.json")
     p.add_argument("--ops", default="ag,rs,ar")
     p.add_argument("--comm", default="", help="extra comm-program counts to sweep for AG push, e.g. 4,8,16")
@@ -242,6 +269,12 @@ def main():
     args = p.parse_args()
     args.ops = args.ops.split(",")
     args.comm = [int(c) for c in args.comm.split(",") if c]
+    if args.from_json:
+        rows = json.load(open(args.from_json))["rows"]
+        print(summarize(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
     from bspfuse.runtime import launch
     t0 = time.time()
     results = launch(run, int(os.environ.get("WORLD_SIZE", "2")), backend="cuda", heap_bytes=3 << 30,
@@ -259,6 +292,8 @@ def main():
             with open(os.path.join(out, os.path.basename(args.json)), "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(summarize(rows), flush=True)
+        if args.plot:
+            plot(rows, args.plot)
 
 
 if __name__ == "__main__":
