@@ -204,13 +204,15 @@ class _Supervisor:
             wait_for([conns[r] for r in pending] + [procs[r].sentinel for r in pending],
                      timeout=limit - now)
             for r in sorted(pending):
-                done = self._drain(r, conns[r], ready)
-                if not done and not procs[r].is_alive() and not conns[r].poll():
+                state = self._drain(r, conns[r], ready)
+                if state == "closed" or (state == "open" and not procs[r].is_alive()
+                                         and not conns[r].poll()):
+                    procs[r].join(1)
                     self.failures.append((r, "ProcessDied", f"rank {r} exited with code "
                                           f"{procs[r].exitcode} without reporting a result",
                                           "", None))
-                    done = True
-                if done:
+                    state = "done"
+                if state == "done":
                     pending.discard(r)
             if not started and len(ready) == self.world_size:  # fn starts now on every rank
                 started = True
@@ -229,8 +231,8 @@ class _Supervisor:
                 f"{sorted(self.results)}).{hint}")
         self.others_killed = sorted(pending)
 
-    def _drain(self, rank, conn, ready) -> bool:
-        """Read everything ``rank`` sent; True once it reported a result or an error."""
+    def _drain(self, rank, conn, ready) -> str:
+        """Read what ``rank`` sent: "done" (result or error), "closed" (pipe ended) or "open"."""
         try:
             while conn.poll():
                 msg = conn.recv()
@@ -238,13 +240,13 @@ class _Supervisor:
                     ready.add(rank)
                 elif msg[0] == "ok":
                     self.results[rank] = pickle.loads(msg[1])
-                    return True
+                    return "done"
                 else:
                     self.failures.append((rank, msg[1], msg[2], msg[3], msg[4]))
-                    return True
+                    return "done"
         except (EOFError, OSError):
-            return False
-        return False
+            return "closed"
+        return "open"
 
     def _raise_failure(self) -> None:
         rank, type_name, message, tb, exc_bytes = self.failures[0]

@@ -70,6 +70,18 @@ def test_rank_exception_reaches_the_parent_with_rank_and_traceback():
     assert info.value.rank == 1 and info.value.remote_type == "ValueError"
 
 
+def dies_on_rank_1(ctx):
+    if ctx.rank == 1:
+        import os
+        os._exit(3)
+    return ctx.rank
+
+
+def test_rank_that_dies_is_reported():
+    with pytest.raises(RankFailed, match="rank 1 exited with code 3 without reporting"):
+        launch(dies_on_rank_1, 2, heap_bytes=1 << 16, timeout_s=60)
+
+
 def hangs_on_rank_0(ctx):
     if ctx.rank == 0:
         time.sleep(3600)

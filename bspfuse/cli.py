@@ -1,0 +1,253 @@
+"""The `bspfuse` command: analyze, inspect, compile, run, bench.
+
+    bspfuse analyze examples/sp_mlp.py:build --world 8 [--json] [--plot timeline.png]
+    bspfuse inspect examples/sp_mlp.bsp --stage graph|fused|tile|triton [--mode auto|pull|push|off]
+    bspfuse compile examples/sp_mlp.bsp -o kernels.py
+    bspfuse run examples/sp_mlp.bsp --world 2            # fused vs. the unfused reference, in the simulator
+    bspfuse bench                                         # how to run the GPU benchmarks
+
+A TARGET is `file.bsp` (the source language) or `file.py:function` (a function returning an fx graph, a
+(model, inputs) pair or a Program). Anything the user got wrong prints one line to stderr and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake on the command line: printed as one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bspfuse.analysis import AnalysisError
+    from bspfuse.capture import CaptureError
+    from bspfuse.execute import ExecuteError
+    from bspfuse.grammar import SourceError
+    from bspfuse.ir import IRError
+    from bspfuse.targets import TargetError
+
+    return (UserError, SourceError, TargetError, CaptureError, IRError, AnalysisError, ExecuteError, OSError)
+
+
+def load_target(target: str, world: int | None):
+    """The Program a TARGET names: `file.bsp` through the grammar, `file.py:function` through targets."""
+    if target.endswith(".bsp"):
+        from bspfuse.grammar import parse_file
+
+        if not os.path.isfile(target):
+            raise UserError(f"{target}: no such file")
+        return parse_file(target, world_size=world)
+    if ":" in target:
+        from bspfuse.targets import load_program
+
+        return load_program(target, world_size=world)
+    raise UserError(f"target '{target}' should be path/to/file.bsp or path/to/file.py:function")
+
+
+def _fuse(program, mode: str):
+    from bspfuse.passes import Options, run_passes
+
+    return run_passes(program, options=Options(mode=mode))
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def cmd_analyze(args) -> int:
+    from bspfuse.analysis import analyze
+
+    program = load_target(args.target, args.world)
+    report = analyze(program, device=args.device, skew_us=args.skew_us)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        print(report.table())
+    if args.plot:
+        from bspfuse.plot import plot_timeline
+
+        path = plot_timeline(report, args.plot)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def inspect_text(program, stage: str, mode: str = "auto") -> str:
+    """What `bspfuse inspect` prints for one stage (plain text)."""
+    if stage == "graph":
+        return str(program)
+    log = _fuse(program, mode)
+    fused = log.program
+    if stage == "fused":
+        lines = [str(fused), "", "decisions:"]
+        lines += [f"  {d}" for d in log.decisions] or ["  (no candidates)"]
+        return "\n".join(lines)
+    from bspfuse.codegen.triton import generate
+    from bspfuse.lowering import lower_fused
+    from bspfuse.tile import print_tile_program
+
+    parts = []
+    for op in fused.ops:
+        tp = lower_fused(op, fused)
+        if tp is not None:
+            parts.append(print_tile_program(tp) if stage == "tile" else generate(tp, tma=True).source)
+        elif op.opcode == "flash_decode" and stage == "tile":
+            parts.append(f"%{op.outputs[0].name} = flash_decode stage {op.attrs.get('stage')}: hand-written "
+                         "kernels (bspfuse/kernels/decode.py), no tile program")
+    if not parts:
+        return f"program {fused.name}: no fused GEMM ops to lower (see --stage fused for why)"
+    sep = "\n\n" if stage == "tile" else "\n\n# " + "-" * 98 + "\n\n"
+    return sep.join(parts)
+
+
+_PY_KEYWORDS = r"\b(def|return|for|in|if|else|elif|while|import|from|as|and|or|not|range|True|False|None)\b"
+
+
+def highlight(text: str, stage: str) -> str:
+    """ANSI colors for a terminal: comments dim, keywords bold, iris calls and fused ops colored."""
+    def line(s: str) -> str:
+        code, hash_, comment = s.partition("#") if stage == "triton" else (s, "", "")
+        code = re.sub(r"\biris\.\w+", lambda m: f"\x1b[35m{m.group(0)}\x1b[0m", code)
+        code = re.sub(r"@triton\.jit|\btl\.\w+", lambda m: f"\x1b[36m{m.group(0)}\x1b[0m", code)
+        code = re.sub(r"\bfused_\w+|\bflash_decode\b", lambda m: f"\x1b[1;32m{m.group(0)}\x1b[0m", code)
+        code = re.sub(r"\[\w+\] fused\b", lambda m: f"\x1b[32m{m.group(0)}\x1b[0m", code)
+        code = re.sub(r"\bnot fused\b", lambda m: f"\x1b[33m{m.group(0)}\x1b[0m", code)
+        if stage == "triton":
+            code = re.sub(_PY_KEYWORDS, lambda m: f"\x1b[1m{m.group(0)}\x1b[0m", code)
+        return code + (f"\x1b[2m#{comment}\x1b[0m" if hash_ else "")
+
+    return "\n".join(line(s) for s in text.split("\n"))
+
+
+def cmd_inspect(args) -> int:
+    program = load_target(args.target, args.world)
+    text = inspect_text(program, args.stage, args.mode)
+    print(highlight(text, args.stage) if sys.stdout.isatty() else text)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from bspfuse.execute import compile_module
+
+    program = load_target(args.target, args.world)
+    log = _fuse(program, args.mode)
+    text = compile_module(log.program, source=os.path.basename(args.target))
+    with open(args.output, "w") as f:
+        f.write(text)
+    fused = [op for op in log.program.ops if op.opcode.startswith("fused_") or op.opcode == "flash_decode"]
+    print(f"wrote {args.output}: {len(fused)} fused op(s) of {log.program.name}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from bspfuse.execute import check
+
+    program = load_target(args.target, args.world)
+    world = args.world or program.world_size
+    if world is None:
+        raise UserError(f"{args.target}: the world size is not known; pass --world N")
+    log = _fuse(program, args.mode)
+    for d in log.decisions:
+        print(d)
+    result = check(program, world, log.program, backend=args.backend, seed=args.seed)
+    print(result.report())
+    return 0 if result.ok else 1
+
+
+BENCH_TEXT = """\
+The benchmarks need GPUs: at least 2 NVIDIA GPUs on one host (H100/H200 class), CUDA and torchrun.
+They do not run on this CPU simulator.
+
+On a 2-GPU machine, from the repository root:
+
+    bash benchmarks/run_all.sh OUTDIR          # every benchmark; results and plots land in OUTDIR
+
+or one at a time, under torchrun:
+
+    torchrun --nproc_per_node 2 benchmarks/gemm_bench.py     # fused AG+GEMM / GEMM+RS / GEMM+AR vs NCCL+cuBLAS
+    torchrun --nproc_per_node 2 benchmarks/decode_bench.py   # Flash Decode stages 0-3
+    torchrun --nproc_per_node 2 benchmarks/rma_bench.py      # one-sided put/get bandwidth per SM
+
+BENCHMARKS.md describes the results and how they were measured."""
+
+
+def cmd_bench(args) -> int:
+    print(BENCH_TEXT)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bspfuse", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    modes = ("auto", "pull", "push", "off")
+
+    a = sub.add_parser("analyze", help="the three taxes of the BSP program, per op")
+    a.add_argument("target")
+    a.add_argument("--world", type=int)
+    a.add_argument("--device", default="H200")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--plot", metavar="FILE.png")
+    a.add_argument("--skew-us", type=float, dest="skew_us")
+    a.set_defaults(fn=cmd_analyze)
+
+    i = sub.add_parser("inspect", help="print one stage of the pipeline")
+    i.add_argument("target")
+    i.add_argument("--stage", choices=("graph", "fused", "tile", "triton"), default="fused")
+    i.add_argument("--world", type=int)
+    i.add_argument("--mode", choices=modes, default="auto")
+    i.set_defaults(fn=cmd_inspect)
+
+    c = sub.add_parser("compile", help="write a standalone module: Triton kernels + run(ctx, inputs)")
+    c.add_argument("target")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--world", type=int)
+    c.add_argument("--mode", choices=modes, default="auto")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run the fused program on N ranks and check it against the reference")
+    r.add_argument("target")
+    r.add_argument("--world", type=int)
+    r.add_argument("--backend", choices=("sim", "cuda", "auto"), default="sim")
+    r.add_argument("--mode", choices=modes, default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="how to run the GPU benchmarks")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `bspfuse` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "world", None) is not None and args.world < 1:
+        print(f"bspfuse: error: --world must be at least 1, got {args.world}", file=sys.stderr)
+        return USER_ERROR
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(_one_line(e), file=sys.stderr)
+        return USER_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    from bspfuse.grammar import SourceError
+
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, SourceError):
+        return text  # file:line:col, the line and a caret
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or text}"
+    first = text.splitlines()[0]
+    return f"error: {first}" if not re.match(r"^\S+:\d+|^\S+\.(py|bsp)\b", first) else first
+
+
+if __name__ == "__main__":
+    sys.exit(main())
