@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bspfuse.ir import FLOAT_DTYPES, Op, Program, Value, concrete
+from bspfuse.ir import Op, Program, Value, concrete
 from bspfuse.passes import Decision, Options, Pass
 
 # Pointwise functions the GEMM epilogue can apply to the fp32 accumulator (bias reads a vector).

@@ -10,7 +10,6 @@ from bspfuse.runtime import launch
 from bspfuse.tile import TileConfig
 
 SMALL = TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def _rel(out, ref):

@@ -26,7 +26,6 @@ What the interpreter does and does not give (triton 3.6):
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 import threading
 from multiprocessing import shared_memory
