@@ -18,13 +18,16 @@ What it measures, bf16, the KV cache split along the sequence (every rank holds 
 - ``stage1`` (RMA all-gather + heap barrier), ``stage2`` (per-tile flags), ``stage3`` (one fused kernel);
   ``stage3_graph``: stage 3 replayed from a CUDA graph (it keeps its epochs on the device).
 - ``floor``: K+V bytes over the HBM bandwidth measured in this run (a large device copy, read+write)
-  plus one cross-GPU flag round trip measured in this run.
+  plus one cross-GPU flag round trip measured in this run (rma_bench.py's ping-pong: many round trips
+  inside one kernel launch, the launch's time divided by their number).
 
 Timing: CUDA events, warm-up first, a host barrier (NCCL barrier + device sync) before each timed step
 and the median over steps of the slower rank; plus ``b2b``: many steps back to back with no barrier, the
-mean per step (launch and sync overhead is what the fused stages remove). Every stage is also checked
-against a float64 reference over the full KV on a few shapes with fresh random inputs, in the same run.
-The whole run is budgeted to finish in under 6 minutes (shapes past the budget are skipped, and said so).
+mean per step (launch and sync overhead is what the fused stages remove), and ``host``: the CPU time of
+the step's call (what a step costs the host before the GPU has it all). Steps run as a decode loop
+would: the same FlashDecode, result tensors passed in (``out=``). Every stage is also checked against a
+float64 reference over the full KV on a few shapes with fresh random inputs, in the same run. The whole
+run is budgeted to finish in under 6 minutes (shapes past the budget are skipped, and said so).
 """
 from __future__ import annotations
 
@@ -69,18 +72,21 @@ def _slowest(x: float) -> float:
     return t.item()
 
 
-def time_steps(step, iters: int) -> list[float]:
-    """Microseconds of each of `iters` steps, each started right after a barrier of all ranks."""
-    out = []
+def time_steps(step, iters: int) -> tuple[list[float], list[float]]:
+    """Microseconds of each of `iters` steps, each started right after a barrier of all ranks, on the GPU
+    (CUDA events) and on the host (the call of `step`)."""
+    device, host = [], []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(iters):
         _barrier()
         start.record()
+        t0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - t0) * 1e6)
         end.record()
         end.synchronize()
-        out.append(start.elapsed_time(end) * 1e3)
-    return out
+        device.append(start.elapsed_time(end) * 1e3)
+    return device, host
 
 
 def time_back_to_back(step, n: int) -> float:
@@ -113,33 +119,21 @@ def measure_hbm_bandwidth(nbytes: int = 2 << 30, iters: int = 10) -> float:
     """Bytes per second of a device copy, read + write (what the floor divides K+V bytes by)."""
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    times = time_steps(lambda: y.copy_(x), iters)
+    times, _ = time_steps(lambda: y.copy_(x), iters)
     del x, y
     return 2 * nbytes / (statistics.median(times) * 1e-6)
 
 
-def measure_flag_round_trip(ctx, rounds: int = 2000) -> float:
-    """Microseconds of one cross-GPU flag round trip (iris.signal there, iris.wait_until back)."""
-    from bspfuse.kernels.decode import flag_pingpong_kernel
-    from bspfuse.runtime import Epoch
+def measure_flag_round_trip(ctx) -> float:
+    """Microseconds of one cross-GPU flag round trip (iris.signal there, iris.wait_until back): rma_bench's
+    ping-pong, many rounds in one kernel launch (its launch cost spread over them). Two ranks only."""
+    from rma_bench import measure_latency  # benchmarks/, this script's directory
 
-    flag = ctx.heap.zeros(1, dtype=torch.int32, name="bench.pingpong")
-    err = torch.zeros(8, dtype=torch.int64, device=ctx.device)
-    epoch = Epoch()
-    ctx.heap.barrier()
-    plays = ctx.rank < 2  # ranks 0 and 1 play; any others only join the barriers
-
-    def pingpong(first, n):
-        if plays:
-            flag_pingpong_kernel[(1,)](flag, ctx.heap.heap_bases, ctx.rank, 1 - ctx.rank, first, n, err,
-                                       MAX_SPINS=0, num_warps=1)
-
-    pingpong(epoch.next(10), 10)  # warm-up (and compile)
-    first = epoch.next(rounds)
-    times = time_steps(lambda: pingpong(first, rounds), 1)
-    ctx.heap.barrier()
-    ctx.heap.free(flag)
-    return times[0] / rounds
+    if ctx.world_size != 2:
+        return float("nan")  # the ping-pong pairs rank r with r + 1
+    out: dict = {}
+    measure_latency(ctx, 6, out)
+    return out["latency"]["round_trip_us"]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -186,6 +180,12 @@ def reference(q, shards, lens_by_rank, scale):
 # ------------------------------------------------------------------------------------------------ rank side
 
 
+def _outputs(q):
+    """A step's result tensors, made once and passed to every step (out=)."""
+    B, Hq, _ = q.shape
+    return torch.empty_like(q), torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+
+
 def _make(ctx, stage, B, Hq, Hkv, D, **kw):
     from bspfuse.kernels.flash_decode import FlashDecode
 
@@ -207,7 +207,8 @@ def check_correctness(ctx, B, Hq, Hkv, D, S, ragged: bool) -> dict:
     for name in ("bsp", "bsp_graph", "stage1", "stage2", "stage3", "stage3_graph"):
         fd = _make(ctx, name.replace("_graph", ""), B, Hq, Hkv, D)
         q_in = q.clone()
-        step = lambda: fd(q_in, k, v, kv_lens=lens)  # noqa: E731
+        result_buffers = _outputs(q)
+        step = lambda: fd(q_in, k, v, kv_lens=lens, out=result_buffers)  # noqa: E731
         if name.endswith("_graph"):
             replay, result = capture_graph(step)
             step = lambda: (replay(), result)[1]  # noqa: E731
@@ -233,27 +234,30 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
     from bspfuse.kernels.flash_decode import decode_partial
 
     q, k, v, lens = make_inputs(_shared_seed(ctx), ctx.rank, B, Hq, Hkv, D, S, ctx.device)
-    steps, b2b, splits = {}, {}, None
+    out = _outputs(q)
+    steps, host, b2b, splits = {}, {}, {}, None
     fds = []
 
     def run(name, step):
         for _ in range(3):  # warm-up (and compile)
             step()
         t0 = time.perf_counter()
-        first = time_steps(step, 3)
+        first, first_host = time_steps(step, 3)
         per = _slowest(max(statistics.median(first) * 1e-6, (time.perf_counter() - t0) / 3))  # same counts on all
         iters = int(min(100, max(10, budget_s / per)))
-        steps[name] = first + time_steps(step, iters)
+        more, more_host = time_steps(step, iters)
+        steps[name] = first + more
+        host[name] = statistics.median(first_host + more_host)
         if name in B2B_VARIANTS:
             b2b[name] = time_back_to_back(step, int(min(200, max(10, 0.4 * budget_s / per))))
 
     for stage in STAGES:
         fd = _make(ctx, stage, B, Hq, Hkv, D)
         fds.append(fd)
-        run(stage, lambda: fd(q, k, v, kv_lens=lens))
+        run(stage, lambda: fd(q, k, v, kv_lens=lens, out=out))
         splits = fd.num_splits
         if stage in ("bsp", "stage3"):
-            replay, _ = capture_graph(lambda: fd(q, k, v, kv_lens=lens))
+            replay, _ = capture_graph(lambda: fd(q, k, v, kv_lens=lens, out=out))
             run(f"{stage}_graph", replay)
     run("local", lambda: decode_partial(q, k, v, kv_lens=lens, num_splits=splits))
     packed = torch.zeros(fds[0].slot, dtype=torch.float32, device=ctx.device)
@@ -264,7 +268,8 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
     for fd in reversed(fds):
         fd.close()
     del q, k, v
-    return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "splits": splits, "steps_us": steps, "b2b_us": b2b}
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "splits": splits, "steps_us": steps, "host_us": host,
+            "b2b_us": b2b}
 
 
 def run_rank(ctx, opts: dict) -> dict:
@@ -313,10 +318,12 @@ def combine(per_rank: list[dict]) -> dict:
         kv_bytes = 2 * shape["B"] * shape["S"] * shape["Hkv"] * shape["D"] * 2
         row["kv_bytes_per_rank"] = kv_bytes
         row["floor_us"] = kv_bytes / meta["hbm_bytes_per_s"] * 1e6 + meta["flag_round_trip_us"]
-        row["us"], row["b2b_us"] = {}, {}
+        row["us"], row["b2b_us"], row["host_us"] = {}, {}, {}
         for name in shape["steps_us"]:
             slowest = [max(vals) for vals in zip(*(r["shapes"][i]["steps_us"][name] for r in per_rank))]
             row["us"][name] = statistics.median(slowest)
+        for name in shape.get("host_us", {}):
+            row["host_us"][name] = max(r["shapes"][i]["host_us"][name] for r in per_rank)
         for name in shape["b2b_us"]:
             row["b2b_us"][name] = max(r["shapes"][i]["b2b_us"][name] for r in per_rank)
         bsp = row["us"]["bsp"]
@@ -370,15 +377,19 @@ def print_report(result: dict) -> None:
         print(f"skipped B={s['B']} {s['Hq']}/{s['Hkv']} S={s['S']}: {s['why']}")
     cols = ("floor", "local", "allgather", "bsp", "bsp_graph", "stage1", "stage2", "stage3", "stage3_graph")
     head = f"{'heads':>9} {'B':>3} {'S/rank':>7} {'split':>5} " + " ".join(f"{c[:10]:>10}" for c in cols)
-    print("\nmicroseconds per step (median of the slower rank; barrier before each step)")
-    print(head + f" {'bsp/s3':>7} {'s3/floor':>8} {'b2b bsp':>8} {'b2b s3':>7} {'b2b s3g':>8}")
+    print("\nmicroseconds per step (median of the slower rank; barrier before each step; host: the step's call)")
+    print(head + f" {'bsp/s3':>7} {'s3/floor':>8} {'b2b bsp':>8} {'b2b s3':>7} {'b2b s3g':>8} {'host bsp':>8} "
+                 f"{'host s3':>7}")
+    nan = float("nan")
     for r in result["rows"]:
-        vals = [r["floor_us"]] + [r["us"].get(c, float("nan")) for c in cols[1:]]
+        vals = [r["floor_us"]] + [r["us"].get(c, nan) for c in cols[1:]]
+        host = r.get("host_us", {})  # results from before host times were taken have none
         print(f"{r['Hq']:>4}/{r['Hkv']:<4} {r['B']:>3} {r['S'] // 1024:>6}K {r['splits']:>5} "
               + " ".join(f"{x:>10.1f}" for x in vals)
               + f" {r['speedup_vs_bsp']['stage3']:>7.2f} {r['stage3_vs_floor']:>8.2f}"
-              + f" {r['b2b_us'].get('bsp', float('nan')):>8.1f} {r['b2b_us'].get('stage3', float('nan')):>7.1f}"
-              + f" {r['b2b_us'].get('stage3_graph', float('nan')):>8.1f}")
+              + f" {r['b2b_us'].get('bsp', nan):>8.1f} {r['b2b_us'].get('stage3', nan):>7.1f}"
+              + f" {r['b2b_us'].get('stage3_graph', nan):>8.1f}"
+              + f" {host.get('bsp', nan):>8.1f} {host.get('stage3', nan):>7.1f}")
     print("\ntargets: " + "; ".join(f"{k} {t['value']:.2f} ({'<=' if k.endswith('floor_long') else '>='} "
                                      f"{t['target']}: {'met' if t['met'] else 'NOT met'})"
                                      for k, t in result["summary"]["targets"].items()))

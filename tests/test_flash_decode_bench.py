@@ -26,6 +26,7 @@ def _rank(bench, rank):
                      "stage2": base + 25, "stage3": base + 8 + rank, "stage3_graph": base + 6}
             shapes.append({"B": B, "Hq": 96, "Hkv": 12, "D": 128, "S": S, "splits": 16,
                            "steps_us": {k: [v, v + 1, v + 2] for k, v in steps.items()},
+                           "host_us": {k: 20.0 + 10 * rank for k in steps},
                            "b2b_us": {k: steps[k] for k in bench.B2B_VARIANTS}})
     check = {"B": 1, "Hq": 96, "Hkv": 12, "D": 128, "S": 4096, "ragged": False, "seed": 1,
              "errors": {"stage3": {"rel_err_o": 1e-3, "max_err_lse": 1e-5, "ok": True}}}
@@ -39,6 +40,7 @@ def test_report(bench, tmp_path, capsys):
     row = result["rows"][0]
     assert row["us"]["stage3"] == 4.096 + 8 + 2  # median over steps of the slower rank
     assert row["floor_us"] == pytest.approx(2 * 4096 * 12 * 128 * 2 / 4.2e12 * 1e6 + 3.0)
+    assert row["host_us"]["stage3"] == 30.0  # the slower rank's host time
     short = result["summary"]["targets"]["stage3_vs_bsp_b1_short"]
     assert short["value"] == pytest.approx(row["us"]["bsp"] / row["us"]["stage3"]) and short["met"]
     path = tmp_path / "decode.json"

@@ -18,14 +18,14 @@ Kernels (the host side is ``bspfuse.kernels.flash_decode``):
 
 - ``decode_split_kernel``: grid (tiles, splits); each program attends one tile over one split of its
   batch entry's KV length and writes an fp32 state per (head, split).
-- ``merge_states_kernel``: grid (tiles,); merges n states per head. Used for the splits inside a GPU
-  and for the ranks across GPUs; with ``WAIT`` it waits for a per-tile epoch flag of each source.
+- ``merge_states_kernel``: grid (tiles,); merges n states per head, CHUNK at a time. Used for the splits
+  inside a GPU and for the ranks across GPUs; with ``WAIT`` it waits for a per-tile epoch flag of each
+  source.
 - ``put_states_kernel``: grid (tiles,); RMA all-gather: puts this rank's state tile into every
   rank's gather buffer, optionally raising a per-tile flag there.
 - ``fused_decode_kernel``: one launch per decode step: split attention, the intra-GPU merge by the last
   split of a tile (an atomic counter), the push of the merged tile to every rank with a per-tile flag,
   and the cross-rank merge as the tiles arrive.
-- ``flag_pingpong_kernel``: cross-GPU flag round trips, for the benchmark's floor.
 """
 from __future__ import annotations
 
@@ -63,13 +63,14 @@ def _tile_heads(tile, Hkv, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_
 
 @triton.jit
 def _merge_step(m, l, acc, lse, o):
-    """Fold one state (o [BLOCK_H, BLOCK_D], lse [BLOCK_H]) into the running (max, weight sum, acc)."""
-    m_new = tl.maximum(m, lse)
+    """Fold a chunk of states (o [CHUNK, BLOCK_H, BLOCK_D], lse [CHUNK, BLOCK_H]) into the running
+    (max, weight sum, acc) of each head."""
+    m_new = tl.maximum(m, tl.max(lse, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0
     alpha = tl.exp(m - m_safe)
-    w = tl.exp(lse - m_safe)
-    o = tl.where(w[:, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
-    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
+    w = tl.exp(lse - m_safe[None, :])
+    o = tl.where(w[:, :, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
+    return m_new, l * alpha + tl.sum(w, 0), acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
 
 
 @triton.jit
@@ -135,23 +136,32 @@ def _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, 
 
 @triton.jit
 def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags, flag_stride, epoch, cur_rank,
-                err_ptr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, WAIT: tl.constexpr,
-                MAX_SPINS: tl.constexpr):
+                err_ptr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                WAIT: tl.constexpr, MAX_SPINS: tl.constexpr):
     """Merge n_states states of a tile's heads (rows `row` = b * Hq + head): state i is
     o_ptr[i * stride_on + row * D + :D] and lse_ptr[i * stride_ln + row]. WAIT: first wait until
-    flags[i * flag_stride] reaches `epoch` (the tile's flag from source i)."""
+    flags[i * flag_stride] reaches `epoch` (the tile's flag from source i).
+
+    CHUNK states are loaded at once ([CHUNK, BLOCK_H, BLOCK_D]) and folded in one step, so the merge of
+    n splits costs n / CHUNK memory round trips rather than n (it is the tail of every decode step)."""
     offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CHUNK)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for i in range(n_states):
+    for i0 in range(0, n_states, CHUNK):
         if WAIT:
-            iris.wait_until(flags + i * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS)
+            for j in tl.static_range(CHUNK):
+                if i0 + j < n_states:
+                    iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS)
+        state = i0 + offs_c
+        smask = state < n_states
         # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
-        lse = tl.load(lse_ptr + i * stride_ln + row, mask=hmask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(o_ptr + i * stride_on + row[:, None] * D + offs_d[None, :], mask=omask, other=0.0,
-                    cache_modifier=".cg")
+        lse = tl.load(lse_ptr + state[:, None] * stride_ln + row[None, :], mask=smask[:, None] & hmask[None, :],
+                      other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(o_ptr + state[:, None, None] * stride_on + (row[:, None] * D + offs_d[None, :])[None, :, :],
+                    mask=smask[:, None, None] & omask[None, :, :], other=0.0, cache_modifier=".cg")
         m, l, acc = _merge_step(m, l, acc, lse, o)
     return _merge_finish(m, l, acc)
 
@@ -181,11 +191,11 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, S
     tl.store(mid_lse + row, lse, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # a new epoch every step: one compiled kernel for all of them
 def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, stride_ln, Hq, Hkv,
                         flags, epoch, cur_rank, err_ptr,
                         GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr):
     """Grid (tiles,): merge n_states states per head into out_o [B, Hq, D] (any float dtype) and
     out_lse [B, Hq] fp32. WAIT: wait for the tile's flag from each source, flags[i * tiles + tile] >= epoch,
     just before reading that source's state (per-tile waits, no barrier)."""
@@ -193,14 +203,14 @@ def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, str
     b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
     row = b.to(tl.int64) * Hq + heads
     o, lse = _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags + tile,
-                         tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, WAIT, MAX_SPINS)
+                         tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, CHUNK, WAIT, MAX_SPINS)
     offs_d = tl.arange(0, BLOCK_D)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
     tl.store(out_lse + row, lse, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])
 def put_states_kernel(gather_o, gather_lse, stride_on, stride_ln, Hq, Hkv, flags, epoch, rank, heap_bases,
                       WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, SIGNAL: tl.constexpr):
@@ -234,7 +244,7 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                         WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                         HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                        MAX_SPINS: tl.constexpr):
+                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr):
     """One launch per decode step. Grid (tiles * splits + tiles,).
 
     Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
@@ -280,7 +290,7 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
             if last:
                 tl.atomic_xchg(tile_count + tile, 0, sem="relaxed", scope="gpu")
                 o, lse = _merge_tile(mid_o, mid_lse, row, hmask, num_splits, B * Hq * D, B * Hq,
-                                     flags, 0, epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, False, 0)
+                                     flags, 0, epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, SPLIT_CHUNK, False, 0)
         if last:
             o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
             l_ptrs = gather_lse + rank * stride_ln + row
@@ -294,21 +304,8 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
         row = b.to(tl.int64) * Hq + heads
         o, lse = _merge_tile(gather_o, gather_lse, row, hmask, WORLD, stride_on, stride_ln, flags + tile, num_tiles,
-                             epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, True, MAX_SPINS)
+                             epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, 1, True, MAX_SPINS)
         omask = hmask[:, None] & dmask
         tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
         tl.store(out_lse + row, lse, mask=hmask)
 
-
-@triton.jit
-def flag_pingpong_kernel(flag, heap_bases, rank, peer, first_epoch, rounds, err_ptr, MAX_SPINS: tl.constexpr):
-    """Grid (1,) on two ranks: `rounds` flag round trips (rank 0 signals, the peer answers), to measure
-    the latency one cross-GPU tile flag adds. flag: one int32 on the heap; epochs first_epoch, +1, ..."""
-    for i in range(rounds):
-        e = first_epoch + i
-        if rank == 0:
-            iris.signal(flag, e, rank, peer, heap_bases)
-            iris.wait_until(flag, e, rank, err_ptr, MAX_SPINS)
-        else:
-            iris.wait_until(flag, e, rank, err_ptr, MAX_SPINS)
-            iris.signal(flag, e, rank, peer, heap_bases)

@@ -26,9 +26,14 @@ the symmetric heap and ends with a heap barrier)::
 Flags carry epochs (``Epoch``) and counters are reset on the device, so steps need no host reset. The
 gather buffer is double-buffered by epoch parity: a rank can be at most one step ahead of a peer's
 reads of it (it needs the peer's tiles of a step before finishing that step).
+
+The KV length of each (batch, KV head) tile is cut into ``choose_num_splits`` splits so that batch 1
+fills the GPU; the splits' states merge CHUNK at a time (``merge_chunk``). At batch 1 a step is short
+enough that its host side matters: every launch goes through ``bspfuse.runtime.fastlaunch``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,11 +43,18 @@ import triton
 from bspfuse.kernels import decode as K
 from bspfuse.runtime import Epoch
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
+from bspfuse.runtime.fastlaunch import FastLaunch
 
 STAGES = (0, 1, 2, 3)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
 MIN_SPLIT_BLOCKS = 4  # a split streams at least this many BLOCK_N blocks, or its fixed cost dominates
+# The split choice's cost model (choose_num_splits), in units of one BLOCK_N block of K and V streamed by
+# one SM at its share of HBM bandwidth (about 1 us on an H200 at D = 128, BLOCK_N = 64):
+SPLIT_OVERHEAD_BLOCKS = 2  # a program's fixed cost: q, the pipeline's fill, the state's store, the count
+MERGE_STEP_BLOCKS = 1  # one step of the merge of splits (an L2 round trip for a chunk of states)
+PROGRAMS_TO_SATURATE = 2  # programs an SM needs at once to keep enough K/V bytes in flight
+MERGE_REGISTERS = 64  # fp32 registers a thread may spend on one chunk of states in a merge
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -91,14 +103,39 @@ def decode_tiling(B: int, Hq: int, Hkv: int, D: int, block_n: int | None = None,
                         num_warps or 4, num_stages or (3 if gpu else 1))
 
 
-def choose_num_splits(num_tiles: int, kv_capacity: int, block_n: int, num_sms: int) -> int:
-    """Splits of the KV length per tile: enough programs for ~3 per SM (a few waves of small CTAs keep
-    HBM busy at batch 1), but each split at least MIN_SPLIT_BLOCKS blocks long."""
-    want = -(-3 * num_sms // max(num_tiles, 1))
-    longest = max(1, kv_capacity // (MIN_SPLIT_BLOCKS * block_n))
-    return max(1, min(want, longest, MAX_SPLITS))
+def merge_chunk(n_states: int, tiling: DecodeTiling) -> int:
+    """States a merge loads and folds in one step (a power of two): as many as fit MERGE_REGISTERS fp32
+    registers a thread for their [chunk, BLOCK_H, BLOCK_D] values of O."""
+    fit = MERGE_REGISTERS * 32 * tiling.num_warps // (tiling.block_h * tiling.block_d)
+    return max(1, min(triton.next_power_of_2(n_states), 1 << max(fit, 1).bit_length() - 1))
 
 
+def choose_num_splits(tiling: DecodeTiling, kv_capacity: int, num_sms: int) -> int:
+    """Splits of the KV length per tile, from the tiles (batch x KV heads x head tiles), the longest KV
+    length and the SM count.
+
+    At batch 1 there are only a few tiles, so each is split along the keys; the time of a step is that
+    of the busiest SM. With s splits it runs ceil(tiles * s / SMs) programs of ceil(blocks / s) blocks
+    each plus a fixed cost, at full speed only with PROGRAMS_TO_SATURATE or more programs, then the
+    merge of the splits, s / chunk steps. The cheapest s wins: tiles * s lands on (or just under) a whole
+    number of programs per SM (8 tiles on 132 SMs: 33 splits, 2 per SM, where "about 3 per SM" gave 50
+    splits and a 4th program on a few SMs, a quarter more time), and long splits beat many short ones
+    once every SM is busy. Each split streams at least MIN_SPLIT_BLOCKS blocks; at most MAX_SPLITS.
+    Any split count is correct for any length: splits past a batch entry's keys are empty states.
+    """
+    blocks = max(1, -(-kv_capacity // tiling.block_n))
+    chunk = merge_chunk(MAX_SPLITS, tiling)
+
+    def cost(s: int) -> int:
+        per_sm = -(-tiling.num_tiles * s // num_sms)
+        merge = 0 if s == 1 else -(-s // chunk) * MERGE_STEP_BLOCKS
+        return max(per_sm, PROGRAMS_TO_SATURATE) * (-(-blocks // s) + SPLIT_OVERHEAD_BLOCKS) + merge
+
+    longest = max(1, min(MAX_SPLITS, blocks // MIN_SPLIT_BLOCKS))
+    return min(range(1, longest + 1), key=cost)
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -131,6 +168,11 @@ class _KV:
         bt = self.table.stride(0) if self.table is not None else 0
         return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
                 v.stride(2), bt)
+
+    @property
+    def layout(self) -> tuple:
+        """What the attending kernels are compiled for: (page size or 0, has lengths, fp32 dots)."""
+        return (self.page, self.lens is not None, _dot_f32(self.q.dtype, self.q.device))
 
 
 def _check_inputs(q, k, v, kv_lens, block_table, B, Hq, Hkv, D, dtype) -> _KV:
@@ -165,7 +207,8 @@ def _check_inputs(q, k, v, kv_lens, block_table, B, Hq, Hkv, D, dtype) -> _KV:
     if kv_lens is not None:
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"flash decode: kv_lens must be [B={B}], got {shape(kv_lens)}")
-        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+        if kv_lens.dtype != torch.int32 or kv_lens.device != q.device or not kv_lens.is_contiguous():
+            kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
     return _KV(q, k, v, kv_lens, block_table, capacity, page)
 
 
@@ -174,21 +217,44 @@ def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
 
 
-def _launch_split(kv: _KV, tiling: DecodeTiling, num_splits: int, scale: float, mid_o, mid_lse):
-    grid = (tiling.num_tiles, num_splits)
-    K.decode_split_kernel[grid](
-        *kv.args(), mid_o, mid_lse, kv.capacity, tiling.B, tiling.Hq, tiling.Hkv, num_splits, *kv.strides(),
-        scale * K.LOG2E, **tiling.constexprs(), BLOCK_N=tiling.block_n, PAGE=kv.page, HAS_LENS=kv.lens is not None,
-        DOT_F32=_dot_f32(kv.q.dtype, kv.q.device), num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+# ------------------------------------------------------------------------------------------------ launches
+# Every kernel launch goes through a FastLaunch (bspfuse.runtime.fastlaunch): grid and constexprs fixed
+# when it is made, the step's arguments passed positionally in the kernel's order (the *_args helpers).
 
 
-def _launch_merge(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags=None, epoch=0,
-                  rank=0, err=None, max_spins=0):
-    wait = flags is not None
-    K.merge_states_kernel[(tiling.num_tiles,)](
-        o, lse, out_o, out_lse, n, stride_on, stride_ln, tiling.Hq, tiling.Hkv,
-        flags if wait else out_lse, epoch, rank, err if err is not None else out_lse,
-        **tiling.constexprs(), WAIT=wait, MAX_SPINS=max_spins, num_warps=tiling.num_warps)
+def _attend_meta(tiling: DecodeTiling, layout: tuple) -> dict:
+    """Constexprs and options of the kernels that attend (split, fused) for a KV layout (_KV.layout)."""
+    page, has_lens, dot_f32 = layout
+    return dict(tiling.constexprs(), BLOCK_N=tiling.block_n, PAGE=page, HAS_LENS=has_lens, DOT_F32=dot_f32,
+                num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+
+
+def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple) -> FastLaunch:
+    return FastLaunch(K.decode_split_kernel, (tiling.num_tiles, num_splits), **_attend_meta(tiling, layout))
+
+
+def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float, mid_o, mid_lse) -> tuple:
+    return (*kv.args(), mid_o, mid_lse, kv.capacity, tiling.B, tiling.Hq, tiling.Hkv, num_splits, *kv.strides(),
+            qk_scale)
+
+
+def _merge_launch(tiling: DecodeTiling, n_states: int, wait: bool = False, max_spins: int = 0) -> FastLaunch:
+    # a waiting merge takes its sources one at a time, as their tiles arrive
+    chunk = 1 if wait else merge_chunk(n_states, tiling)
+    return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **tiling.constexprs(), CHUNK=chunk, WAIT=wait,
+                      MAX_SPINS=max_spins, num_warps=tiling.num_warps)
+
+
+def _merge_args(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags, epoch=0, rank=0,
+                err=None) -> tuple:
+    """Arguments of merge_states_kernel; without a wait, flags and err are any tensor (never read)."""
+    return (o, lse, out_o, out_lse, n, stride_on, stride_ln, tiling.Hq, tiling.Hkv, flags, epoch, rank,
+            err if err is not None else flags)
+
+
+# the one-GPU ops share their launches between calls of the same shapes
+_cached_split_launch = functools.lru_cache(maxsize=64)(_split_launch)
+_cached_merge_launch = functools.lru_cache(maxsize=64)(_merge_launch)
 
 
 # ------------------------------------------------------------------------------------------------ one GPU
@@ -208,13 +274,15 @@ def decode_partial(q, k, v, kv_lens=None, block_table=None, *, scale: float | No
     B, Hq, D = q.shape
     kv = _check_inputs(q, k, v, kv_lens, block_table, B, Hq, k.shape[2], D, None)
     tiling = decode_tiling(B, Hq, k.shape[2], D, block_n, device=q.device)
-    splits = num_splits or choose_num_splits(tiling.num_tiles, kv.capacity, tiling.block_n, _num_sms(q.device))
+    splits = num_splits or choose_num_splits(tiling, kv.capacity, _num_sms(q.device))
     mid_o = torch.empty(splits, B, Hq, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(splits, B, Hq, dtype=torch.float32, device=q.device)
-    _launch_split(kv, tiling, splits, scale if scale is not None else D ** -0.5, mid_o, mid_lse)
+    qk_scale = (scale if scale is not None else D ** -0.5) * K.LOG2E
+    _cached_split_launch(tiling, splits, kv.layout)(*_split_args(kv, tiling, splits, qk_scale, mid_o, mid_lse))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-    _launch_merge(tiling, mid_o, mid_lse, splits, B * Hq * D, B * Hq, out, lse)
+    _cached_merge_launch(tiling, splits)(*_merge_args(tiling, mid_o, mid_lse, splits, B * Hq * D, B * Hq, out, lse,
+                                                      lse))
     return out, lse
 
 
@@ -231,11 +299,22 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype | No
     tiling = decode_tiling(B, H, 1, D, device=o.device)  # all heads as one group: any H works
     out = torch.empty(B, H, D, dtype=out_dtype or o.dtype, device=o.device)
     out_lse = torch.empty(B, H, dtype=torch.float32, device=o.device)
-    _launch_merge(tiling, o, lse, n, B * H * D, B * H, out, out_lse)
+    _cached_merge_launch(tiling, n)(*_merge_args(tiling, o, lse, n, B * H * D, B * H, out, out_lse, out_lse))
     return out, out_lse
 
 
 # ------------------------------------------------------------------------------------------------ ranks
+
+
+@dataclass
+class _StepLaunches:
+    """The kernels of one step (for one KV layout): ``fused`` for stage 3, the rest for stages 0-2."""
+
+    fused: FastLaunch | None = None
+    split: FastLaunch | None = None
+    merge_splits: FastLaunch | None = None
+    put: FastLaunch | None = None
+    merge_ranks: FastLaunch | None = None
 
 
 class FlashDecode:
@@ -252,8 +331,12 @@ class FlashDecode:
         for step in range(n):
             out, lse = fd(q, k, v, kv_lens=lens)   # the same q on every rank, this rank's KV shard
 
-    Arguments beyond the shapes: ``scale`` (default D**-0.5), ``num_splits`` (default: enough to fill the
-    SMs for the first step's KV capacity, then kept: any split count is correct for any length),
+    A step's host work is small: buffers, views and argument lists are made once (at the first step of
+    each KV layout), and every kernel launch after the first goes straight to the compiled kernel
+    (``bspfuse.runtime.fastlaunch``). ``fd(..., out=(o, lse))`` also skips allocating the result.
+
+    Arguments beyond the shapes: ``scale`` (default D**-0.5), ``num_splits`` (default: ``choose_num_splits``
+    for the first step's KV capacity and this GPU's SMs, then kept: any split count is correct for any length),
     ``block_n``, ``num_warps``, ``num_stages``; ``max_spins`` > 0 bounds every flag wait (debug: a wait
     that gives up raises RemoteWaitTimeout naming rank, tile and flag); ``group`` the process group of
     stage 0's collective (default: the default group, if one is initialized).
@@ -272,6 +355,7 @@ class FlashDecode:
         self.heap, self.world_size, self.rank = heap, world_size, rank
         self.B, self.Hq, self.Hkv, self.D, self.dtype, self.stage = B, Hq, Hkv, D, dtype, stage
         self.scale = scale if scale is not None else D ** -0.5
+        self.qk_scale = self.scale * K.LOG2E
         self.device = heap.device
         self.tiling = decode_tiling(B, Hq, Hkv, D, block_n, num_warps, num_stages, self.device)
         self.num_splits = num_splits
@@ -284,11 +368,16 @@ class FlashDecode:
         self.slot = -(-(self._o_numel + B * Hq) // 16) * 16
         tiles = self.tiling.num_tiles
         self.gather = heap.zeros(2, world_size, self.slot, dtype=torch.float32, name="flash_decode.gather")
+        # per epoch parity: O [W, B*Hq*D] and LSE [W, B*Hq] of every rank's slot, then this rank's own
+        self._gather_views = [(buf[:, :self._o_numel], buf[:, self._o_numel:], buf[rank, :self._o_numel],
+                               buf[rank, self._o_numel:], buf[rank]) for buf in self.gather]
         self.flags = heap.zeros(world_size, tiles, dtype=torch.int32, name="flash_decode.flags")
         self.tile_count = torch.zeros(tiles, dtype=torch.int32, device=self.device)
         self.ticket = torch.zeros(1, dtype=torch.int64, device=self.device)  # stage 3: tickets, hence epochs
         self.err = new_error_buffer(self.device)
-        self._mid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mid = None  # (O, LSE) of every split, once the split count is known
+        self._gathered = None  # stage 0's all-gather destination (flat, O and LSE views), from the first step
+        self._launches: dict[tuple, _StepLaunches] = {}  # by KV layout (_KV.layout)
         heap.barrier()  # peers may signal into our flags from their first step on
 
     @classmethod
@@ -319,26 +408,21 @@ class FlashDecode:
 
     # -------------------------------------------------------------------------------------------- step
 
-    def __call__(self, q, k, v, kv_lens=None, block_table=None):
-        """One decode step: (O [B, Hq, D] in the model dtype, LSE [B, Hq] fp32) over every rank's keys."""
+    def __call__(self, q, k, v, kv_lens=None, block_table=None, *, out=None):
+        """One decode step: (O [B, Hq, D] in the model dtype, LSE [B, Hq] fp32) over every rank's keys.
+
+        ``out=(o, lse)``: contiguous tensors of those shapes and dtypes to write the result into (and
+        return); by default each step returns new tensors."""
         kv = _check_inputs(q, k, v, kv_lens, block_table, self.B, self.Hq, self.Hkv, self.D, self.dtype)
-        if self.num_splits is None:  # fixed at the first step: stage 3 derives epochs from a program count
-            self.num_splits = choose_num_splits(self.tiling.num_tiles, kv.capacity, self.tiling.block_n,
-                                                _num_sms(self.device))
-        splits = self.num_splits
-        out = torch.empty(self.B, self.Hq, self.D, dtype=self.dtype, device=self.device)
-        out_lse = torch.empty(self.B, self.Hq, dtype=torch.float32, device=self.device)
-        mid_o, mid_lse = self._mid_buffers(splits)
+        launches = self._launches.get(kv.layout) or self._prepare(kv)
+        out_o, out_lse = self._outputs(out)
         if self.stage == 3:  # counts its epochs on the device
-            self._fused_step(kv, splits, mid_o, mid_lse, out, out_lse)
+            self._fused_step(kv, launches, out_o, out_lse)
         else:
-            epoch = self.epoch.next()
-            buf = self.gather[epoch % 2]
-            gather_o, gather_lse = buf[:, :self._o_numel], buf[:, self._o_numel:]
-            self._bsp_step(kv, splits, epoch, buf, gather_o, gather_lse, mid_o, mid_lse, out, out_lse)
+            self._bsp_step(kv, launches, out_o, out_lse)
         if self.max_spins:
             raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
-        return out, out_lse
+        return out_o, out_lse
 
     def launches(self) -> list[str]:
         """What one step launches, in order (kernels, collectives, host barriers)."""
@@ -353,53 +437,83 @@ class FlashDecode:
                     "merge_states_kernel(WAIT)"]
         return ["fused_decode_kernel"]
 
-    def _mid_buffers(self, splits: int):
-        if splits not in self._mid:
+    def _prepare(self, kv: _KV) -> "_StepLaunches":
+        """At the first step of a KV layout: the split count (first step only), buffers and launches."""
+        t, W = self.tiling, self.world_size
+        if self.num_splits is None:  # fixed at the first step: stage 3 derives epochs from a program count
+            self.num_splits = choose_num_splits(t, kv.capacity, _num_sms(self.device))
+        splits = self.num_splits
+        if self._mid is None:
             B, Hq, D = self.B, self.Hq, self.D
-            self._mid[splits] = (torch.empty(splits, B, Hq, D, dtype=torch.float32, device=self.device),
-                                 torch.empty(splits, B, Hq, dtype=torch.float32, device=self.device))
-        return self._mid[splits]
+            self._mid = (torch.empty(splits, B, Hq, D, dtype=torch.float32, device=self.device),
+                         torch.empty(splits, B, Hq, dtype=torch.float32, device=self.device))
+        if self.stage == 0 and self._gathered is None and self._collective():
+            flat = torch.empty(W * self.slot, dtype=torch.float32, device=self.device)  # gloo wants 1-D
+            self._gathered = (flat, flat.view(W, self.slot), flat.view(W, self.slot)[:, self._o_numel:])
+        if self.stage == 3:
+            launches = _StepLaunches(fused=FastLaunch(
+                K.fused_decode_kernel, (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout),
+                WORLD=W, ONE_SPLIT=splits == 1, SPLIT_CHUNK=merge_chunk(splits, t), MAX_SPINS=self.max_spins))
+        else:
+            fine = self.stage == 2
+            launches = _StepLaunches(
+                split=_split_launch(t, splits, kv.layout), merge_splits=_merge_launch(t, splits),
+                put=FastLaunch(K.put_states_kernel, (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=fine,
+                               num_warps=t.num_warps),
+                merge_ranks=_merge_launch(t, W, wait=fine, max_spins=self.max_spins))
+        self._launches[kv.layout] = launches
+        return launches
+
+    def _outputs(self, out):
+        B, Hq, D = self.B, self.Hq, self.D
+        if out is None:
+            return (torch.empty(B, Hq, D, dtype=self.dtype, device=self.device),
+                    torch.empty(B, Hq, dtype=torch.float32, device=self.device))
+        o, lse = out
+        for name, t, shape, dtype in (("o", o, (B, Hq, D), self.dtype), ("lse", lse, (B, Hq), torch.float32)):
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != self.device or not t.is_contiguous():
+                raise ValueError(f"FlashDecode: out {name} must be a contiguous {list(shape)} {dtype} tensor on "
+                                 f"{self.device}, got {list(t.shape)} {t.dtype} on {t.device}"
+                                 f"{'' if t.is_contiguous() else ', not contiguous'}")
+        return o, lse
 
     def _collective(self) -> bool:
         import torch.distributed as dist
 
         return dist.is_available() and dist.is_initialized()
 
-    def _bsp_step(self, kv, splits, epoch, buf, gather_o, gather_lse, mid_o, mid_lse, out, out_lse):
-        t, W, r, slot = self.tiling, self.world_size, self.rank, self.slot
+    def _bsp_step(self, kv, launches, out_o, out_lse):
+        t, W, r, slot, splits = self.tiling, self.world_size, self.rank, self.slot, self.num_splits
         BH = self.B * self.Hq
-        _launch_split(kv, t, splits, self.scale, mid_o, mid_lse)
+        mid_o, mid_lse = self._mid
+        launches.split(*_split_args(kv, t, splits, self.qk_scale, mid_o, mid_lse))
+        epoch = self.epoch.next()
+        gather_o, gather_lse, own_o, own_lse, own_slot = self._gather_views[epoch % 2]
         # the merge of the splits writes this rank's state into its own slot of the gather buffer
-        _launch_merge(t, mid_o, mid_lse, splits, BH * self.D, BH, gather_o[r], gather_lse[r])
-        if self.stage == 0 and self._collective():
+        launches.merge_splits(*_merge_args(t, mid_o, mid_lse, splits, BH * self.D, BH, own_o, own_lse, self.flags))
+        if self._gathered is not None:  # stage 0 with a process group: its collective
             import torch.distributed as dist
 
-            gathered = torch.empty(W * slot, dtype=torch.float32, device=self.device)  # flat: gloo wants 1-D
+            flat, gathered_o, gathered_lse = self._gathered
             all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13
-            all_gather(gathered, buf[r], group=self.group)
-            gathered = gathered.view(W, slot)
-            _launch_merge(t, gathered, gathered[:, self._o_numel:], W, slot, slot, out, out_lse)
+            all_gather(flat, own_slot, group=self.group)
+            launches.merge_ranks(*_merge_args(t, gathered_o, gathered_lse, W, slot, slot, out_o, out_lse, self.flags))
             return
         fine = self.stage == 2
-        K.put_states_kernel[(t.num_tiles,)](
-            gather_o, gather_lse, slot, slot, self.Hq, self.Hkv, self.flags, epoch, r, self.heap.heap_bases,
-            WORLD=W, **t.constexprs(), SIGNAL=fine, num_warps=t.num_warps)
+        launches.put(gather_o, gather_lse, slot, slot, self.Hq, self.Hkv, self.flags, epoch, r, self.heap.heap_bases)
         if not fine:
             self.heap.barrier()
-        _launch_merge(t, gather_o, gather_lse, W, slot, slot, out, out_lse, self.flags if fine else None, epoch, r,
-                      self.err, self.max_spins)
+        launches.merge_ranks(*_merge_args(t, gather_o, gather_lse, W, slot, slot, out_o, out_lse, self.flags, epoch,
+                                          r, self.err))
 
-    def _fused_step(self, kv, splits, mid_o, mid_lse, out, out_lse):
-        t, gather = self.tiling, self.gather
-        grid = (t.num_tiles * splits + t.num_tiles,)
-        K.fused_decode_kernel[grid](
-            *kv.args(), mid_o, mid_lse, gather[0], gather[0, :, self._o_numel:], out, out_lse, self.flags,
-            self.tile_count, self.ticket, self.rank, self.heap.heap_bases, self.err,
-            kv.capacity, self.B, self.Hq, self.Hkv, t.num_tiles, splits, gather.stride(0), self.slot, self.slot,
-            *kv.strides(),
-            self.scale * K.LOG2E, WORLD=self.world_size, **t.constexprs(), BLOCK_N=t.block_n, PAGE=kv.page,
-            HAS_LENS=kv.lens is not None, DOT_F32=_dot_f32(self.dtype, self.device), ONE_SPLIT=splits == 1,
-            MAX_SPINS=self.max_spins, num_warps=t.num_warps, num_stages=t.num_stages)
+    def _fused_step(self, kv, launches, out_o, out_lse):
+        t = self.tiling
+        mid_o, mid_lse = self._mid
+        gather_o, gather_lse = self._gather_views[0][:2]  # the kernel picks the epoch's parity itself
+        launches.fused(*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
+                       self.ticket, self.rank, self.heap.heap_bases, self.err, kv.capacity, self.B, self.Hq,
+                       self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot,
+                       *kv.strides(), self.qk_scale)
 
 
 def reference_decode(q, k, v, kv_lens=None, block_table=None, scale: float | None = None):

@@ -1,0 +1,160 @@
+"""Launch a compiled Triton kernel again without the JIT's per-call dispatch.
+
+``kernel[grid](*args, **meta)`` does a lot of Python on every call before the kernel starts: it binds
+and specializes every argument (dtype, 16-byte alignment of pointers, integers equal to 1 or multiples
+of 16), formats the options into a cache key, looks the compiled kernel up, checks the kernel's globals
+and builds launch metadata for the profiler hooks. For a decode step that is a few kernels of 20-50
+arguments, this dispatch is a large part of the step. ``FastLaunch`` fixes the grid and the
+constexprs/options once; its first call goes through the JIT (compiling if needed) and remembers the
+compiled kernel's launcher, function handle and packed metadata together with the specialization of
+every argument. A later call re-specializes only the arguments that are not the very objects of the
+previous call, and if nothing changed it calls the launcher directly::
+
+    merge = FastLaunch(K.merge_states_kernel, (tiles,), GROUP=4, HEAD_TILES=1, ..., num_warps=4)
+    merge(o, lse, out_o, out_lse, n, ...)        # the JIT; then the compiled kernel's launcher
+
+It falls back to the JIT whenever the direct path does not apply: in Triton's interpreter (no compiled
+kernel), with launch hooks installed (a profiler sees every launch as usual), on a device or argument
+specialization not seen before (the JIT compiles it; the next call is direct again), on another Triton
+version than the one whose launcher convention this follows, or with ``BSPFUSE_FAST_LAUNCH=0``.
+
+Like a CUDA graph, the direct path keeps the address of every tensor it has checked and passes the
+same tensor object by that address from then on: a tensor must not get new storage in place (``set_``,
+a growing ``resize_``) between launches. A new tensor object is always checked again.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Triton 3.6's JITFunction.run ends in
+#   kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+#              enter_hook, exit_hook, *every_parameter_value)
+# (constexprs included); other versions order or filter these differently.
+LAUNCHER_CONVENTION_VERSIONS = ("3.6.",)
+
+
+def fast_launch_enabled() -> bool:
+    return (os.environ.get("BSPFUSE_FAST_LAUNCH", "1") != "0"
+            and triton.__version__.startswith(LAUNCHER_CONVENTION_VERSIONS))
+
+
+class _Plan:
+    """A compiled kernel at one specialization, and the arguments of its last launch."""
+
+    __slots__ = ("launcher", "function", "metadata", "device", "specs", "args", "values")
+
+    def __init__(self, compiled, device, specs):
+        self.launcher = compiled.run
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        self.device = device
+        self.specs = specs
+
+    def rebind(self, args) -> None:
+        self.args = list(args)
+        # tensors the JIT just checked go to the launcher as addresses (no per-call pointer query)
+        self.values = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in args]
+
+
+class FastLaunch:
+    """``kernel[grid](*args, **meta)`` with grid and meta fixed; arguments positional, in signature order,
+    every parameter after them a constexpr given in ``meta`` (or defaulted)."""
+
+    def __init__(self, kernel, grid, **meta):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.meta = meta
+        self._jit = kernel[grid]
+        self._plans: dict = {}
+        self._plan: _Plan | None = None
+        self._direct = fast_launch_enabled() and isinstance(kernel, triton.runtime.JITFunction)
+        # set by _prepare at the first launch through the JIT
+        self._n_args = None
+        self._tail = ()  # the constexprs' values, after the positional arguments
+        self._spec_flags = ()  # per positional argument: (is_const, specialize, align), as the JIT's binder
+        self._specialize = self._backend = self._get_device = self._get_stream = None
+
+    @property
+    def direct(self) -> bool:
+        """Whether the next call with the last call's specialization goes straight to the launcher."""
+        return self._direct and self._plan is not None
+
+    def __call__(self, *args) -> None:
+        plan = self._plan
+        if plan is not None and not _hooks_installed():
+            device = self._get_device()
+            if not (device == plan.device and len(args) == len(plan.args) and self._same_specialization(plan, args)):
+                plan = self._plans.get((device, self._specs(args))) if len(args) == self._n_args else None
+                if plan is not None:
+                    plan.rebind(args)
+                    self._plan = plan
+            if plan is not None:
+                g = self.grid
+                plan.launcher(g[0], g[1], g[2], self._get_stream(device), plan.function, plan.metadata,
+                              None, None, None, *plan.values, *self._tail)
+                return
+        self._launch_through_jit(args)
+
+    def _same_specialization(self, plan: _Plan, args) -> bool:
+        """Whether args specialize as the plan's last ones (only those not identical are looked at); if
+        so, the plan takes them."""
+        prev, values, specs = plan.args, plan.values, plan.specs
+        for i, (a, p) in enumerate(zip(args, prev)):
+            if a is p or (type(a) is int and type(p) is int and a == p):
+                continue
+            if self._spec(a, i) != specs[i]:
+                return False
+            prev[i] = values[i] = a  # a new tensor: the launcher reads (and checks) its pointer
+        return True
+
+    # ------------------------------------------------------------------------------------------------ slow path
+
+    def _launch_through_jit(self, args) -> None:
+        compiled = self._jit(*args, **self.meta)
+        if self._direct and self._n_args is None:
+            self._direct = self._prepare(len(args), compiled)
+        if not self._direct or len(args) != self._n_args:
+            self._direct, self._plan = False, None
+            return
+        device = self._get_device()
+        specs = self._specs(args)
+        plan = self._plans.get((device, specs))
+        if plan is None:
+            plan = self._plans[device, specs] = _Plan(compiled, device, specs)
+        plan.rebind(args)
+        self._plan = plan
+
+    def _prepare(self, n_args: int, compiled) -> bool:
+        """Whether the direct path applies to this kernel; if so, the per-kernel constants it needs."""
+        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")) or self.kernel.pre_run_hooks:
+            return False
+        params = self.kernel.params
+        runtime, rest = params[:n_args], params[n_args:]
+        if any(p.is_constexpr or p.annotation_type for p in runtime) or not all(p.is_constexpr for p in rest):
+            return False
+        from triton._C.libtriton import native_specialize_impl
+        from triton.compiler import make_backend
+        from triton.runtime import driver
+
+        active = driver.active
+        self._get_device, self._get_stream = active.get_current_device, active.get_current_stream
+        self._backend = make_backend(active.get_current_target())
+        self._specialize = native_specialize_impl
+        self._spec_flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+                            for p in runtime]
+        self._tail = tuple(self.meta[p.name] if p.name in self.meta else p.default for p in rest)
+        self._n_args = n_args
+        return True
+
+    def _spec(self, arg, i: int):
+        return self._specialize(self._backend, arg, *self._spec_flags[i])
+
+    def _specs(self, args) -> tuple:
+        return tuple(self._spec(a, i) for i, a in enumerate(args))
+
+
+def _hooks_installed() -> bool:
+    runtime = triton.knobs.runtime
+    return any(getattr(h, "calls", h) for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
