@@ -4,9 +4,10 @@
 
 For every shape: NCCL+cuBLAS (bulk-synchronous), the same under a CUDA graph, PyTorch's symm_mem fused op
 (where one exists), the collective alone, the matmul alone, the overlap bound max(matmul, collective), and
-ours (pull / push / auto as the cost model picks). Every variant's output is checked against the unfused
-reference on fresh random inputs in the same run. Both ranks time at once; the reported time is the slower
-rank's median.
+ours (AG: push / pull; RS and AR: push / pull / direct; auto as the cost model picks). Shapes marked
+"B=w.t()" pass B as the transpose of an nn.Linear weight, which every variant reads without a copy. Every
+variant's output is checked against the unfused reference on fresh random inputs in the same run. Both
+ranks time at once; the reported time is the slower rank's median.
 """
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-AG_SHAPES = [(1024, 8192, 8192), (4096, 8192, 8192), (8192, 14336, 8192), (16384, 8192, 8192)]
-RS_SHAPES = [(1024, 8192, 8192), (4096, 8192, 8192), (16384, 8192, 8192), (8192, 8192, 28672)]
-AR_SHAPES = [(128, 8192, 8192), (1024, 8192, 8192), (4096, 8192, 8192)]
+# (M, N, K, B's layout): "kn" B is row-major [K, N]; "nk" B is weight.t() of an nn.Linear weight [N, K], which
+# every variant takes as it is (cuBLAS and ours without a copy).
+AG_SHAPES = [(1024, 8192, 8192, "kn"), (4096, 8192, 8192, "kn"), (8192, 14336, 8192, "kn"), (16384, 8192, 8192, "kn"),
+             (4096, 8192, 8192, "nk")]
+RS_SHAPES = [(1024, 8192, 8192, "kn"), (4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 8192, 28672, "kn"),
+             (8192, 8192, 28672, "nk")]
+AR_SHAPES = [(128, 8192, 8192, "kn"), (1024, 8192, 8192, "kn"), (4096, 8192, 8192, "kn"), (1024, 8192, 8192, "nk")]
 
 
 def bench(fn, iters=20, warmup=3):
@@ -47,6 +52,18 @@ def bench(fn, iters=20, warmup=3):
     return t.item()
 
 
+def host_ms(fn, calls=10):
+    """Median host time of one call with an idle GPU: the launch overhead a short kernel cannot hide."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
 def graphed(fn):
     """fn captured in a CUDA graph (NCCL collectives included); returns the replay."""
     s = torch.cuda.Stream()
@@ -58,6 +75,15 @@ def graphed(fn):
     with torch.cuda.graph(g):
         fn()
     return g.replay
+
+
+def weight(K, N, layout, **kw):
+    """B[K, N] scaled to keep bf16 sums small: row-major, or the transpose of a row-major [N, K] weight."""
+    return torch.randn(K, N, **kw) / 64 if layout == "kn" else (torch.randn(N, K, **kw) / 64).t()
+
+
+def shape_name(M, N, K, layout):
+    return f"{M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
 
 
 def rel_err(out, ref):
@@ -91,13 +117,13 @@ def run(ctx, args):
             rows.append(dict(op=op, shape=shape, variant=variant, ms=None, error=f"{type(e).__name__}: {str(e)[:400]}"))
 
     if "ag" in args.ops:
-        for M, N, K in AG_SHAPES:
-            shape = f"{M}x{N}x{K}"
+        for M, N, K, layout in AG_SHAPES:
+            shape = shape_name(M, N, K, layout)
             Ml = M // W
             torch.manual_seed(1000 + rank)
             a = torch.randn(Ml, K, **bf)
             torch.manual_seed(7)
-            b = torch.randn(K, N, **bf) / 64
+            b = weight(K, N, layout, **bf)
             full = torch.empty(M, K, **bf)
 
             def base():
@@ -129,7 +155,7 @@ def run(ctx, args):
                     from bspfuse.tile import choose_config
                     mode = variant.split()[0]
                     cfg = choose_config("ag_matmul", M, N, K, W, comm_programs=comm) if comm else None
-                    op = FusedAllGatherMatmul(heap, Ml, N, K, torch.bfloat16, mode=mode, config=cfg)
+                    op = FusedAllGatherMatmul(heap, Ml, N, K, torch.bfloat16, mode=mode, config=cfg, debug=args.debug)
                     out = op(a, b)
                     err = rel_err(out, ref)
                     t = bench(lambda: op(a, b))
@@ -147,12 +173,12 @@ def run(ctx, args):
     for kind, shapes in (("rs", RS_SHAPES), ("ar", AR_SHAPES)):
         if kind not in args.ops:
             continue
-        for M, N, K in shapes:
-            shape = f"{M}x{N}x{K}"
+        for M, N, K, layout in shapes:
+            shape = shape_name(M, N, K, layout)
             Kl = K // W
             torch.manual_seed(2000 + rank)
             a = torch.randn(M, Kl, **bf)
-            b = torch.randn(Kl, N, **bf) / 64
+            b = weight(Kl, N, layout, **bf)
             name = "gemm_rs" if kind == "rs" else "gemm_ar"
             out = torch.empty(M // W, N, **bf)
 
@@ -185,23 +211,27 @@ def run(ctx, args):
                     record(name, shape, "torch symm_mem", bench(f), rel_err(f(), ref))
                 attempt(name, shape, "torch symm_mem", torch_fused)
 
-            def ours():
-                cls = FusedMatmulReduceScatter if kind == "rs" else FusedMatmulAllReduce
-                op = cls(heap, M, N, Kl, torch.bfloat16)
-                res = op(a, b)
-                err = rel_err(res, ref)
-                t = bench(lambda: op(a, b))
-                record(name, shape, "ours push", t, err, tile=str(op.config))
-                auto = choose_mode("matmul_rs" if kind == "rs" else "matmul_ar", M, N, K, W)
-                if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
-                    record(name, shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)",
-                           reason=auto.reason)
-                else:
-                    record(name, shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
-                for buf in (op.flags, op.inbox, op.out_heap):
-                    if buf is not None:
+            auto = choose_mode("matmul_rs" if kind == "rs" else "matmul_ar", M, N, K, W)
+            if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
+                record(name, shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)", reason=auto.reason)
+            for mode in ("push", "pull", "direct"):
+                def ours(mode=mode):
+                    cls = FusedMatmulReduceScatter if kind == "rs" else FusedMatmulAllReduce
+                    op = cls(heap, M, N, Kl, torch.bfloat16, mode=mode, debug=args.debug)
+                    res = op(a, b)
+                    err = rel_err(res, ref)
+                    t = bench(lambda: op(a, b))
+                    record(name, shape, f"ours {mode}", t, err, tile=str(op.config),
+                           host_ms=round(host_ms(lambda: op(a, b)), 3))
+                    if mode == auto.mode:
+                        record(name, shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
+                    if mode == "direct":  # our GEMM with no communication: the bound our kernels can reach
+                        record(name, shape, "ours gemm alone", bench(lambda: op.local_matmul(a, b)),
+                               rel_err(op.local_matmul(a, b), a @ b))
+                    dist.barrier()  # a peer may still read this rank's buffers (pull) until it is done
+                    for buf in op.buffers():
                         heap.free(buf)
-            attempt(name, shape, "ours push", ours)
+                attempt(name, shape, f"ours {mode}", ours)
             del a, b, out, part, ref
     return rows
 
@@ -210,8 +240,12 @@ def summarize(rows):
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["shape"]), {})[r["variant"]] = r
-    lines = [f"{'op':8} {'shape':18} {'nccl':>7} {'graph':>7} {'torch':>7} {'bound':>7} {'push':>7} {'pull':>7} "
-             f"{'auto':>7} {'auto/nccl':>9} {'auto/bound':>10} {'err':>7}"]
+    # alone: our GEMM without communication (RS/AR), the bound our fused kernels can reach
+    columns = ["nccl+cublas", "nccl+cublas graph", "torch symm_mem", "overlap bound", "ours gemm alone", "ours push",
+               "ours pull", "ours direct", "ours auto"]
+    heads = ["nccl", "graph", "torch", "bound", "alone", "push", "pull", "direct", "auto"]
+    lines = [f"{'op':8} {'shape':27} " + " ".join(f"{h:>7}" for h in heads) +
+             f" {'auto/nccl':>9} {'auto/bound':>10} {'err':>7}"]
     speedups = []
     for (op, shape), v in by.items():
         g = lambda k: v.get(k, {}).get("ms")
@@ -220,8 +254,7 @@ def summarize(rows):
         if auto and g("nccl+cublas"):
             speedups.append(g("nccl+cublas") / auto)
         err = v.get("ours auto", {}).get("rel_err")
-        lines.append(f"{op:8} {shape:18} {f(g('nccl+cublas'))} {f(g('nccl+cublas graph'))} {f(g('torch symm_mem'))} "
-                     f"{f(g('overlap bound'))} {f(g('ours push'))} {f(g('ours pull'))} {f(auto)} "
+        lines.append(f"{op:8} {shape:27} " + " ".join(f(g(c)) for c in columns) + " "
                      f"{(g('nccl+cublas') / auto if auto else 0):9.2f} {(auto / g('overlap bound') if auto else 0):10.2f} "
                      f"{(err if err is not None else float('nan')):7.1e}")
     if speedups:
@@ -241,7 +274,8 @@ def plot(rows, path):
         if r.get("ms"):
             by.setdefault(f"{r['op']}\n{r['shape']}", {})[r["variant"]] = r["ms"]
     names = list(by)
-    variants = ["nccl+cublas graph", "torch symm_mem", "ours push", "ours pull", "ours auto", "overlap bound"]
+    variants = ["nccl+cublas graph", "torch symm_mem", "ours direct", "ours push", "ours pull", "ours auto",
+                "overlap bound"]
     fig, ax = plt.subplots(figsize=(14, 5))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
@@ -264,6 +298,7 @@ def main():
     p.add_argument("--ops", default="ag,rs,ar")
     p.add_argument("--comm", default="", help="extra comm-program counts to sweep for AG push, e.g. 4,8,16")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="bounded waits in our kernels: a hang becomes an error")
     args = p.parse_args()
     args.ops = args.ops.split(",")
     args.comm = [int(c) for c in args.comm.split(",") if c]

@@ -1,8 +1,8 @@
 """Fused graph op -> tile program: the step between `passes/` and `codegen/`.
 
-    fused_allgather_matmul {mode=push|pull}  ->  lower_allgather_matmul, then STAGING[mode]
-    fused_matmul_reduce_scatter              ->  lower_matmul_reduce_scatter (push)
-    fused_matmul_allreduce                   ->  lower_matmul_allreduce (push)
+    fused_allgather_matmul {mode=push|pull}               ->  lower_allgather_matmul, then STAGING[mode]
+    fused_matmul_reduce_scatter {mode=direct|push|pull}  ->  lower_matmul_reduce_scatter, then STAGING[mode]
+    fused_matmul_allreduce {mode=direct|push|pull}       ->  lower_matmul_allreduce, then STAGING[mode]
 
 Shapes come from the op's operands with the program's sizes bound; the tile config from `choose_config`
 (the same choice the host objects in `bspfuse.kernels.gemm` make), unless one is given.
@@ -59,6 +59,6 @@ def lower_fused(op: Op, program: Program, config: TileConfig | None = None) -> T
     epilogue = tuple(op.attrs.get("epilogue", ()))
     tp = _LOWER[kind](op.outputs[0].name, dtype, epilogue, config or gemm_config(op, program))
     mode = op.attrs.get("mode", "push")
-    if kind == "ag_matmul" and mode in STAGING:
+    if mode in STAGING:
         tp = STAGING[mode](tp)
     return tp

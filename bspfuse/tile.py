@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Signal:
     """Raise `flag[index]` on `rank` to this call's epoch (release, system scope); op="add" counts instead,
-    for a flag that several programs raise once each per call."""
+    for a flag that several programs raise once each per call. deferred: raise it when the program's next
+    tile is computed (before that tile's waits), so the release finds the announced stores long complete
+    instead of stalling the GEMM until its remote stores are acknowledged."""
     flag: str
     index: str
     rank: str
     op: str = "set"
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,11 @@ class StoreTile:
 
 @dataclass(frozen=True)
 class AddPeerPartials:
-    """acc += the partial tiles the other ranks put into this rank's inbox (after waiting on their flags)."""
-    inbox: str
+    """acc += every other rank's partial of this tile, after waiting on its flag: from this rank's `buffer`
+    where the peers put them (rank="me"), or read from each source rank's `buffer` (rank="src")."""
+    buffer: str
     flag: str
+    rank: str = "me"
 
 
 Stmt = object
@@ -99,13 +104,23 @@ class TileConfig:
         return s + (f" comm_programs={self.comm_programs}" if self.comm_programs else "")
 
 
+# How a kernel reads B[K, N] (both without a copy; any other strides are copied to "kn" by the host):
+#   kn  row-major [K, N] storage: tiles [BK, BN] go straight into the dot
+#   nk  B is the transpose of a row-major [N, K] tensor, e.g. an nn.Linear weight passed as weight.t():
+#       tiles [BN, BK] of that storage are transposed in the dot
+B_LAYOUTS = ("kn", "nk")
+
+
 @dataclass(frozen=True)
 class TileProgram:
     """One fused kernel. `order` names how gemm programs walk the M-blocks:
 
-    local_first      AG+GEMM: this rank's rows first, then each peer's, so remote data has time to arrive
-    peer_rows_first  GEMM+RS / GEMM+AR: rows owned by the other ranks first (their partials go out early),
-                     own rows last (they wait for partials that were sent long ago)
+    local_first   AG+GEMM: this rank's rows first, then each peer's, so remote data has time to arrive
+    interleaved   GEMM+RS / GEMM+AR: tiles of rows the other ranks own (partials that must travel) lead by
+                  LAG local tiles; after the lead, each group of WORLD tiles is one tile of every peer's rows
+                  (rank r sends to r+1, r+2, ... in turn, so no two ranks write one peer at once) and one own
+                  tile, whose partials the peers made LAG tiles earlier. Traffic is spread over the whole
+                  GEMM: partials leave at an even rate and AR's finished tiles go back as they are made.
     """
     kind: str  # ag_matmul | matmul_rs | matmul_ar
     name: str
@@ -115,12 +130,18 @@ class TileProgram:
     per_chunk: tuple = ()  # comm programs, per chunk of rows
     per_tile: tuple = ()  # gemm programs, per output tile (the phase of own rows for RS/AR: see per_own_tile)
     per_own_tile: tuple = ()  # gemm programs, for tiles of the rows this rank owns (RS/AR)
+    per_own_chunk: tuple = ()  # comm programs, per tile of the rows this rank owns (AR: finished tiles out)
     comm_epilogue: tuple = ()  # comm programs, after their chunks
     gemm_epilogue: tuple = ()  # gemm programs, after their tiles
     config: TileConfig = field(default_factory=TileConfig)
     mode: str = "direct"  # direct | pull | push
     heap_buffers: tuple[str, ...] = ()  # what the host must allocate on the symmetric heap
     flags: tuple[str, ...] = ()
+    b_layout: str = "kn"  # B_LAYOUTS: how the kernel reads B[K, N]
+
+    def __post_init__(self):
+        if self.b_layout not in B_LAYOUTS:
+            raise ValueError(f"{self.name}: b_layout {self.b_layout!r} is not one of {', '.join(B_LAYOUTS)}")
 
     def with_(self, **kw) -> "TileProgram":
         return dataclasses.replace(self, **kw)
@@ -134,11 +155,13 @@ def _fmt(s) -> str:
 
 
 def print_tile_program(tp: TileProgram) -> str:
-    lines = [f"tile_program {tp.name} kind={tp.kind} mode={tp.mode} dtype={tp.dtype} order={tp.order}",
+    layout = f" b_layout={tp.b_layout}" if tp.b_layout != "kn" else ""
+    lines = [f"tile_program {tp.name} kind={tp.kind} mode={tp.mode} dtype={tp.dtype} order={tp.order}{layout}",
              f"  config: {tp.config}",
              f"  heap buffers: {', '.join(tp.heap_buffers) or '-'}; flags: {', '.join(tp.flags) or '-'}"]
     for title, body in (("comm prologue", tp.prologue), ("comm per chunk", tp.per_chunk),
-                        ("comm after chunks", tp.comm_epilogue), ("gemm per tile", tp.per_tile),
+                        ("comm per own tile", tp.per_own_chunk), ("comm after chunks", tp.comm_epilogue),
+                        ("gemm per tile", tp.per_tile),
                         ("gemm per own tile", tp.per_own_tile), ("gemm after tiles", tp.gemm_epilogue)):
         if body:
             lines.append(f"  {title}:")
@@ -149,29 +172,40 @@ def print_tile_program(tp: TileProgram) -> str:
 # ----------------------------------------------------------------------------------------------- lowering
 
 
-def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
+def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
+                           b_layout: str = "kn") -> TileProgram:
     """fused_allgather_matmul -> the direct tile program: each tile loads A rows from the rank that owns them."""
     return TileProgram("ag_matmul", name, dtype, "local_first",
                        per_tile=(LoadA("a", "src"), Dot(), Epilogue(epilogue), StoreTile("c", "me")),
-                       config=config, heap_buffers=("a",))
+                       config=config, heap_buffers=("a",), b_layout=b_layout)
 
 
-def lower_matmul_reduce_scatter(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
-    """fused_matmul_reduce_scatter -> partial tiles of other ranks' rows go to their inbox (with a flag);
-    tiles of own rows add the peers' partials, apply the epilogue and store."""
-    return TileProgram("matmul_rs", name, dtype, "peer_rows_first",
-                       per_tile=(LoadA("a", "me"), Dot(), StoreTile("inbox", "dst"), Signal("partial_ready", "tile", "dst")),
+# The direct program stores a partial into its owner's inbox from the GEMM's epilogue; push turns that into
+# a local store + flag, pull into a local store the owner reads.
+_STORE_PARTIAL_REMOTELY = (StoreTile("inbox", "dst"), Signal("partial_ready", "tile", "dst", deferred=True))
+# ... and AR's finished tile into every peer's output; push and pull move it with the comm programs.
+_STORE_FINAL_REMOTELY = (StoreTile("out", "peer"), Signal("final_ready", "tile", "peer", deferred=True))
+
+
+def lower_matmul_reduce_scatter(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
+                                b_layout: str = "kn") -> TileProgram:
+    """fused_matmul_reduce_scatter -> the direct tile program: partial tiles of other ranks' rows are stored
+    straight into their inbox from the GEMM's epilogue (with a flag); tiles of own rows add the peers'
+    partials, apply the epilogue and store."""
+    return TileProgram("matmul_rs", name, dtype, "interleaved",
+                       per_tile=(LoadA("a", "me"), Dot(), *_STORE_PARTIAL_REMOTELY),
                        per_own_tile=(LoadA("a", "me"), Dot(), AddPeerPartials("inbox", "partial_ready"),
                                      Epilogue(epilogue), StoreTile("out", "me")),
-                       config=config, mode="push", heap_buffers=("inbox",), flags=("partial_ready",))
+                       config=config, heap_buffers=("inbox",), flags=("partial_ready",), b_layout=b_layout)
 
 
-def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig) -> TileProgram:
-    """fused_matmul_allreduce -> reduce-scatter as above, then the owner puts each finished tile into every
+def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
+                           b_layout: str = "kn") -> TileProgram:
+    """fused_matmul_allreduce -> reduce-scatter as above, then the owner stores each finished tile into every
     peer's output (with a flag); at the end each rank waits for the tiles it does not own."""
-    rs = lower_matmul_reduce_scatter(name, dtype, epilogue, config)
+    rs = lower_matmul_reduce_scatter(name, dtype, epilogue, config, b_layout)
     return rs.with_(kind="matmul_ar",
-                    per_own_tile=rs.per_own_tile + (StoreTile("out", "peer"), Signal("final_ready", "tile", "peer")),
+                    per_own_tile=rs.per_own_tile + _STORE_FINAL_REMOTELY,
                     gemm_epilogue=(Wait("final_ready", "tile"),),
                     heap_buffers=("inbox", "out"), flags=("partial_ready", "final_ready"))
 
@@ -180,6 +214,18 @@ def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], con
 
 
 def stage_pull(tp: TileProgram) -> TileProgram:
+    """The consumer fetches what it needs: AG+GEMM's comm programs get peers' rows; GEMM+RS/AR's owner
+    reads the peers' partials from their staging in its epilogue (each moves once, no inbox write)."""
+    return _stage_pull_rows(tp) if tp.kind == "ag_matmul" else _stage_pull_partials(tp)
+
+
+def stage_push(tp: TileProgram) -> TileProgram:
+    """The producer sends what it made: AG+GEMM's comm programs put own rows; GEMM+RS/AR's GEMM programs
+    stage partials locally and comm programs put them into the owner's inbox while the GEMM goes on."""
+    return _stage_push_rows(tp) if tp.kind == "ag_matmul" else _stage_push_partials(tp)
+
+
+def _stage_pull_rows(tp: TileProgram) -> TileProgram:
     # LoadA(a, src) per tile  ->  comm: Wait(peer entered) ; get chunk into staging ; Signal(staged, me)
     #                             gemm: Wait(staged[chunk]) ; LoadA(staging, me)
     _expect_remote_load(tp)
@@ -194,7 +240,7 @@ def stage_pull(tp: TileProgram) -> TileProgram:
         heap_buffers=("a", "staging"), flags=("entered", "staged", "done_reading"))
 
 
-def stage_push(tp: TileProgram) -> TileProgram:
+def _stage_push_rows(tp: TileProgram) -> TileProgram:
     # LoadA(a, src) per tile  ->  comm: put own chunk into every peer's inbox ; Signal(arrived, peer)
     #                             gemm: Wait(arrived[src, chunk]) ; LoadA(inbox, me)
     _expect_remote_load(tp)
@@ -206,12 +252,75 @@ def stage_push(tp: TileProgram) -> TileProgram:
         heap_buffers=("inbox",), flags=("arrived",))
 
 
+def _rewrite(body: tuple, rules: dict) -> tuple:
+    """Each statement of `body` that is a key of `rules` replaced by that rule's statements."""
+    return tuple(out for s in body for out in rules.get(s, (s,)))
+
+
+_STAGE_PARTIAL = (StoreTile("staging", "me"), Signal("staged", "tile", "me"))
+
+
+def _stage_push_partials(tp: TileProgram) -> TileProgram:
+    # gemm: StoreTile(inbox, dst) ; Signal(partial_ready, dst)  ->  StoreTile(staging, me) ; Signal(staged, me)
+    # comm: Wait(staged[tile]) ; put staging tile into dst's inbox ; Signal(partial_ready, dst)
+    _expect_direct_scatter(tp)
+    return _stage_finals(tp).with_(
+        mode="push",
+        per_tile=_rewrite(tp.per_tile, {_STORE_PARTIAL_REMOTELY[0]: (_STAGE_PARTIAL[0],),
+                                        _STORE_PARTIAL_REMOTELY[1]: (_STAGE_PARTIAL[1],)}),
+        per_chunk=(Wait("staged", "tile"), MoveChunk("put", "staging", "inbox", "dst"),
+                   Signal("partial_ready", "tile", "dst")),
+        heap_buffers=_heap(tp, "inbox", "staging"), flags=_flags(tp, "partial_ready", "staged"))
+
+
+def _stage_pull_partials(tp: TileProgram) -> TileProgram:
+    # gemm: StoreTile(inbox, dst)                 ->  StoreTile(staging, me)   (the flag still goes to dst)
+    # own:  AddPeerPartials(inbox, rank=me)       ->  AddPeerPartials(staging, rank=src): remote loads
+    _expect_direct_scatter(tp)
+    staged = _stage_finals(tp)
+    add = next(s for s in tp.per_own_tile if isinstance(s, AddPeerPartials))
+    return staged.with_(
+        mode="pull",
+        per_tile=_rewrite(tp.per_tile, {_STORE_PARTIAL_REMOTELY[0]: (_STAGE_PARTIAL[0],)}),
+        per_own_tile=_rewrite(staged.per_own_tile, {add: (AddPeerPartials("staging", add.flag, "src"),)}),
+        heap_buffers=_heap(tp, "staging"), flags=_flags(tp, "partial_ready"))
+
+
+def _stage_finals(tp: TileProgram) -> TileProgram:
+    # AR, own tile: StoreTile(out, peer) ; Signal(final_ready, peer)  ->  Signal(staged, me)
+    #   comm: Wait(staged[tile]) ; put the finished tile into every peer's out ; Signal(final_ready, peer)
+    if tp.kind != "matmul_ar":
+        return tp
+    return tp.with_(
+        per_own_tile=_rewrite(tp.per_own_tile, {_STORE_FINAL_REMOTELY[0]: (),
+                                                _STORE_FINAL_REMOTELY[1]: (Signal("staged", "tile", "me"),)}),
+        per_own_chunk=(Wait("staged", "tile"), MoveChunk("put", "out", "out", "peer"),
+                       Signal("final_ready", "tile", "peer")))
+
+
+def _heap(tp: TileProgram, *partial_buffers: str) -> tuple[str, ...]:
+    return partial_buffers + (("out",) if tp.kind == "matmul_ar" else ())
+
+
+def _flags(tp: TileProgram, *partial_flags: str) -> tuple[str, ...]:
+    # AR moves finished tiles through the comm programs too: they wait on "staged" and raise "final_ready".
+    extra = ("staged", "final_ready") if tp.kind == "matmul_ar" else ()
+    return tuple(dict.fromkeys(partial_flags + extra))
+
+
+def _expect_direct_scatter(tp: TileProgram) -> None:
+    if tp.mode != "direct" or not all(s in tp.per_tile for s in _STORE_PARTIAL_REMOTELY):
+        raise ValueError(f"{tp.name}: staging rewrites a direct program that stores partials remotely, "
+                         f"got mode {tp.mode}")
+
+
 def _expect_remote_load(tp: TileProgram) -> None:
     if tp.mode != "direct" or not any(isinstance(s, LoadA) and s.rank == "src" for s in tp.per_tile):
         raise ValueError(f"{tp.name}: staging rewrites a direct program with a remote LoadA, got mode {tp.mode}")
 
 
 STAGING = {"pull": stage_pull, "push": stage_push}
+SCATTER_MODES = ("push", "pull", "direct")  # GEMM+RS / GEMM+AR: a STAGING rewrite, or the direct program
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -239,13 +348,18 @@ def choose_config(kind: str, M: int, N: int, K: int, world_size: int, num_sms: i
 
 
 def default_comm_programs(kind: str, M: int, N: int, K: int, world_size: int) -> int:
-    """AG+GEMM needs programs that move A; how many follows from the rate the GEMM consumes remote rows.
+    """Programs that move data while the GEMM computes; how many follows from the rate it must move.
 
-    The GEMM eats A at (bytes of A) / (GEMM time); at ~750 TFLOP/s that is 2*K bytes per 2*N*K flops, so
-    remote rows are needed at about 750e12 / N bytes/s times (W-1)/W. One SM moves roughly 20-25 GB/s
-    over NVLink (rma_bench.py measures it); add one program of slack.
+    AG+GEMM eats A at (bytes of A) / (GEMM time); at ~750 TFLOP/s that is 2*K bytes per 2*N*K flops, so
+    remote rows are needed at about 750e12 / N bytes/s times (W-1)/W. GEMM+RS/AR (K is K_local there)
+    make an output element per 2*K flops and send (W-1)/W of them as partials, AR as many again as
+    finished tiles. One SM moves roughly 20-25 GB/s over NVLink (rma_bench.py measures it); add one
+    program of slack.
     """
-    if kind != "ag_matmul" or world_size == 1:
+    if world_size == 1:
         return 0
-    need = 750e12 / N * (world_size - 1) / world_size  # bytes/s of remote A
+    if kind == "ag_matmul":
+        need = 750e12 / N * (world_size - 1) / world_size  # bytes/s of remote A
+    else:  # K is K_local: each output element costs 2*K flops; its partial (RS), and for AR its final, go out
+        need = 750e12 / (2 * K) * 2 * (world_size - 1) / world_size * (2 if kind == "matmul_ar" else 1)
     return int(min(32, max(2, -(-need // 20e9) + 1)))

@@ -14,14 +14,36 @@ from bspfuse.verify import verify
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """What the cost model says of one candidate on `device`: the schedule it picks and each schedule's
+    estimated time. Kept apart from the decision's reason, which stays the same when the model is
+    recalibrated."""
+
+    device: str
+    mode: str  # push | pull | off (the unfused, bulk-synchronous schedule)
+    us: dict  # schedule -> estimated microseconds, e.g. {"bsp": 30.1, "push": 4.7}
+
+    def __str__(self) -> str:
+        picks = "BSP (no fusion)" if self.mode == "off" else self.mode
+        times = ", ".join(f"{schedule} {us:g} us" for schedule, us in self.us.items())
+        return f"cost model on {self.device}: {picks}; estimated {times}"
+
+
+@dataclass(frozen=True)
 class Decision:
     pass_name: str
     site: str  # the ops it looked at, by value name and origin
     applied: bool
     reason: str
+    estimate: Estimate | None = None  # when the cost model was asked
+
+    @property
+    def verdict(self) -> str:
+        """The decision without the cost model's numbers: `[pass] fused: site: reason`."""
+        return f"[{self.pass_name}] {'fused' if self.applied else 'not fused'}: {self.site}: {self.reason}"
 
     def __str__(self) -> str:
-        return f"[{self.pass_name}] {'fused' if self.applied else 'not fused'}: {self.site}: {self.reason}"
+        return self.verdict + (f" ({self.estimate})" if self.estimate else "")
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,9 @@ class Options:
     mode: str = "auto"
     device: str = "H200"
     modes: dict = field(default_factory=dict)  # per-site override: {value name: mode}
+    # Fuse where the kernels can although the cost model picks BSP (the simulator does, since it runs to
+    # check the kernels, not to be fast); the decision says so and keeps the model's estimate.
+    fuse_unprofitable: bool = False
 
     def mode_for(self, site: str) -> str:
         return self.modes.get(site, self.mode)

@@ -8,10 +8,10 @@ Each candidate gets a Decision: fused (with the mode and the cost model's number
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bspfuse.ir import Op, Program, Value, concrete
-from bspfuse.passes import Decision, Options, Pass
+from bspfuse.passes import Decision, Estimate, Options, Pass
 
 # Pointwise functions the GEMM epilogue can apply to the fp32 accumulator (bias reads a vector).
 EPILOGUE_FNS = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "identity", "bias")
@@ -24,6 +24,7 @@ DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 @dataclass(frozen=True)
 class DeviceModel:
     """Rates the choice is made with (H200 figures measured on the 2-GPU machine, BASELINES.md)."""
+    name: str = "H200"
     matmul_flops: float = 750e12  # achieved bf16 matmul rate
     link_bytes: float = 366e9  # peer copy, per direction
     sm_push_bytes: float = 20e9  # one SM storing to a peer (rma_bench.py measures it)
@@ -33,15 +34,13 @@ class DeviceModel:
     flag_round_trip_s: float = 3e-6  # 2.9 us measured (rma_bench.py, 2026-11-22)
     hbm_bytes: float = 3.8e12
     num_sms: int = 132
-    # What the GEMM+RS / GEMM+AR kernels add over the matmul alone, fitted to the 2xH200 run of
-    # 2026-11-22 (BENCHMARKS.md): a fixed part plus the moved bytes at an exposed rate. The partial
-    # tiles are stored to peers from the GEMM's epilogue, so that traffic is not yet hidden behind
-    # compute; the all-reduce kernel also pays a tail of final tiles broadcast at the end.
-    epilogue_push_fixed_s: dict = None
-    epilogue_push_bytes: float = 0.52e12
-
-    def push_fixed(self, kind: str) -> float:
-        return (self.epilogue_push_fixed_s or {"matmul_rs": 72e-6, "matmul_ar": 200e-6})[kind]
+    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py on 2xH200 (2026-11-22, the interleaved kernels). Their
+    # GEMM alone runs at cuBLAS's rate when launched back to back; one call with an idle GPU adds the host's
+    # launch. The direct kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the
+    # GEMM at an exposed rate; push's comm programs each move staged tiles at a rate (wait, copy, flag).
+    launch_overhead_s: float = 50e-6
+    direct_exposed_bytes: float = 0.5e12
+    comm_program_bytes: float = 9e9
 
 
 H200 = DeviceModel()
@@ -49,15 +48,16 @@ H200 = DeviceModel()
 
 @dataclass(frozen=True)
 class Choice:
-    mode: str  # push | pull | off
+    mode: str  # push | pull | direct | off
     reason: str
     estimates_us: dict
 
 
 def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str = "bf16",
                 device: DeviceModel = H200, a_on_heap: bool = False) -> Choice:
-    """Estimate BSP, push and pull for one fused op (M, N, K of the whole logical matmul) and pick the
-    fastest. The estimates are first-order: they say which resource bounds each schedule."""
+    """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) and pick the
+    fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order: they say
+    which resource bounds each schedule."""
     from bspfuse.tile import default_comm_programs
 
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
@@ -82,15 +82,22 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         copy_in = 0.0 if a_on_heap else M / W * K * item * 2 / device.hbm_bytes
         est["pull"] = est["push"] + copy_in + 2 * device.flag_round_trip_s  # entry and exit handshakes
     else:
-        # Tiles of peers' rows are computed first and pushed from the epilogue; own rows wait at the end.
-        est["push"] = t_mm + device.push_fixed(kind) + moved / device.epilogue_push_bytes
+        # Both interleave own and peer tiles, so traffic spreads over the GEMM. direct stores from the
+        # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,
+        # taking SMs from the GEMM and moving at most comm * comm_program_bytes.
+        t_gemm = t_mm + device.launch_overhead_s
+        est["direct"] = t_gemm + moved / device.direct_exposed_bytes
+        comm = default_comm_programs(kind, M, N, K // W, W)
+        est["push"] = max(t_gemm * device.num_sms / (device.num_sms - comm),
+                          device.launch_overhead_s + moved / (comm * device.comm_program_bytes))
     us = {k: round(v * 1e6, 1) for k, v in est.items()}
     best = min(est, key=est.get)
     if best == "bsp":
-        return Choice("off", f"the unfused schedule is estimated faster ({us})", us)
+        return Choice("off", "the unfused schedule is estimated faster", us)
     why = {"push": "push: peers' rows/partials move once, written by the producer, no handshake",
-           "pull": "pull: A is already on the heap and reads are consumer-paced"}[best]
-    return Choice(best, f"{why}; estimated {us[best]} us against BSP {us['bsp']} us", us)
+           "pull": "pull: A is already on the heap and reads are consumer-paced",
+           "direct": "direct: partials go to their owner from the GEMM's epilogue, spread over the GEMM"}[best]
+    return Choice(best, why, us)
 
 
 # ----------------------------------------------------------------------------------------------- matching
@@ -134,23 +141,45 @@ def _shape(p: Program, v: Value) -> list[int] | None:
         return None
 
 
-def _replace(p: Program, old: list[Op], new: Op) -> None:
-    """Put `new` where the last of `old` stood; redirect uses of the last old result to new's result."""
-    last = old[-1]
-    idx = p.ops.index(last)
+def _replace(p: Program, old: list[Op], new: Op, replaced: list[Value]) -> None:
+    """Put `new` where the last of `old` stood and redirect uses of each `replaced` value to new's result of
+    the same position; then restore def-before-use order (a kept value may have users ahead of `new`)."""
+    idx = p.ops.index(old[-1])
     p.ops[idx] = new
     for o in old[:-1]:
         p.ops.remove(o)
-    result = last.outputs[0]
-    new.outputs[0].name = result.name
+    subst = dict(zip(replaced, new.outputs))
     for op in p.ops:
-        op.inputs = tuple(new.outputs[0] if x is result else x for x in op.inputs)
-    p.outputs = [new.outputs[0] if x is result else x for x in p.outputs]
+        op.inputs = tuple(subst.get(x, x) for x in op.inputs)
+    p.outputs = [subst.get(x, x) for x in p.outputs]
+    _stable_topological_sort(p)
 
 
-def _fused(opcode: str, inputs, attrs: dict, result: Value, origin) -> Op:
-    op = Op(opcode, tuple(inputs), dict(attrs, result_types=[result.type]), origin=origin)
-    op.outputs = (Value(result.name, result.type, op),)
+def _stable_topological_sort(p: Program) -> None:
+    """Order ops so every value is defined before use, moving as little as possible (Kahn's algorithm,
+    always taking the earliest ready op of the current order)."""
+    import heapq
+
+    position = {op: i for i, op in enumerate(p.ops)}
+    users = p.users()
+    waiting = {op: sum(1 for v in set(op.inputs) if v.producer is not None) for op in p.ops}
+    ready = [position[op] for op, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        op = p.ops[heapq.heappop(ready)]
+        order.append(op)
+        for v in op.outputs:
+            for u in set(users.get(v, [])):
+                waiting[u] -= sum(1 for x in set(u.inputs) if x is v)
+                if waiting[u] == 0:
+                    heapq.heappush(ready, position[u])
+    p.ops[:] = order  # a cycle would drop ops here; the verifier after the pass names it
+
+
+def _fused(opcode: str, inputs, attrs: dict, results: list[Value], origin) -> Op:
+    op = Op(opcode, tuple(inputs), dict(attrs, result_types=[r.type for r in results]), origin=origin)
+    op.outputs = tuple(Value(r.name, r.type, op) for r in results)
     return op
 
 
@@ -174,24 +203,27 @@ def _common_checks(p: Program, mm: Op, coll: Op) -> str | None:
     return None
 
 
-def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N: int, K: int, dtype: str) -> Choice:
+def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N: int, K: int,
+            dtype: str) -> tuple[Choice, Estimate]:
+    """The mode to fuse with ("off": not at all) and the cost model's view, which the Decision carries
+    apart from the reason so that recalibrating the model changes only the estimate."""
     forced = options.mode_for(site_value)
-    auto = choose_mode(kind, M, N, K, p.world_size, dtype)
+    auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=H200)
+    estimate = Estimate(H200.name, auto.mode, auto.estimates_us)
+    if forced == "auto" and auto.mode == "off" and options.fuse_unprofitable:
+        return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {H200.name}",
+                      auto.estimates_us), estimate
     if forced == "auto":
-        return auto
+        return auto, estimate
     if forced == "off":
-        return Choice("off", "fusion turned off by the user", auto.estimates_us)
-    if forced == "pull" and kind != "ag_matmul":
-        return Choice("push", f"pull was asked for, but {kind} only has a push form (partials are produced "
-                              f"where they are computed)", auto.estimates_us)
-    return Choice(forced, f"{forced} forced by the user (the cost model would pick {auto.mode}: {auto.reason})",
-                  auto.estimates_us)
+        return Choice("off", "fusion turned off by the user", auto.estimates_us), estimate
+    return Choice(forced, f"{forced} forced by the user", auto.estimates_us), estimate
 
 
 def _hint_mode(op: Op, options: Options) -> Options:
     hint = op.attrs.get("hint_mode")
     if hint and hint != "auto":
-        return Options(mode=hint, device=options.device, modes=options.modes)
+        return replace(options, mode=hint)
     return options
 
 
@@ -206,46 +238,57 @@ def _run_allgather_matmul(p: Program, options: Options):
             continue
         gathered = w.outputs[0]
         us = users.get(gathered, [])
-        mms = [u for u in us if u.opcode == "matmul"]
+        mms = [u for u in us if u.opcode == "matmul" and u.inputs[0] is gathered]
         site = _site(ag, w, *mms[:1])
-        say = lambda ok, why: decisions.append(Decision("fuse_allgather_matmul", site, ok, why))
+        say = lambda ok, why, estimate=None: decisions.append(
+            Decision("fuse_allgather_matmul", site, ok, why, estimate))
         if not mms:
-            say(False, "the gathered tensor feeds no matmul")
-            continue
-        if len(us) != 1:
-            say(False, f"the gathered tensor has {len(us)} users; fusing would still need it materialized")
-            continue
-        mm = mms[0]
-        if mm.inputs[0] is not gathered:
-            say(False, "the gathered tensor is the matmul's B operand, not A: only row-gathered A fuses")
+            say(False, "the gathered tensor feeds no matmul as its A operand (only row-gathered A fuses)")
             continue
         if ag.attrs["dim"] != 0:
             say(False, f"gather on dim {ag.attrs['dim']}: the kernel gathers rows (dim 0) of A")
             continue
-        why = _common_checks(p, mm, ag)
+        why = _common_checks(p, mms[0], ag)
         if why:
             say(False, why)
             continue
         g = p.graph()
         import networkx as nx
-        b_prod = mm.inputs[1].producer
-        if b_prod is not None and (b_prod is ag or b_prod is w or nx.has_path(g, ag, b_prod)):
+
+        def independent(mm: Op) -> bool:  # B must not depend on the gathered A, or fusing forms a cycle
+            b_prod = mm.inputs[1].producer
+            return b_prod is None or not (b_prod in (ag, w) or nx.has_path(g, ag, b_prod))
+
+        candidates = [mm for mm in mms if independent(mm)]
+        if not candidates:
             say(False, "B depends on the gathered A: fusing would form a cycle")
             continue
+        # With several consumers, the widest matmul hides the gather; the others read the gathered A the
+        # fused kernel leaves behind (a second result, copied out of its staging buffer).
+        mm = max(candidates, key=lambda m: _shape(p, m.inputs[1])[1])
+        site = _site(ag, w, mm)
         (M, K), (_, N) = _shape(p, gathered), _shape(p, mm.inputs[1])
         dtype = gathered.type.dtype
         opts = _hint_mode(mm, _hint_mode(ag, options))
-        choice = _decide(p, opts, mm.outputs[0].name, "ag_matmul", M, N, K, dtype)
+        choice, estimate = _decide(p, opts, mm.outputs[0].name, "ag_matmul", M, N, K, dtype)
         if choice.mode == "off":
-            say(False, choice.reason)
+            say(False, choice.reason, estimate)
+            continue
+        others = len(us) - 1
+        if others and choice.mode == "direct":
+            say(False, f"the gathered tensor has {others} more users and direct mode keeps no gathered copy",
+                estimate)
             continue
         chain, fns, extra = _absorb_epilogue(users, mm.outputs[0], p.outputs)
         last = (chain[-1] if chain else mm).outputs[0]
+        results = [last, gathered] if others else [last]
         fused = _fused("fused_allgather_matmul", [ag.inputs[0], mm.inputs[1], *extra],
-                       {"mode": choice.mode, "epilogue": fns, "dim": 0}, last, mm.origin or ag.origin)
-        _replace(p, [ag, w, mm, *chain], fused)
+                       {"mode": choice.mode, "epilogue": fns, "dim": 0, "gathered_out": bool(others)},
+                       results, mm.origin or ag.origin)
+        _replace(p, [ag, w, mm, *chain], fused, results)
         users = p.users()
-        say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else ""))
+        say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else "")
+            + (f"; the gathered A also feeds {others} other op{'s' if others > 1 else ''}" if others else ""), estimate)
     return p, decisions
 
 
@@ -256,7 +299,7 @@ def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: st
             w = _sole_user(users, coll.outputs[0])
             mm = coll.inputs[0].producer
             site = _site(*(x for x in (mm, coll) if x is not None))
-            say = lambda ok, why: decisions.append(Decision(pass_name, site, ok, why))
+            say = lambda ok, why, estimate=None: decisions.append(Decision(pass_name, site, ok, why, estimate))
             if w is None or w.opcode != "wait":
                 say(False, "the collective has no single wait")
                 continue
@@ -282,18 +325,19 @@ def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: st
                 say(False, f"M={M} rows do not split evenly over {p.world_size} ranks")
                 continue
             opts = _hint_mode(coll, _hint_mode(mm, options))
-            choice = _decide(p, opts, w.outputs[0].name, kind, M, N, Kl * p.world_size, mm.outputs[0].type.dtype)
+            choice, estimate = _decide(p, opts, w.outputs[0].name, kind, M, N, Kl * p.world_size,
+                                       mm.outputs[0].type.dtype)
             if choice.mode == "off":
-                say(False, choice.reason)
+                say(False, choice.reason, estimate)
                 continue
             chain, fns, extra = _absorb_epilogue(users, w.outputs[0], p.outputs)
             last = (chain[-1] if chain else w).outputs[0]
             fused = _fused(opcode, [mm.inputs[0], mm.inputs[1], *extra],
                            {"mode": choice.mode, "epilogue": fns, **({"dim": 0} if kind == "matmul_rs" else {})},
-                           last, mm.origin or coll.origin)
-            _replace(p, [mm, coll, w, *chain], fused)
+                           [last], mm.origin or coll.origin)
+            _replace(p, [mm, coll, w, *chain], fused, [last])
             users = p.users()
-            say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else ""))
+            say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else ""), estimate)
         return p, decisions
     return run
 

@@ -110,28 +110,38 @@ def _epilogue_lines(fns: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _k_loop(e: _Emitter, desc: str, row: str, dot_precision: str, stmt, tma: bool = True,
-            a_ptr: str = "", a_rows: str = "") -> None:
+def _b_tile(tp: TileProgram, tma: bool) -> str:
+    """B's [BK, BN] tile for K-block k (offsets kk) and columns rn, read as tp.b_layout says (tile.B_LAYOUTS)."""
+    if tma:
+        if tp.b_layout == "nk":
+            return "b_desc.load([pid_n * BN, k * BK]).T"
+        return "b_desc.load([k * BK, pid_n * BN])"
+    mask = "mask=(kk < K)[:, None] & (rn < N)[None, :], other=0.0"
+    if tp.b_layout == "nk":
+        return f"tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_b + kk[:, None], {mask})"
+    return f"tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_b + rn[None, :], {mask})"
+
+
+def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, a_ptr: str, a_rows: str,
+            a_stride: str) -> None:
+    prec = _dot_precision(tp)
     e("acc = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if tma:
         e("for k in range(0, tl.cdiv(K, BK)):", stmt)
         with e.block():
-            e(f"acc = tl.dot({desc}.load([{row}, k * BK]), b_desc.load([k * BK, pid_n * BN]), acc{dot_precision})",
-              stmt)
+            e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma)}, acc{prec})", stmt)
         return
     # Pointer loads: the same tiles, for the CPU simulator (Triton's interpreter misreads bf16 through
     # tensor descriptors) and for any target without TMA.
     e("rk = tl.arange(0, BK)", stmt)
     e(f"a_rows = ({row} + tl.arange(0, BM)).to(tl.int64)", stmt)
-    e("b_cols = pid_n * BN + tl.arange(0, BN)", stmt)
     e("for k in range(0, tl.cdiv(K, BK)):", stmt)
     with e.block():
         e("kk = k * BK + rk", stmt)
-        e(f"a = tl.load({a_ptr} + a_rows[:, None] * K + kk[None, :], mask=(a_rows < {a_rows})[:, None] & "
+        e(f"a = tl.load({a_ptr} + a_rows[:, None] * {a_stride} + kk[None, :], mask=(a_rows < {a_rows})[:, None] & "
           "(kk < K)[None, :], other=0.0)", stmt)
-        e("b = tl.load(b_ptr + kk[:, None].to(tl.int64) * N + b_cols[None, :], mask=(kk < K)[:, None] & "
-          "(b_cols < N)[None, :], other=0.0)", stmt)
-        e(f"acc = tl.dot(a, b, acc{dot_precision})", stmt)
+        e(f"b = {_b_tile(tp, tma)}", stmt)
+        e(f"acc = tl.dot(a, b, acc{prec})", stmt)
 
 
 def generate(tp: TileProgram, tma: bool = True) -> KernelSource:
@@ -160,7 +170,7 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
     out_ty = TL_DTYPE[tp.dtype]
     params = ["a_ptr", "b_desc", "b_ptr", "c_ptr", "bias_ptr", "stage_ptr", "flag_ptr", "err_ptr",
-              "heap_bases", "rank", "epoch", "M_LOCAL", "N", "K", "stride_am", "stride_cm"]
+              "heap_bases", "rank", "epoch", "M_LOCAL", "N", "K", "stride_am", "stride_b", "stride_cm"]
     constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "NUM_PROGRAMS", "CHUNK_K", "MAX_SPINS", "PROXY_FENCE",
                   "VEC"]
     e(JIT)
@@ -285,12 +295,7 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("kk = k * BK + rk", s)
                 e("a = iris.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :], rank, src, heap_bases, "
                   "mask=(rm < M_LOCAL)[:, None] & (kk < K)[None, :])", s)
-                if tma:
-                    e(f"acc = tl.dot(a, b_desc.load([k * BK, pid_n * BN]), acc{prec})", s)
-                else:
-                    e("b = tl.load(b_ptr + kk[:, None].to(tl.int64) * N + rn[None, :], mask=(kk < K)[:, None] & "
-                      "(rn < N)[None, :], other=0.0)", s)
-                    e(f"acc = tl.dot(a, b, acc{prec})", s)
+                e(f"acc = tl.dot(a, {_b_tile(tp, tma)}, acc{prec})", s)
         else:
             for s in waits:
                 e(f"# {s}", s)
@@ -304,10 +309,11 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
             e("# descriptor is made on the device from whichever base this tile reads.", s)
             e("stage_row0 = ((slot * WORLD + src) * M_LOCAL).to(tl.int64)", s)
             e("a_base = tl.where(src == rank, a_ptr, stage_ptr + stage_row0 * K)", s)
+            e("a_stride = tl.where(src == rank, stride_am, K)", s)
             if tma:
-                e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[K, 1], "
+                e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
                   "block_shape=[BM, BK])", s)
-            _k_loop(e, "a_tile_desc", "c * BM", prec, s, tma, "a_base", "M_LOCAL")
+            _k_loop(e, tp, "a_tile_desc", "c * BM", s, tma, "a_base", "M_LOCAL", "a_stride")
         for s in tp.per_tile:
             if isinstance(s, Epilogue):
                 e(f"# {s}", s)
@@ -322,15 +328,20 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------- GEMM + RS / AR
 
+# Flag arrays of the scatter kernels, each n_tiles = WORLD * per_rank long, in the order tp.flags names them.
+_SCATTER_FLAGS = {
+    "partial_ready": "[WORLD (source rank), per_rank]: a peer's partial of my tile is ready",
+    "final_ready": "[WORLD (owner rank), per_rank]: the owner's finished tile is in my out",
+    "staged": "[n_tiles], by position t: this rank's GEMM program has stored tile t locally",
+}
+
 
 def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
-    out_ty = TL_DTYPE[tp.dtype]
-    prec = _dot_precision(tp)
     ar = tp.kind == "matmul_ar"
-    params = ["a_desc", "a_ptr", "b_desc", "b_ptr", "out_ptr", "bias_ptr", "inbox_ptr", "flag_ptr", "err_ptr",
-              "heap_bases", "rank", "epoch", "M_LOCAL", "N", "K"]
-    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "NUM_PROGRAMS", "MAX_SPINS", "VEC"]
+    params = ["a_desc", "a_ptr", "b_desc", "b_ptr", "out_ptr", "bias_ptr", "inbox_ptr", "stage_ptr", "flag_ptr",
+              "err_ptr", "heap_bases", "rank", "epoch", "M_LOCAL", "N", "K", "stride_am", "stride_b"]
+    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "LAG", "NUM_PROGRAMS", "MAX_SPINS", "VEC"]
     what = "all_reduce" if ar else "reduce_scatter(dim 0)"
     e(JIT)
     e(f"def {tp.name}({', '.join(params)},")
@@ -342,74 +353,168 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
         e("nb = tl.cdiv(M_LOCAL, BM)")
         e("num_pid_n = tl.cdiv(N, BN)")
         e("per_rank = nb * num_pid_n  # tiles of one rank's rows")
-        e("slot = epoch % 2  # inboxes alternate between calls")
-        e("partial_ready = flag_ptr  # [WORLD (source rank), per_rank]")
-        if ar:
-            e("final_ready = flag_ptr + WORLD * per_rank  # [WORLD (owner rank), per_rank]")
-            e("out_rows_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # out is [2, WORLD * M_LOCAL, N] on the heap")
-        else:
-            e("out_rows_base = 0")
-        e("for t in range(pid, WORLD * per_rank, NUM_PROGRAMS):")
-        with e.block():
-            e("j = t // per_rank")
-            e("dst = (rank + 1 + j) % WORLD  # other ranks' rows first; j == WORLD - 1 is this rank's own rows")
-            e("local_t = t % per_rank")
-            e("c, pid_n = _swizzle(local_t, nb, num_pid_n, GROUP_M)")
-            e("rm = c * BM + tl.arange(0, BM)")
-            e("rn = pid_n * BN + tl.arange(0, BN)")
-            e("mask = (rm < M_LOCAL)[:, None] & (rn < N)[None, :]")
-            e("tile_off = rm[:, None].to(tl.int64) * N + rn[None, :]")
-            e("# LoadA(buffer=a, rank=me) ; Dot()")
-            _k_loop(e, "a_desc", "dst * M_LOCAL + c * BM", prec, tp.per_tile[0], tma, "a_ptr", "WORLD * M_LOCAL")
-            e("if dst != rank:")
+        e("n_tiles = WORLD * per_rank  # tiles of this rank's partial product, walked by position t")
+        e("slot = epoch % 2  # buffers that peers write or read alternate between calls")
+        for i, f in enumerate(tp.flags):
+            e(f"{f} = flag_ptr + {i} * n_tiles  # {_SCATTER_FLAGS[f]}")
+        e("out_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # out is [2, WORLD * M_LOCAL, N] on the heap"
+          if ar else "out_base = 0")
+        if "staging" in tp.heap_buffers:
+            e("stage_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # peers read it: [2, WORLD * M_LOCAL, N]"
+              if tp.mode == "pull" else "stage_base = 0  # read by this rank only: [WORLD * M_LOCAL, N]")
+        if tp.per_chunk or tp.per_own_chunk:
+            e("# COMM programs move staged tiles while the others compute; COMM == 0 (the simulator, where programs")
+            e("# run one after another) has each GEMM program move its tile right after staging it.")
+            e("if pid < COMM:")
             with e.block():
-                for s in tp.per_tile:
-                    if isinstance(s, StoreTile):
-                        e(f"# {s}: my partial of dst's rows -> dst's inbox[slot, rank]", s)
-                        e("iris.store(inbox_ptr + ((slot * WORLD + rank) * M_LOCAL * N).to(tl.int64) + tile_off, "
-                          f"acc.to({out_ty}), rank, dst, heap_bases, mask=mask, hint=(1, VEC))", s)
-                    elif isinstance(s, Signal):
-                        e(f"# {s}", s)
-                        e("iris.signal(partial_ready + rank * per_rank + local_t, epoch, rank, dst, heap_bases)", s)
+                e("for t in range(pid, n_tiles, COMM):")
+                with e.block():
+                    _scatter_tile(e, tp)
+                    _scatter_bodies(e, tp, tp.per_chunk, tp.per_own_chunk)
             e("else:")
             with e.block():
-                for s in tp.per_own_tile:
-                    if isinstance(s, AddPeerPartials):
-                        e(f"# {s}", s)
-                        e("for p in range(1, WORLD):", s)
-                        with e.block():
-                            e("src = (rank + p) % WORLD", s)
-                            e("iris.wait_until(partial_ready + src * per_rank + local_t, epoch, rank, err_ptr, "
-                              "MAX_SPINS)", s)
-                            e("acc += tl.load(inbox_ptr + ((slot * WORLD + src) * M_LOCAL * N).to(tl.int64) + "
-                              "tile_off, mask=mask, other=0.0).to(tl.float32)", s)
-                    elif isinstance(s, Epilogue):
-                        e(f"# {s}", s)
-                        for line in _epilogue_lines(s.fns):
-                            e(line, s)
-                    elif isinstance(s, StoreTile) and s.rank == "me":
-                        e(f"# {s}", s)
-                        e(f"val = acc.to({out_ty})", s)
-                        own = "out_rows_base + (rank * M_LOCAL * N)" if ar else "0"
-                        e(f"tl.store(out_ptr + {own} + tile_off, val, mask=mask)", s)
-                    elif isinstance(s, StoreTile) and s.rank == "peer":
-                        e(f"# {s}", s)
-                        e("for p in range(1, WORLD):", s)
-                        with e.block():
-                            e("iris.store(out_ptr + out_rows_base + (rank * M_LOCAL * N) + tile_off, val, rank, "
-                              "(rank + p) % WORLD, heap_bases, mask=mask, hint=(1, VEC))", s)
-                    elif isinstance(s, Signal):
-                        e(f"# {s}", s)
-                        e("for p in range(1, WORLD):", s)
-                        with e.block():
-                            e("iris.signal(final_ready + rank * per_rank + local_t, epoch, rank, (rank + p) % WORLD, "
-                              "heap_bases)", s)
-                    elif not isinstance(s, (LoadA, Dot)):
-                        raise ValueError(f"own-tile statement {s} has no Triton form")
-        for s in tp.gemm_epilogue:
-            e(f"# {s}: the rows other ranks own arrive as finished tiles")
-            e("for t in range(pid, (WORLD - 1) * per_rank, NUM_PROGRAMS):", s)
-            with e.block():
-                e("owner = (rank + 1 + t // per_rank) % WORLD", s)
-                e("iris.wait_until(final_ready + owner * per_rank + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)", s)
+                _scatter_gemm(e, tp, tma)
+        else:
+            _scatter_gemm(e, tp, tma)
     return KernelSource(tp.name, "\n".join(e.lines) + "\n", params, constexprs, e.line_map)
+
+
+def _raise_pending(e: _Emitter, s: Signal) -> None:
+    # The flag index a deferred Signal left in pending_<flag> (-1: none), raised a tile late: the stores it
+    # announces are complete by now. "dst" also left the rank in pending_<flag>_rank; "peer" means every peer.
+    e(f"if pending_{s.flag} >= 0:  # {s}", s)
+    with e.block():
+        if s.rank == "peer":
+            e("for p in range(1, WORLD):", s)
+            with e.block():
+                e(f"iris.signal({s.flag} + pending_{s.flag}, epoch, rank, (rank + p) % WORLD, heap_bases)", s)
+        else:
+            e(f"iris.signal({s.flag} + pending_{s.flag}, epoch, rank, pending_{s.flag}_rank, heap_bases)", s)
+
+
+def _scatter_position(e: _Emitter, tp: TileProgram) -> None:
+    """dst (the rank owning the tile's rows) and local_t (the tile among those rows) of position t."""
+    assert tp.order == "interleaved", tp.order
+    e("# PEERS * lag peer tiles, then groups of WORLD: PEERS peer tiles and the own tile `lag` local tiles behind")
+    e("PEERS: tl.constexpr = WORLD - 1 if WORLD > 1 else 1")
+    e("lag = min(LAG, per_rank)")
+    e("lead = PEERS * lag")
+    e("body_end = lead + WORLD * (per_rank - lag)")
+    e("u = tl.maximum(t - lead, 0)")
+    e("g = u // WORLD")
+    e("q = tl.where(t < lead, t, lead + g * PEERS + u % WORLD)  # the peer tile's number, if it is one")
+    e("own = ((t >= lead) & (u % WORLD == PEERS)) | (t >= body_end) | (WORLD == 1)")
+    e("dst = tl.where(own, rank, (rank + 1 + q % PEERS) % WORLD)")
+    e("local_t = tl.where(own, tl.where(t < body_end, g, per_rank - lag + t - body_end), q // PEERS)")
+
+
+def _scatter_tile(e: _Emitter, tp: TileProgram) -> None:
+    _scatter_position(e, tp)
+    e("c, pid_n = _swizzle(local_t, nb, num_pid_n, GROUP_M)")
+    e("rm = c * BM + tl.arange(0, BM)")
+    e("rn = pid_n * BN + tl.arange(0, BN)")
+    e("mask = (rm < M_LOCAL)[:, None] & (rn < N)[None, :]")
+    e("tile_off = rm[:, None].to(tl.int64) * N + rn[None, :]")
+
+
+def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
+    deferred = [s for s in tp.per_tile + tp.per_own_tile if isinstance(s, Signal) and s.deferred]
+    for s in deferred:
+        e(f"pending_{s.flag} = -1  # the flag index of a deferred {s} (-1: none)", s)
+        if s.rank == "dst":
+            e(f"pending_{s.flag}_rank = rank", s)
+    e("for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):")
+    with e.block():
+        _scatter_tile(e, tp)
+        e("# LoadA(buffer=a, rank=me) ; Dot()")
+        _k_loop(e, tp, "a_desc", "dst * M_LOCAL + c * BM", tp.per_tile[0], tma, "a_ptr", "WORLD * M_LOCAL",
+                "stride_am")
+        for s in deferred:  # before this tile's waits: a peer may be waiting for them
+            _raise_pending(e, s)
+            e(f"pending_{s.flag} = -1", s)
+        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, moves=(tp.per_chunk, tp.per_own_chunk))
+    for s in deferred:
+        _raise_pending(e, s)
+    for s in tp.gemm_epilogue:
+        assert isinstance(s, Wait) and s.flag == "final_ready", s
+        e(f"# {s}: the rows other ranks own arrive as finished tiles", s)
+        e("for t in range(pid - COMM, (WORLD - 1) * per_rank, NUM_PROGRAMS - COMM):", s)
+        with e.block():
+            e("owner = (rank + 1 + t // per_rank) % WORLD", s)
+            e("iris.wait_until(final_ready + owner * per_rank + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)", s)
+
+
+def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple,
+                    moves: tuple[tuple, tuple] = ((), ())) -> None:
+    """Peer tiles' and own tiles' statements; `moves`: the comm statements that follow a tile's staging."""
+    bodies = [("dst != rank", peer_body, moves[0]), ("dst == rank", own_body, moves[1])]
+    bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot))], m) for cond, body, m in bodies]
+    bodies = [b for b in bodies if b[1]]
+    for i, (cond, body, m) in enumerate(bodies):
+        e("else:" if i else f"if {cond}:")
+        with e.block():
+            for s in body:
+                _scatter_stmt(e, tp, s, m)
+
+
+def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = ()) -> None:
+    """One statement of a scatter kernel. Its fields say what it touches, so the same statement prints the
+    same in the GEMM and the comm programs. `moves`: what the comm programs do once a tile is staged."""
+    out_ty = TL_DTYPE[tp.dtype]
+    inbox_mine = "inbox_ptr + ((slot * WORLD + rank) * M_LOCAL * N).to(tl.int64)"  # dst's inbox[slot, me]
+    staged_for_dst = "stage_ptr + stage_base + (dst * M_LOCAL * N).to(tl.int64)"
+    own_rows = "out_ptr + out_base + (rank * M_LOCAL * N).to(tl.int64)" if tp.kind == "matmul_ar" else "out_ptr"
+    own_out = f"{own_rows} + tile_off"
+    e(f"# {s}", s)
+    if isinstance(s, StoreTile) and s.buffer == "inbox" and s.rank == "dst":
+        e(f"iris.store({inbox_mine} + tile_off, acc.to({out_ty}), rank, dst, heap_bases, mask=mask, hint=(1, VEC))", s)
+    elif isinstance(s, StoreTile) and s.buffer == "staging" and s.rank == "me":
+        e(f"tl.store({staged_for_dst} + tile_off, acc.to({out_ty}), mask=mask)", s)
+    elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "me":
+        e(f"tl.store({own_out}, acc.to({out_ty}), mask=mask)", s)
+    elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "peer":
+        e("for p in range(1, WORLD):", s)
+        with e.block():
+            e(f"iris.store({own_out}, acc.to({out_ty}), rank, (rank + p) % WORLD, heap_bases, mask=mask, "
+              "hint=(1, VEC))", s)
+    elif isinstance(s, Signal) and s.deferred:
+        e(f"pending_{s.flag} = rank * per_rank + local_t", s)
+        if s.rank == "dst":
+            e(f"pending_{s.flag}_rank = dst", s)
+    elif isinstance(s, Signal) and s.flag == "partial_ready":
+        e("iris.signal(partial_ready + rank * per_rank + local_t, epoch, rank, dst, heap_bases)", s)
+    elif isinstance(s, Signal) and s.flag == "final_ready":
+        e("for p in range(1, WORLD):", s)
+        with e.block():
+            e("iris.signal(final_ready + rank * per_rank + local_t, epoch, rank, (rank + p) % WORLD, heap_bases)", s)
+    elif isinstance(s, Signal) and s.flag == "staged":
+        e("iris.signal(staged + t, epoch, rank, rank, heap_bases)", s)
+        e("if COMM == 0:  # no comm programs: move the tile now", s)
+        with e.block():
+            for m in moves:
+                _scatter_stmt(e, tp, m)
+    elif isinstance(s, Wait) and s.flag == "staged":
+        e("iris.wait_until(staged + t, epoch, rank, err_ptr, MAX_SPINS)", s)
+    elif isinstance(s, MoveChunk) and (s.src_buffer, s.dst_buffer, s.rank) == ("staging", "inbox", "dst"):
+        e(f"iris.put({staged_for_dst} + tile_off, {inbox_mine} + tile_off, rank, dst, heap_bases, mask=mask, "
+          "hint=(1, VEC))", s)
+    elif isinstance(s, MoveChunk) and (s.src_buffer, s.dst_buffer, s.rank) == ("out", "out", "peer"):
+        e("for p in range(1, WORLD):", s)
+        with e.block():
+            e(f"iris.put({own_out}, {own_out}, rank, (rank + p) % WORLD, heap_bases, mask=mask, hint=(1, VEC))", s)
+    elif isinstance(s, AddPeerPartials):
+        e("for p in range(1, WORLD):", s)
+        with e.block():
+            e("src = (rank + p) % WORLD", s)
+            e(f"iris.wait_until({s.flag} + src * per_rank + local_t, epoch, rank, err_ptr, MAX_SPINS)", s)
+            if s.rank == "me":  # the peers put their partials into my inbox[slot, src]
+                e("acc += tl.load(inbox_ptr + ((slot * WORLD + src) * M_LOCAL * N).to(tl.int64) + tile_off, "
+                  "mask=mask, other=0.0).to(tl.float32)", s)
+            else:  # read src's staging of my rows
+                e("acc += iris.load(stage_ptr + stage_base + (rank * M_LOCAL * N).to(tl.int64) + tile_off, rank, "
+                  "src, heap_bases, mask=mask, other=0.0, hint=(1, VEC)).to(tl.float32)", s)
+    elif isinstance(s, Epilogue):
+        for line in _epilogue_lines(s.fns):
+            e(line, s)
+    else:
+        raise ValueError(f"scatter statement {s} has no Triton form")

@@ -5,11 +5,22 @@ Each object is built once per shape (it generates, compiles and allocates) and c
     op = FusedAllGatherMatmul(heap, M_local=1024, N=8192, K=8192, dtype=torch.bfloat16, mode="push")
     c = op(a_shard, b)          # all_gather(a_shard) @ b, one kernel, no host flag reset between calls
 
+B may be row-major [K, N] or, as in a transformer, `weight.t()` of an nn.Linear weight stored [N, K]:
+both are read in place (`b_operand`; the layout is compiled into the kernel, see bspfuse.tile.B_LAYOUTS),
+any other strides are copied. A is read in place when its rows are contiguous (`a_operand`). The
+constructor's `b_layout` is the variant compiled up front; B in the other layout compiles that variant
+on its first call::
+
+    op = FusedMatmulReduceScatter(heap, M=8192, N=8192, K_local=14336, b_layout="nk")
+    out = op(x, linear.weight.t())   # no copy of the weight
+
 Flags never need a reset: each call raises them to a fresh epoch. Buffers a peer writes into alternate
 between two slots by epoch parity; a rank cannot run two calls ahead of a peer (each call waits for that
 peer's data of the same call), so a slot is never overwritten while it is read.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -18,9 +29,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from bspfuse.codegen.load import load_kernel
 from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
+from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (STAGING, TileConfig, choose_config, lower_allgather_matmul, lower_matmul_allreduce,
-                          lower_matmul_reduce_scatter)
+from bspfuse.tile import (SCATTER_MODES, STAGING, TileConfig, choose_config, lower_allgather_matmul,
+                          lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
@@ -58,6 +70,34 @@ def _vec(*sizes: int) -> int:
     return 16 if all(s % 16 == 0 for s in sizes) else 1
 
 
+def _rows_readable(t: torch.Tensor) -> bool:
+    # What both the TMA descriptor and the pointer loads need of a 2-D operand: contiguous rows, a row
+    # stride that does not overlap rows, base and row stride 16-byte aligned.
+    item = t.element_size()
+    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * item) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def a_operand(a: torch.Tensor) -> torch.Tensor:
+    """A as the kernels read it: `a` itself when its rows are contiguous (a row stride longer than K, as
+    in a column slice, is fine), else `a.contiguous()` (a copy)."""
+    return a if _rows_readable(a) else a.contiguous()
+
+
+def b_operand(b: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """B[K, N] as the kernels read it, with its layout (bspfuse.tile.B_LAYOUTS)::
+
+        b row-major [K, N]                   -> ("kn", b)        no copy
+        b = w.t(), w row-major [N, K]        -> ("nk", w)        no copy (nn.Linear's weight)
+        any other strides                    -> ("kn", b.contiguous())   a copy of B
+    """
+    if _rows_readable(b):
+        return "kn", b
+    if _rows_readable(b.t()):
+        return "nk", b.t()
+    return "kn", b.contiguous()
+
+
 class _Fused:
     kind = ""
 
@@ -86,10 +126,36 @@ class _Fused:
         # rank's zeroing of the same flags, and the zeroing would erase it.
         self.heap.barrier()
 
-    def _compile(self, tp):
-        self.tile_program = tp
-        self.kernel_source = generate(tp, tma=not _sim(self.heap))
+    def _compile(self, b_layout: str):
+        """Build the kernel for the B layout the constructor names; a call with B in the other layout
+        compiles that variant once (`_kernel_for`), so neither layout is ever copied."""
+        self.tile_program = self._lower(b_layout)
+        self.kernel_source = generate(self.tile_program, tma=not _sim(self.heap))
         self.kernel = load_kernel(self.kernel_source)
+        self._other_layouts = {}
+        self._launchers = {}
+
+    def _kernel_for(self, b_layout: str):
+        if b_layout == self.tile_program.b_layout:
+            return self.kernel
+        if b_layout not in self._other_layouts:
+            self._other_layouts[b_layout] = load_kernel(generate(self._lower(b_layout), tma=not _sim(self.heap)))
+        return self._other_layouts[b_layout]
+
+    def _launch_kernel(self, b_layout: str, programs: int, args: tuple, **meta) -> None:
+        # Triton's JIT dispatch of a 30-argument kernel costs about as much host time as a small GEMM takes
+        # on the GPU (gemm_bench's host_ms); FastLaunch keeps the compiled launcher per layout and constexprs.
+        key = (b_layout, programs, *meta.values())
+        launcher = self._launchers.get(key)
+        if launcher is None:
+            launcher = self._launchers[key] = FastLaunch(self._kernel_for(b_layout), (programs,), **meta)
+        launcher(*args)
+
+    def _operands(self, a, b):
+        """(A, B's layout, B's storage, B's descriptor) for this call, without copies where the layouts allow."""
+        cfg = self.config
+        b_layout, b = b_operand(b)
+        return a_operand(a), b_layout, b, self._desc(b, [cfg.BK, cfg.BN] if b_layout == "kn" else [cfg.BN, cfg.BK])
 
     def _check(self):
         if self.max_spins:
@@ -113,7 +179,7 @@ class FusedAllGatherMatmul(_Fused):
     kind = "ag_matmul"
 
     def __init__(self, heap, M_local: int, N: int, K: int, dtype=torch.bfloat16, mode: str = "push", epilogue=(),
-                 config: TileConfig | None = None, debug: bool = False, name: str | None = None):
+                 config: TileConfig | None = None, debug: bool = False, name: str | None = None, b_layout: str = "kn"):
         super().__init__(heap, M_local * heap.world_size, N, K, dtype, epilogue, config, debug, name)
         self.M_local, self.mode = M_local, mode
         cfg = self.config
@@ -124,18 +190,21 @@ class FusedAllGatherMatmul(_Fused):
         if _sim(heap) and cfg.comm_programs > 1:
             cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
         self.config = cfg
-        tp = lower_allgather_matmul(f"{self.name}_{mode}", IR_DTYPE[dtype], self.epilogue, cfg)
-        if mode != "direct":
-            tp = STAGING[mode](tp)
-        self._compile(tp)
+        self._compile(b_layout)
         W, nb = self.world, triton.cdiv(M_local, cfg.BM)
         sizes = {"entered": W, "staged": W * nb, "arrived": W * nb, "done_reading": W}
-        self.flags = heap.zeros(max(1, sum(sizes[f] for f in tp.flags)), dtype=torch.int32, name=f"{self.name}.flags")
+        self.flags = heap.zeros(max(1, sum(sizes[f] for f in self.tile_program.flags)), dtype=torch.int32,
+                                name=f"{self.name}.flags")
         self.staging = (heap.empty(2 * W * M_local, K, dtype=dtype, name=f"{self.name}.staging")
                         if mode != "direct" else None)
         # pull and direct read A from the owner's heap: it must live there (copied in if it does not).
         self.a_heap = heap.empty(M_local, K, dtype=dtype, name=f"{self.name}.a") if mode in ("pull", "direct") else None
         self._ready()
+
+    def _lower(self, b_layout: str):
+        tp = lower_allgather_matmul(f"{self.name}_{self.mode}", IR_DTYPE[self.dtype], self.epilogue, self.config,
+                                    b_layout)
+        return STAGING[self.mode](tp) if self.mode != "direct" else tp
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,17 +215,17 @@ class FusedAllGatherMatmul(_Fused):
         if self.a_heap is not None and a.data_ptr() != self.a_heap.data_ptr():
             self.a_heap.copy_(a)
             a = self.a_heap
-        a, b = a.contiguous(), b.contiguous()
+        a, b_layout, b, b_desc = self._operands(a, b)
         c = out if out is not None else torch.empty(W * self.M_local, self.N, dtype=self.dtype, device=a.device)
-        b_desc = self._desc(b, [cfg.BK, cfg.BN])
         staging = self.staging if self.staging is not None else a
         programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
         epoch = self.epoch.next()
-        self.kernel[(programs,)](
-            a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-            self.rank, epoch, self.M_local, self.N, self.K, a.stride(0), c.stride(0),
+        self._launch_kernel(
+            b_layout, programs,
+            (a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
+             self.rank, epoch, self.M_local, self.N, self.K, a.stride(0), b.stride(0), c.stride(0)),
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
             VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -165,59 +234,151 @@ class FusedAllGatherMatmul(_Fused):
         self._check()
         return c
 
+    def gathered(self, a: torch.Tensor) -> torch.Tensor:
+        """all_gather(A) of the call just made, [W * M_local, K], as a fresh tensor: the peers' rows from the
+        staging slot that call filled, this rank's own rows from `a`. Call it before the next call: the
+        slot is refilled two calls later."""
+        if self.staging is None:
+            raise ValueError(f"{self.name}: direct mode keeps no staged copy of the peers' rows")
+        W, M, r = self.world, self.M_local, self.rank
+        slot = self.staging[(self.epoch.value % 2) * W * M:(self.epoch.value % 2 + 1) * W * M]
+        out = torch.empty_like(slot)
+        out[:r * M].copy_(slot[:r * M])  # every row is written once: peers' from staging, this rank's from a
+        out[r * M:(r + 1) * M].copy_(a)
+        out[(r + 1) * M:].copy_(slot[(r + 1) * M:])
+        return out
+
 
 class _FusedScatter(_Fused):
     lower = None
 
     def __init__(self, heap, M: int, N: int, K_local: int, dtype=torch.bfloat16, epilogue=(),
-                 config: TileConfig | None = None, debug: bool = False, name: str | None = None):
+                 config: TileConfig | None = None, debug: bool = False, name: str | None = None, b_layout: str = "kn",
+                 mode: str = "direct"):
         super().__init__(heap, M, N, K_local, dtype, epilogue, config, debug, name)
         W = self.world
         if M % W:
             raise ValueError(f"{self.name}: M={M} rows do not split evenly over {W} ranks")
-        self.M, self.M_local, self.mode = M, M // W, "push"
-        cfg = self.config
-        self._compile(type(self).lower(self.name, IR_DTYPE[dtype], self.epilogue, cfg))
+        if mode not in SCATTER_MODES:
+            raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(SCATTER_MODES)}")
+        self.M, self.M_local, self.mode = M, M // W, mode
+        tp = self._lower(b_layout)
+        # Comm programs move staged tiles on a GPU; the simulator runs programs one after another, so there
+        # each GEMM program moves its own tiles right after staging them (COMM = 0).
+        moves = bool(tp.per_chunk or tp.per_own_chunk) and not _sim(heap)
+        self.config = dataclasses.replace(self.config, comm_programs=max(1, self.config.comm_programs) if moves else 0)
+        self._compile(b_layout)
+        tp, cfg = self.tile_program, self.config
         tiles = triton.cdiv(self.M_local, cfg.BM) * triton.cdiv(N, cfg.BN)
-        n_flags = W * tiles * (2 if self.kind == "matmul_ar" else 1)
-        self.flags = heap.zeros(n_flags, dtype=torch.int32, name=f"{self.name}.flags")
-        self.inbox = heap.empty(2 * W * self.M_local, N, dtype=dtype, name=f"{self.name}.inbox")
-        self.out_heap = (heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.out")
-                         if self.kind == "matmul_ar" else None)
+        self.flags = heap.zeros(len(tp.flags) * W * tiles, dtype=torch.int32, name=f"{self.name}.flags")
+        self.inbox = (heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.inbox")
+                      if "inbox" in tp.heap_buffers else None)
+        # Peers read a pull program's staging across calls: two slots; a push program's is read locally.
+        self.staging = (heap.empty((2 if mode == "pull" else 1) * M, N, dtype=dtype, name=f"{self.name}.staging")
+                        if "staging" in tp.heap_buffers else None)
+        self.out_heap = heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.out") if "out" in tp.heap_buffers else None
         self._ready()
 
+    def _lower(self, b_layout: str):
+        tp = type(self).lower(self.name, IR_DTYPE[self.dtype], self.epilogue, self.config, b_layout)
+        return STAGING[self.mode](tp) if self.mode != "direct" else tp
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The heap buffers this object holds (a caller that is done with it frees these)."""
+        return [b for b in (self.flags, self.inbox, self.staging, self.out_heap) if b is not None]
+
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, W = self.config, self.world
-        if tuple(a.shape) != (self.M, self.K) or tuple(b.shape) != (self.K, self.N):
-            raise ValueError(f"{self.name}: expected A[{self.M}, {self.K}] and B[{self.K}, {self.N}], "
-                             f"got A{list(a.shape)} and B{list(b.shape)}")
-        a, b = a.contiguous(), b.contiguous()
+        self._check_shapes(a, b)
         epoch = self.epoch.next()
         if self.out_heap is not None:
             out_arg = self.out_heap
             result = self.out_heap[(epoch % 2) * self.M:(epoch % 2 + 1) * self.M]
         else:
             out_arg = result = torch.empty(self.M_local, self.N, dtype=self.dtype, device=a.device)
-        programs = 1 if _sim(self.heap) else self.sms
-        self.kernel[(programs,)](
-            self._desc(a, [cfg.BM, cfg.BK]), a, self._desc(b, [cfg.BK, cfg.BN]), b, out_arg, self._bias(bias), self.inbox, self.flags, self.err, self.heap.heap_bases,
-            self.rank, epoch, self.M_local, self.N, self.K,
-            WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGRAMS=programs,
-            MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self._launch(a, b, bias, out_arg, epoch, self.rank, self.world)
         self._check()
         return result
 
+    def local_matmul(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A @ B (+ epilogue) through this object's kernel launched as a world of one: the same GEMM with no
+        communication and no flags, what the fused kernel would cost if the collective were free (a
+        benchmark's bound). Only for mode="direct", whose kernel then touches no peer; not collective."""
+        if self.mode != "direct":
+            raise ValueError(f"{self.name}: local_matmul needs mode='direct', not {self.mode!r}")
+        self._check_shapes(a, b)
+        out = torch.empty(self.M, self.N, dtype=self.dtype, device=a.device)
+        self._launch(a, b, bias, out, 2, 0, 1)  # an even epoch: slot 0, so AR's out offset is 0 too
+        return out
+
+    def _check_shapes(self, a, b):
+        if tuple(a.shape) != (self.M, self.K) or tuple(b.shape) != (self.K, self.N):
+            raise ValueError(f"{self.name}: expected A[{self.M}, {self.K}] and B[{self.K}, {self.N}], "
+                             f"got A{list(a.shape)} and B{list(b.shape)}")
+
+    def _launch(self, a, b, bias, out, epoch: int, rank: int, world: int):
+        cfg = self.config
+        a, b_layout, b, b_desc = self._operands(a, b)
+        programs = 1 if _sim(self.heap) else self.sms
+        self._launch_kernel(
+            b_layout, programs,
+            (self._desc(a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
+             self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
+             self.flags, self.err, self.heap.heap_bases, rank, epoch, self.M // world, self.N, self.K, a.stride(0),
+             b.stride(0)), WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
+            LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs,
+            MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def interleave_lag(gemm_programs: int, world: int) -> int:
+    """How many local tiles an own tile trails the peer tiles of its index in the "interleaved" order: two
+    waves of the GEMM programs, so the peers' partials of a tile were made two tile-times before it (none
+    in a world of one)."""
+    return max(1, -(-2 * gemm_programs // world)) if world > 1 else 0
+
 
 class FusedMatmulReduceScatter(_FusedScatter):
-    """out[M/W, N] = reduce_scatter(A[M, K_local] @ B[K_local, N], dim 0), as one kernel (push)."""
+    """out[M/W, N] = reduce_scatter(A[M, K_local] @ B[K_local, N], dim 0), as one kernel. Own and peer tiles
+    interleave, so traffic spreads over the GEMM. mode: direct (partials stored to their owner from the
+    GEMM's epilogue, flags raised a tile later; the fastest measured where K_local is ~4k), push (staged
+    locally, comm programs put them to the owner; gains where K_local is large), pull (staged locally,
+    the owner reads them in its epilogue)."""
 
     kind = "matmul_rs"
     lower = staticmethod(lower_matmul_reduce_scatter)
 
 
 class FusedMatmulAllReduce(_FusedScatter):
-    """out[M, N] = all_reduce(A[M, K_local] @ B[K_local, N]), as one kernel. The result lives on the heap
-    and stays valid until the call after next (two slots alternate), like a CUDA graph's static output."""
+    """out[M, N] = all_reduce(A[M, K_local] @ B[K_local, N]), as one kernel: a reduce-scatter of the partials
+    (mode as for FusedMatmulReduceScatter), then each finished tile goes to every peer as soon as it is final
+    (push and pull: by the comm programs). The result lives on the heap and stays valid until the next call
+    (peers write the other slot meanwhile), like a CUDA graph's static output."""
 
     kind = "matmul_ar"
     lower = staticmethod(lower_matmul_allreduce)
+
+
+def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push") -> int:
+    """Symmetric-heap bytes the host object of a fused op allocates, known before it is built (a compiler
+    checks its budget with this). M, N, K as bspfuse.lowering.gemm_shape gives them: AG (M_local, N, K),
+    RS/AR (M, N, K_local). An upper bound: flags are counted for the smallest row block."""
+    from bspfuse.runtime.heap import FreeList
+
+    item = torch.empty((), dtype=dtype).element_size()
+    block = FreeList.reserved_size
+    if opcode == "fused_allgather_matmul":
+        chunks = triton.cdiv(M, 16)
+        buffers = [4 * (2 * world + 2 * world * chunks)]  # flags
+        if mode != "direct":
+            buffers.append(2 * world * M * K * item)  # staging, two slots
+        if mode in ("pull", "direct"):
+            buffers.append(M * K * item)  # A on the heap
+        return sum(block(b) for b in buffers)
+    tiles = triton.cdiv(M // world, 16) * triton.cdiv(N, 16)
+    buffers = [4 * world * tiles * 3]  # flags: partial_ready, staged, final_ready at most
+    if mode in ("push", "direct"):
+        buffers.append(2 * M * N * item)  # inbox, two slots
+    if mode != "direct":
+        buffers.append((2 if mode == "pull" else 1) * M * N * item)  # staging
+    if opcode == "fused_matmul_allreduce":
+        buffers.append(2 * M * N * item)  # the reduced result, two slots
+    return sum(block(b) for b in buffers)

@@ -1,0 +1,55 @@
+"""GEMM+RS / GEMM+AR tile programs: the direct form and its push and pull rewrites.
+
+A golden of the printed programs of GEMM+AR (it has both halves: partials to their owner, finished tiles
+back to every peer) before and after each rewrite; the rewrites take only a direct program; and the direct
+kernel launched as a world of one (`local_matmul`, the benchmarks' bound) is a plain GEMM. The kernels of
+every mode run against the unfused reference in test_fused_gemm.py.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bspfuse.runtime import launch
+from bspfuse.tile import STAGING, TileConfig, lower_matmul_allreduce, lower_matmul_reduce_scatter, print_tile_program
+
+GOLDEN = Path(__file__).parent / "golden" / "tile_matmul_ar.txt"
+SMALL = TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+def test_rewrites_print_as_the_golden():
+    direct = lower_matmul_allreduce("y", "bf16", ("relu",), SMALL)
+    text = "\n\n".join(print_tile_program(tp) for tp in (direct, STAGING["push"](direct), STAGING["pull"](direct)))
+    if os.environ.get("BSPFUSE_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text + "\n")
+    assert text + "\n" == GOLDEN.read_text()
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_rewrites_take_only_a_direct_program(mode):
+    staged = STAGING[mode](lower_matmul_reduce_scatter("y", "bf16", (), SMALL))
+    with pytest.raises(ValueError, match="y: staging rewrites a direct program"):
+        STAGING[mode](staged)
+
+
+def _local(ctx):
+    from bspfuse.kernels.gemm import FusedMatmulAllReduce, FusedMatmulReduceScatter
+
+    errors = {}
+    g = torch.Generator().manual_seed(3)
+    for cls in (FusedMatmulReduceScatter, FusedMatmulAllReduce):
+        M, N, K = 18 * ctx.world_size, 40, 24
+        a, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+        op = cls(ctx.heap, M, N, K, torch.bfloat16, epilogue=("relu",), config=SMALL, mode="direct")
+        ref = (a.double() @ w.double().t()).clamp_min(0)
+        errors[cls.kind] = ((op.local_matmul(a, w.t()).double() - ref).norm() / ref.norm()).item()
+        with pytest.raises(ValueError, match="local_matmul needs mode='direct'"):
+            cls(ctx.heap, M, N, K, torch.bfloat16, config=SMALL, mode="push").local_matmul(a, w.t())
+    return errors
+
+
+def test_local_matmul_is_the_plain_gemm():
+    for rank, errors in enumerate(launch(_local, 2, backend="sim", heap_bytes=16 << 20, timeout_s=300)):
+        assert set(errors) == {"matmul_rs", "matmul_ar"}
+        assert all(e < 2e-2 for e in errors.values()), (rank, errors)
