@@ -3,11 +3,13 @@
     bspfuse analyze examples/sp_mlp.py:build --world 8 [--json] [--plot timeline.png]
     bspfuse inspect examples/sp_mlp.bsp --stage graph|fused|tile|triton [--mode auto|pull|push|off]
     bspfuse compile examples/sp_mlp.bsp -o kernels.py
-    bspfuse run examples/sp_mlp.bsp --world 2            # fused vs. the unfused reference, in the simulator
+    bspfuse run examples/sp_mlp.bsp --world 2            # fused vs. the unfused reference, GPUs or simulator
+    bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=8192 --size H=4096
     bspfuse bench                                         # how to run the GPU benchmarks
 
 A TARGET is `file.bsp` (the source language) or `file.py:function` (a function returning an fx graph, a
-(model, inputs) pair or a Program). Anything the user got wrong prints one line to stderr and exits 2.
+(model, inputs) pair or a Program); `--size NAME=VALUE` rebinds a size of a .bsp program. Anything the
+user got wrong prints one line to stderr and exits 2.
 """
 from __future__ import annotations
 
@@ -35,25 +37,52 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, SourceError, TargetError, CaptureError, IRError, AnalysisError, ExecuteError, OSError)
 
 
-def load_target(target: str, world: int | None):
-    """The Program a TARGET names: `file.bsp` through the grammar, `file.py:function` through targets."""
+def load_target(target: str, world: int | None, sizes: dict[str, int] | None = None):
+    """The Program a TARGET names: `file.bsp` through the grammar, `file.py:function` through targets.
+    `sizes` rebinds sizes of a .bsp program (`--size T=4096`)."""
     if target.endswith(".bsp"):
         from bspfuse.grammar import parse_file
 
         if not os.path.isfile(target):
             raise UserError(f"{target}: no such file")
-        return parse_file(target, world_size=world)
+        return parse_file(target, world_size=world, sizes=sizes)
     if ":" in target:
         from bspfuse.targets import load_program
 
+        if sizes:
+            raise UserError(f"--size binds sizes of a .bsp program; {target} builds its own shapes")
         return load_program(target, world_size=world)
     raise UserError(f"target '{target}' should be path/to/file.bsp or path/to/file.py:function")
 
 
-def _fuse(program, mode: str):
+def _program(args):
+    """The program of a command's TARGET, --world and --size arguments."""
+    return load_target(args.target, args.world, dict(args.size))
+
+
+def _size(text: str) -> tuple[str, int]:
+    """`--size NAME=VALUE` -> (NAME, VALUE)."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip() or not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' should be NAME=VALUE, e.g. T=4096")
+    return name.strip(), int(value)
+
+
+def _fuse(program, mode: str, fuse_unprofitable: bool = False):
     from bspfuse.passes import Options, run_passes
 
-    return run_passes(program, options=Options(mode=mode))
+    return run_passes(program, options=Options(mode=mode, fuse_unprofitable=fuse_unprofitable))
+
+
+def decision_lines(decisions, indent: str = "") -> list[str]:
+    """One line per fusion decision and, under it, the cost model's estimate when it was asked. The
+    estimate is the only part that changes when the device model is recalibrated."""
+    lines = []
+    for d in decisions:
+        lines.append(indent + d.verdict)
+        if d.estimate is not None:
+            lines.append(f"{indent}    {d.estimate}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -62,7 +91,7 @@ def _fuse(program, mode: str):
 def cmd_analyze(args) -> int:
     from bspfuse.analysis import analyze
 
-    program = load_target(args.target, args.world)
+    program = _program(args)
     report = analyze(program, device=args.device, skew_us=args.skew_us)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
@@ -84,7 +113,7 @@ def inspect_text(program, stage: str, mode: str = "auto") -> str:
     fused = log.program
     if stage == "fused":
         lines = [str(fused), "", "decisions:"]
-        lines += [f"  {d}" for d in log.decisions] or ["  (no candidates)"]
+        lines += decision_lines(log.decisions, "  ") or ["  (no candidates)"]
         return "\n".join(lines)
     from bspfuse.codegen.triton import generate
     from bspfuse.lowering import lower_fused
@@ -116,6 +145,7 @@ def highlight(text: str, stage: str) -> str:
         code = re.sub(r"\bfused_\w+|\bflash_decode\b", lambda m: f"\x1b[1;32m{m.group(0)}\x1b[0m", code)
         code = re.sub(r"\[\w+\] fused\b", lambda m: f"\x1b[32m{m.group(0)}\x1b[0m", code)
         code = re.sub(r"\bnot fused\b", lambda m: f"\x1b[33m{m.group(0)}\x1b[0m", code)
+        code = re.sub(r"\bcost model on .*", lambda m: f"\x1b[2m{m.group(0)}\x1b[0m", code)
         if stage == "triton":
             code = re.sub(_PY_KEYWORDS, lambda m: f"\x1b[1m{m.group(0)}\x1b[0m", code)
         return code + (f"\x1b[2m#{comment}\x1b[0m" if hash_ else "")
@@ -124,7 +154,7 @@ def highlight(text: str, stage: str) -> str:
 
 
 def cmd_inspect(args) -> int:
-    program = load_target(args.target, args.world)
+    program = _program(args)
     text = inspect_text(program, args.stage, args.mode)
     print(highlight(text, args.stage) if sys.stdout.isatty() else text)
     return 0
@@ -133,7 +163,7 @@ def cmd_inspect(args) -> int:
 def cmd_compile(args) -> int:
     from bspfuse.execute import compile_module
 
-    program = load_target(args.target, args.world)
+    program = _program(args)
     log = _fuse(program, args.mode)
     text = compile_module(log.program, source=os.path.basename(args.target))
     with open(args.output, "w") as f:
@@ -144,17 +174,23 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from bspfuse.execute import check
+    from bspfuse.execute import check, choose_backend
+    from bspfuse.runtime.cuda import under_torchrun
 
-    program = load_target(args.target, args.world)
+    program = _program(args)
     world = args.world or program.world_size
     if world is None:
         raise UserError(f"{args.target}: the world size is not known; pass --world N")
-    log = _fuse(program, args.mode)
-    for d in log.decisions:
-        print(d)
-    result = check(program, world, log.program, backend=args.backend, seed=args.seed)
-    print(result.report())
+    backend = choose_backend(args.backend, world)
+    # The simulator runs to check the kernels, not to be fast: it also fuses what the cost model keeps
+    # bulk-synchronous on the GPU, and the decision says so. On GPUs the cost model decides.
+    log = _fuse(program, args.mode, fuse_unprofitable=backend == "sim")
+    speaks = not under_torchrun() or os.environ["RANK"] == "0"  # under torchrun, rank 0 reports for all
+    if speaks:
+        print("\n".join(decision_lines(log.decisions)), flush=True)
+    result = check(program, world, log.program, backend=backend, seed=args.seed)
+    if speaks:
+        print(result.report())
     return 0 if result.ok else 1
 
 
@@ -183,14 +219,20 @@ def cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def _target_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="file.bsp or file.py:function")
+    p.add_argument("--world", type=int)
+    p.add_argument("--size", type=_size, action="append", default=[], metavar="NAME=VALUE",
+                   help="rebind a size of a .bsp program (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bspfuse", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     modes = ("auto", "pull", "push", "off")
 
     a = sub.add_parser("analyze", help="the three taxes of the BSP program, per op")
-    a.add_argument("target")
-    a.add_argument("--world", type=int)
+    _target_arguments(a)
     a.add_argument("--device", default="H200")
     a.add_argument("--json", action="store_true")
     a.add_argument("--plot", metavar="FILE.png")
@@ -198,23 +240,21 @@ def _parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_analyze)
 
     i = sub.add_parser("inspect", help="print one stage of the pipeline")
-    i.add_argument("target")
+    _target_arguments(i)
     i.add_argument("--stage", choices=("graph", "fused", "tile", "triton"), default="fused")
-    i.add_argument("--world", type=int)
     i.add_argument("--mode", choices=modes, default="auto")
     i.set_defaults(fn=cmd_inspect)
 
     c = sub.add_parser("compile", help="write a standalone module: Triton kernels + run(ctx, inputs)")
-    c.add_argument("target")
+    _target_arguments(c)
     c.add_argument("-o", "--output", required=True)
-    c.add_argument("--world", type=int)
     c.add_argument("--mode", choices=modes, default="auto")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="run the fused program on N ranks and check it against the reference")
-    r.add_argument("target")
-    r.add_argument("--world", type=int)
-    r.add_argument("--backend", choices=("sim", "cuda", "auto"), default="sim")
+    _target_arguments(r)
+    r.add_argument("--backend", choices=("sim", "cuda", "auto"), default="auto",
+                   help="auto (default): cuda when there is a GPU per rank, else the simulator")
     r.add_argument("--mode", choices=modes, default="auto")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_run)

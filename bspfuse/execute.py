@@ -3,6 +3,7 @@
     reference(program, inputs_by_rank)   float64, all ranks at once: the meaning of the BSP program
     random_inputs(program, world, seed)  per-rank inputs that respect the layouts
     run_fused(ctx, program, inputs)      one rank, inside launch(...): fused ops through the kernels
+    choose_backend(backend, world)       "sim" or "cuda", or why the GPUs asked for are not there
     check(program, world, ...)           all of the above, with relative errors against the reference
 
 Collectives the passes did not fuse run through a small RMA fallback on the symmetric heap (copy in,
@@ -16,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -134,7 +136,8 @@ def reference(program: Program, inputs_by_rank: list[dict[str, torch.Tensor]]) -
             outs = _collective_reference(code, a, [x[0] for x in xs])
         elif code == "fused_allgather_matmul":
             full = torch.cat([x[0] for x in xs], dim=0)
-            outs = [_epilogue(full @ x[1], a.get("epilogue", ()), x[2:]) for x in xs]
+            outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[2:]),) + ((full,) if a.get("gathered_out") else ())
+                    for x in xs]
         elif code in ("fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             total = sum(x[0] @ x[1] for x in xs)
             parts = total.chunk(W, dim=0) if code == "fused_matmul_reduce_scatter" else [total] * W
@@ -202,6 +205,7 @@ class Execution:
     outputs: list[torch.Tensor]
     fallbacks: list[str] = field(default_factory=list)
     fused: list[str] = field(default_factory=list)
+    device: str = ""  # what ran it: the simulator or the GPU's name
 
 
 def rma_collective(heap, code: str, x: torch.Tensor, dim: int = 0, reduce: str = "sum") -> torch.Tensor:
@@ -244,7 +248,8 @@ def make_fused_gemm(heap, op: Op, program: Program, config=None, debug: bool = F
         return gemm.FusedAllGatherMatmul(heap, m, n, k, dtype, mode=op.attrs.get("mode", "push"), epilogue=epilogue,
                                          config=config, debug=debug, name=name)
     cls = gemm.FusedMatmulReduceScatter if op.opcode == "fused_matmul_reduce_scatter" else gemm.FusedMatmulAllReduce
-    return cls(heap, m, n, k, dtype, epilogue=epilogue, config=config, debug=debug, name=name)
+    return cls(heap, m, n, k, dtype, epilogue=epilogue, config=config, debug=debug, name=name,
+               mode=op.attrs.get("mode", "push"))
 
 
 def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=None, cache: dict | None = None,
@@ -260,7 +265,8 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
     if config is None and device.type == "cpu":
         config = sim_config()
     cache = cache if cache is not None else {}
-    ex = Execution([])
+    ex = Execution([], device="simulator (Triton interpreter)" if device.type == "cpu"
+                   else torch.cuda.get_device_name(device))
     env: dict[Value, torch.Tensor] = {v: inputs[v.name].to(device) for v in program.inputs}
     for op in program.ops:
         xs = [env[v] for v in op.inputs]
@@ -272,6 +278,8 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
             bias = xs[2] if "bias" in a.get("epilogue", ()) else None
             res = cache[key](xs[0], xs[1], bias)
             res = res.clone() if code == "fused_matmul_allreduce" else res  # the heap slot is reused
+            if a.get("gathered_out"):  # the gathered A feeds other ops too
+                res = (res, cache[key].gathered(xs[0]))
             ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})")
         elif code == "flash_decode":
             if key not in cache:
@@ -318,13 +326,14 @@ class CheckResult:
     rows: list[tuple[int, str, str, float, float]]  # rank, output name, dtype, error, tolerance
     fallbacks: list[str]
     fused: list[str]
+    device: str
 
     @property
     def ok(self) -> bool:
         return all(err <= tol for *_, err, tol in self.rows)
 
     def report(self) -> str:
-        lines = [f"{self.program} on {self.world_size} ranks"]
+        lines = [f"{self.program} on {self.world_size} ranks, {self.device}"]
         lines += [f"  fused: {f}" for f in self.fused] or ["  fused: nothing"]
         lines += [f"  fallback: {f}" for f in self.fallbacks]
         for rank, name, dtype, err, tol in self.rows:
@@ -334,22 +343,65 @@ class CheckResult:
         return "\n".join(lines)
 
 
+def choose_backend(backend: str, world_size: int) -> str:
+    """The backend to run `world_size` ranks on, "sim" or "cuda", for `backend` sim | cuda | auto. auto:
+    cuda under torchrun or when this host has a GPU per rank, else sim. Asking for cuda without the GPUs
+    is an ExecuteError that says what is missing."""
+    from bspfuse.runtime.cuda import under_torchrun
+
+    if backend == "sim":
+        return "sim"
+    if backend not in ("cuda", "auto"):
+        raise ExecuteError(f"backend '{backend}': the backends are sim, cuda and auto")
+    gpus = torch.cuda.device_count()
+    if under_torchrun():
+        launched = int(os.environ["WORLD_SIZE"])
+        if launched != world_size:
+            raise ExecuteError(f"--world {world_size} under torchrun with WORLD_SIZE={launched}: start torchrun "
+                               f"with --nproc_per_node {world_size}, or pass --world {launched}")
+        if gpus == 0 and backend == "cuda":
+            raise ExecuteError("backend cuda under torchrun, but this process sees no CUDA GPU")
+        return "cuda" if gpus else "sim"
+    if gpus >= world_size:
+        return "cuda"
+    if backend == "auto":
+        return "sim"
+    if gpus == 0:
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU build)"
+        raise ExecuteError(f"backend cuda: no CUDA GPU is visible (torch {torch.__version__} with {built}); "
+                           "run on the simulator with --backend sim")
+    raise ExecuteError(f"backend cuda with --world {world_size} needs {world_size} GPUs on this host, one per "
+                       f"rank; {gpus} visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+
+
+def heap_bytes_for(program: Program, world_size: int) -> int:
+    """A symmetric heap large enough for `program`: the fused kernels keep at most two slots per peer of
+    an operand or result, and a fallback collective one copy of its input; 32 MiB more for flags."""
+    total = 0
+    for v in program.values():
+        item = torch.empty((), dtype=TORCH_DTYPE[v.type.dtype]).element_size()
+        total += math.prod(_shape(program, v)) * item
+    return (32 << 20) + 2 * world_size * total
+
+
 def check(program: Program, world_size: int | None = None, fused: Program | None = None, backend: str = "sim",
-          seed: int = 0, timeout_s: float = 600.0, heap_bytes: int = 64 << 20) -> CheckResult:
-    """Run `fused` (default: `program` itself) on every rank and compare it with the reference of `program`."""
+          seed: int = 0, timeout_s: float = 600.0) -> CheckResult:
+    """Run `fused` (default: `program` itself) on every rank and compare it with the reference of `program`.
+    backend: sim | cuda | auto, as in `choose_backend`."""
     from bspfuse.runtime import launch
 
     world = world_size or program.world_size
     fused = fused if fused is not None else program
+    backend = choose_backend(backend, world)
     inputs = random_inputs(program, world, seed)
     ref = reference(program, inputs)
-    runs = launch(_rank_main, world, backend=backend, args=(fused, inputs), heap_bytes=heap_bytes,
+    runs = launch(_rank_main, world, backend=backend, args=(fused, inputs), heap_bytes=heap_bytes_for(program, world),
                   timeout_s=timeout_s)
     rows = []
     for rank, (run, expected) in enumerate(zip(runs, ref)):
         for v, out, want in zip(program.outputs, run.outputs, expected):
             rows.append((rank, v.name, v.type.dtype, rel_error(out, want), TOLERANCE.get(v.type.dtype, 0.0)))
-    return CheckResult(program.name, world, rows, runs[0].fallbacks, runs[0].fused)
+    return CheckResult(program.name, world, rows, runs[0].fallbacks, runs[0].fused, runs[0].device)
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -395,11 +447,13 @@ def compile_module(program: Program, source: str = "<program>") -> str:
                         f"epilogue={epi!r}, config=_config(heap, {name!r}), name={name!r})")
             else:
                 cls = "FusedMatmulReduceScatter" if code == "fused_matmul_reduce_scatter" else "FusedMatmulAllReduce"
-                ctor = (f"gemm.{cls}(heap, {m}, {n}, {k}, {dtype}, epilogue={epi!r}, config=_config(heap, {name!r}), "
-                        f"name={name!r})")
+                ctor = (f"gemm.{cls}(heap, {m}, {n}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, epilogue={epi!r}, "
+                        f"config=_config(heap, {name!r}), name={name!r})")
             makers.append(f"def _make_{name}(heap):\n    return _inline({ctor}, {name!r})\n")
             bias = ins[2] if "bias" in epi else "None"
             call = f"_op(ctx, {name!r}, _make_{name})({ins[0]}, {ins[1]}, {bias})"
+            if a.get("gathered_out"):  # the gathered A feeds other ops too: the second result
+                call = f"{call}, _op(ctx, {name!r}, _make_{name}).gathered({ins[0]})"
             body.append(f"    {outs} = {call}" + (".clone()," if code == "fused_matmul_allreduce" else ","))
         elif code == "flash_decode":
             q, kk = op.inputs[0].type, op.inputs[1].type

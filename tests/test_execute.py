@@ -7,25 +7,74 @@ import pytest
 import torch
 
 from bspfuse.cli import main
-from bspfuse.execute import random_inputs, reference, rel_error
+from bspfuse.execute import ExecuteError, choose_backend, random_inputs, reference, rel_error
 from bspfuse.grammar import parse_file
+from bspfuse.passes import Options, run_passes
+from bspfuse.passes.fuse_gemm import choose_mode
 from bspfuse.runtime import launch
 
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("example, mode", [
-    ("sp_mlp", "auto"), ("row_parallel_allreduce", "auto"), ("attn_out_reduce_scatter", "auto"),
-    ("flash_decode", "auto"),
-    ("row_parallel_allreduce", "push"), ("attn_out_reduce_scatter", "push"),  # the fused GEMM+AR / GEMM+RS
-])
-def test_run_example_passes(capsys, example, mode):
-    code = main(["run", str(ROOT / "examples" / f"{example}.bsp"), "--world", "2", "--mode", mode])
+@pytest.mark.parametrize("example", ["sp_mlp", "swiglu_mlp", "row_parallel_allreduce", "attn_out_reduce_scatter",
+                                     "flash_decode"])
+def test_run_example_fuses_every_collective(capsys, example):
+    code = main(["run", str(ROOT / "examples" / f"{example}.bsp"), "--world", "2", "--backend", "sim"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.rstrip().endswith("PASS")
-    if mode == "push":
-        assert "fused: %" in out and "fallback" not in out
+    assert "fused: %" in out and "fallback" not in out and "simulator" in out
+
+
+def test_simulator_fusion_keeps_what_the_cost_model_would_do():
+    # At the example's size the cost model keeps GEMM+AR bulk-synchronous on the GPU; the simulator's
+    # run (fuse_unprofitable) fuses it to check the kernel and says so, with the model's estimate.
+    program = parse_file(str(ROOT / "examples" / "row_parallel_allreduce.bsp"))
+    (on_gpu,) = run_passes(program).decisions
+    (in_sim,) = run_passes(program, options=Options(fuse_unprofitable=True)).decisions
+    assert not on_gpu.applied and on_gpu.reason == "the unfused schedule is estimated faster"
+    assert in_sim.applied and in_sim.reason == "push, to check the kernel: the cost model keeps BSP on H200"
+    model = choose_mode("matmul_ar", 128, 128, 256, 2)
+    assert in_sim.estimate == on_gpu.estimate and in_sim.estimate.us == model.estimates_us
+    assert in_sim.estimate.mode == model.mode == "off"
+
+
+def test_fallbacks_are_reported_as_fallbacks(capsys):
+    code = main(["run", str(ROOT / "examples" / "sp_mlp.bsp"), "--world", "2", "--backend", "sim", "--mode", "off"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "  fused: nothing" in out
+    assert "fallback: %xg_start: all_gather through the RMA fallback (not fused)" in out
+    assert "fallback: %y_start: reduce_scatter through the RMA fallback (not fused)" in out
+
+
+def _no_gpus(monkeypatch, count: int):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_choose_backend(monkeypatch):
+    _no_gpus(monkeypatch, 1)
+    assert choose_backend("auto", 2) == "sim" and choose_backend("auto", 1) == "cuda"
+    assert choose_backend("sim", 1) == "sim"
+    with pytest.raises(ExecuteError, match=r"--world 2 needs 2 GPUs on this host, one per rank; 1 visible"):
+        choose_backend("cuda", 2)
+    _no_gpus(monkeypatch, 0)
+    with pytest.raises(ExecuteError, match="no CUDA GPU is visible .* --backend sim"):
+        choose_backend("cuda", 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ExecuteError, match="under torchrun with WORLD_SIZE=4: start torchrun with --nproc_per_node 2"):
+        choose_backend("cuda", 2)
+
+
+def test_run_cuda_without_gpus_is_a_user_error(capsys, monkeypatch):
+    _no_gpus(monkeypatch, 0)
+    code = main(["run", str(ROOT / "examples" / "sp_mlp.bsp"), "--world", "2", "--backend", "cuda"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.startswith("error: backend cuda: no CUDA GPU is visible")
 
 
 def test_reference_semantics():
@@ -37,17 +86,18 @@ def test_reference_semantics():
     assert torch.equal(y0, y1) and rel_error(y0, want) < 1e-12
 
 
-def test_compiled_module_runs_without_the_cli(capsys, tmp_path, monkeypatch):
-    out = tmp_path / "sp_mlp_kernels.py"
-    assert main(["compile", str(ROOT / "examples" / "sp_mlp.bsp"), "-o", str(out), "--mode", "push"]) == 0
+@pytest.mark.parametrize("example", ["sp_mlp", "swiglu_mlp"])
+def test_compiled_module_runs_without_the_cli(capsys, tmp_path, monkeypatch, example):
+    out = tmp_path / f"{example}_kernels.py"
+    assert main(["compile", str(ROOT / "examples" / f"{example}.bsp"), "-o", str(out), "--mode", "push"]) == 0
     text = out.read_text()
     assert text.count("@triton.jit") >= 4 and "iris." in text and "def run(ctx, inputs)" in text
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned ranks import it by name
-    module = importlib.import_module("sp_mlp_kernels")
-    program = parse_file(str(ROOT / "examples" / "sp_mlp.bsp"))
+    module = importlib.import_module(f"{example}_kernels")
+    program = parse_file(str(ROOT / "examples" / f"{example}.bsp"))
     inputs = random_inputs(program, 2, seed=5)
     expected = reference(program, inputs)
     results = launch(module.rank_main, 2, backend="sim", args=(inputs,), timeout_s=300)
     for rank in range(2):
         assert rel_error(results[rank]["y"], expected[rank][0]) < 2e-2
-    sys.modules.pop("sp_mlp_kernels", None)
+    sys.modules.pop(f"{example}_kernels", None)

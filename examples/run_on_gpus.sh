@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every example through `bspfuse run --backend cuda` on 2 GPUs of one host, checked against the float64
+# reference: at the examples' own sizes (the cost model decides, so small GEMM+RS/AR stay BSP and run
+# through the RMA fallback), forced to fuse (--mode push), at sizes where fusing pays, with rows that are
+# not 16-byte aligned (the passes decline and say why), and started by torchrun instead of spawning.
+# Success: every run ends in PASS and the summary says "all N runs passed".
+# Run from the repository root: bash examples/run_on_gpus.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bspfuse() { python3 -m bspfuse.cli "$@"; }
+runs=0 failed=()
+
+check() {  # check NAME COMMAND...: run it, show its report, count it as passed when it ends in PASS
+    local name=$1; shift
+    echo "=== $name: $*"
+    local log; log=$("$@" 2>&1); local rc=$?
+    echo "$log"
+    runs=$((runs + 1))
+    [[ $rc == 0 && $(tail -n 1 <<<"$log") == PASS ]] || failed+=("$name (exit $rc)")
+}
+
+for example in sp_mlp row_parallel_allreduce attn_out_reduce_scatter flash_decode; do
+    check "$example" bspfuse run "examples/$example.bsp" --world 2 --backend cuda
+done
+for example in sp_mlp row_parallel_allreduce attn_out_reduce_scatter; do
+    check "$example push" bspfuse run "examples/$example.bsp" --world 2 --backend cuda --mode push
+done
+check "sp_mlp large" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=4096 --size H=4096 --size F=8192
+check "row_parallel_allreduce large" bspfuse run examples/row_parallel_allreduce.bsp --world 2 --backend cuda \
+    --mode push --size M=2048 --size K=8192 --size N=4096
+check "attn_out_reduce_scatter large" bspfuse run examples/attn_out_reduce_scatter.bsp --world 2 --backend cuda --mode push \
+    --size T=4096 --size NH=32 --size D=128 --size H=4096
+check "flash_decode large" bspfuse run examples/flash_decode.bsp --world 2 --backend cuda \
+    --size B=4 --size Hq=32 --size Hkv=8 --size S=65536 --size D=128
+check "sp_mlp unaligned rows" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode push --size T=250 --size H=100
+check "sp_mlp under torchrun" python3 -m torch.distributed.run --nproc_per_node 2 -m bspfuse.cli run examples/sp_mlp.bsp \
+    --world 2 --backend cuda --mode push
+
+echo "=== one GPU visible, two ranks asked for (should be a one-line error, exit 2):"
+CUDA_VISIBLE_DEVICES=0 python3 -m bspfuse.cli run examples/sp_mlp.bsp --world 2 --backend cuda
+echo "exit $?"
+
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} (of $runs runs)"
+    exit 1
+fi
+echo "all $runs runs passed"
