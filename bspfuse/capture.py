@@ -66,9 +66,23 @@ def capture(gm: torch.fx.GraphModule, world_size: int | None = None, name: str |
         program = capture(gm)          # gm: all_gather_into_tensor -> wait_tensor -> mm
         print(program)                 # all_gather + wait + matmul
     """
+    return capture_with_nodes(gm, world_size, name)[0]
+
+
+def capture_with_nodes(gm: torch.fx.GraphModule, world_size: int | None = None,
+                       name: str | None = None) -> tuple[Program, dict[str, list[torch.fx.Node]]]:
+    """`capture`, plus where each IR value came from: value name -> the fx nodes that compute it, in graph
+    order (more than one where capture folded a node into another, e.g. a gather's split/cat into its
+    wait). This is how a rewrite of the Program finds its way back into the fx graph."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise CaptureError(f"capture needs a torch.fx.GraphModule, got {type(gm).__name__}")
-    return _Capture(gm, world_size, name or _program_name(gm)).run()
+    c = _Capture(gm, world_size, name or _program_name(gm))
+    program = c.run()
+    nodes: dict[str, list[torch.fx.Node]] = {}
+    for node in c.nodes:
+        for v in c._values(node):
+            nodes.setdefault(v.name, []).append(node)
+    return program, nodes
 
 
 @contextlib.contextmanager
@@ -290,7 +304,8 @@ def _find_scatter(rs: torch.fx.Node, world: int) -> _Scatter:
         if _is(split, "aten.split") and _split_cat_chunks(split, cat, world):
             src = split.args[0].meta.get("val")
             d = _norm_dim(_arg(split, 2, "dim", 0), src.dim()) if isinstance(src, torch.Tensor) else 0
-            if d != 0 and split.args[1] * world == src.shape[d]:
+            chunk = split.args[1]  # an fx node when the size is symbolic: the split/cat is then kept as is
+            if d != 0 and isinstance(chunk, int) and chunk * world == src.shape[d]:
                 return _Scatter(rs, split.args[0], d, {split, cat, *split.users})
     return _Scatter(rs, rs.args[0], 0, set())
 

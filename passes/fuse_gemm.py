@@ -121,10 +121,12 @@ def _absorb_epilogue(users, v: Value, outputs: list[Value]) -> tuple[list[Op], l
         nxt = _sole_user(users, v)
         if nxt is None or nxt.opcode != "pointwise" or nxt.attrs.get("fn") not in EPILOGUE_FNS:
             break
+        if nxt.attrs.get("approximate", "none") != "none":  # the kernel's gelu is the exact (erf) one
+            break
         if nxt.attrs["fn"] == "bias":
             other = [x for x in nxt.inputs if x is not v]
-            if len(other) != 1 or other[0].type.rank != 1 or nxt.inputs[0] is not v:
-                break
+            if len(other) != 1 or other[0].type.rank != 1 or nxt.inputs[0] is not v or extra:
+                break  # the kernel reads one bias vector
             extra.append(other[0])
         elif len(nxt.inputs) != 1:
             break

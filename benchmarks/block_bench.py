@@ -1,0 +1,168 @@
+"""A Llama-3-70B-sized decoder layer under TP + SP (DTensor), forward latency, side by side in one process group.
+
+    python3 -m torch.distributed.run --nproc_per_node=2 benchmarks/block_bench.py --json OUT/block_h200x2.json
+
+Variants, all on the same parallelized module (examples/llama_block.py, torchtitan's plan), batch 1, bf16:
+eager TP (DTensor), torch.compile with Inductor (also under CUDA graphs), Inductor with PyTorch's async TP (`_micro_pipeline_tp`,
+symmetric memory enabled for the group), and torch.compile(backend="bspfuse") (auto: the cost model
+decides per site, and push: every site fused). Each compiled variant's output is checked against eager
+on fresh random inputs in the same run; every bspfuse decision is printed. Both ranks time at once (CUDA
+events, a barrier before each iteration); the reported time is the slower rank's median.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "examples")]
+
+from gemm_bench import bench, rel_err  # noqa: E402
+
+SEQS = (4096, 8192, 2048)  # the targets first, should the time budget run out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--seqs", type=int, nargs="*", default=list(SEQS))
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--time-budget-s", type=float, default=480.0)
+    parser.add_argument("--profile-seq", type=int, default=8192,
+                        help="profile every variant at this length: device time per kernel class (0: off)")
+    args = parser.parse_args()
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    import torch.distributed._symmetric_memory as symm_mem
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import bspfuse.backend
+    from llama_block import LlamaBlock, LlamaConfig, parallelize
+
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    W = dist.get_world_size()
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    mesh = init_device_mesh("cuda", (W,))
+    group = dist.group.WORLD.group_name
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each sequence length compiles its own static graph
+    torch._dynamo.config.cache_size_limit = 64
+    symm_mem.enable_symm_mem_for_group(group)
+
+    cfg = LlamaConfig(max_seq=max(args.seqs))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = parallelize(LlamaBlock(cfg).to(torch.bfloat16), mesh)
+    say(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {W}, "
+        f"hidden {cfg.hidden}, heads {cfg.heads}/{cfg.kv_heads}, ffn {cfg.ffn}")
+
+    def compiled(backend, **kw):
+        torch._dynamo.reset()
+        return torch.compile(model, backend=backend, **kw)
+
+    variants = {
+        "eager TP": lambda: model,
+        "inductor": lambda: compiled("inductor"),
+        "inductor, CUDA graphs": lambda: compiled("inductor", mode="reduce-overhead"),
+        "inductor + async TP": lambda: compiled("inductor", options={"_micro_pipeline_tp": True}),
+        "bspfuse auto": lambda: compiled("bspfuse"),
+        "bspfuse push": lambda: compiled("bspfuse", options={"mode": "push"}),
+    }
+    rows, start = [], time.time()
+    for seq in args.seqs:
+        gen = torch.Generator(device="cuda").manual_seed(1000 + seq * W + rank)
+        x = torch.randn(1, seq // W, cfg.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+        with torch.no_grad():
+            ref = model(x)
+        for name, make in variants.items():
+            if time.time() - start > args.time_budget_s:
+                say(f"time budget spent: skipping {name} at seq {seq}")
+                continue
+            try:
+                bspfuse.backend.reset()
+                t0 = time.time()
+                fn = make()
+                with torch.no_grad():
+                    out = fn(x)  # compiles
+                    torch.cuda.synchronize()
+                    compile_s = time.time() - t0
+                    err = rel_err(out, ref)
+                    ms = bench(lambda: fn(x), iters=args.iters)
+                fused = [str(r) for r in bspfuse.backend.reports()] if name.startswith("bspfuse") else []
+                kernels = _profile(lambda: fn(x)) if seq == args.profile_seq else None
+                rows.append(dict(seq=seq, variant=name, ms=ms, rel_err=err, compile_s=round(compile_s, 1), bspfuse=fused,
+                                 kernels_ms=kernels))
+                say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  rel err {err:.2e}  (compile {compile_s:.0f} s)")
+                if kernels:
+                    say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()))
+                for line in fused:
+                    say("    " + line.replace("\n", "\n    "))
+            except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
+                rows.append(dict(seq=seq, variant=name, error=f"{type(e).__name__}: {e}"))
+                say(f"seq {seq:5d}  {name:20s} FAILED: {type(e).__name__}: {str(e)[:400]}")
+                if rank == 0:
+                    traceback.print_exc()
+            if args.json and rank == 0:
+                _write(args.json, rows)
+    torch._dynamo.reset()
+
+    say("\nseq    " + "".join(f"{v:>21s}" for v in variants) + "   best baseline / bspfuse auto")
+    for seq in args.seqs:
+        got = {r["variant"]: r.get("ms") for r in rows if r["seq"] == seq}
+        base = [got.get(v) for v in variants if not v.startswith("bspfuse") and got.get(v)]
+        ours = got.get("bspfuse auto")
+        ratio = f"{min(base) / ours:.3f}x" if base and ours else "-"
+        say(f"{seq:<7d}" + "".join(f"{got[v]:21.3f}" if got.get(v) else f"{'-':>21s}" for v in variants)
+            + f"   {ratio}")
+    dist.destroy_process_group()
+
+
+KERNEL_CLASSES = (  # first match wins: (class, substrings of the kernel name, lower case)
+    ("nccl", ("nccl",)),
+    ("bspfuse fused", ("bspfuse_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma")),
+    ("copy", ("memcpy", "copy", "cat")),
+)
+
+
+def _profile(step, steps: int = 3) -> dict:
+    """Device time per step by kernel class (cuBLAS GEMMs, attention, NCCL, our fused kernels, copies, the
+    rest: Inductor's pointwise/norm kernels). Kernels of one step overlap only where streams do, so the
+    classes' sum can exceed the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if not us or e.key.startswith("cuda") or "Memset" in e.key:
+            continue
+        name = e.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other (pointwise, norms)")
+        out[cls] = out.get(cls, 0.0) + us / 1000 / steps
+    return {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def _write(path, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "world_size": dist.get_world_size(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

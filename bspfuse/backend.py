@@ -1,0 +1,499 @@
+"""`torch.compile(model, backend="bspfuse")`: fuse the collectives of a compiled model into bspfuse kernels.
+
+Dynamo captures the model, AOT autograd splits forward and backward, and Inductor compiles both. In the
+forward graph, at Inductor's post-grad stage (where PyTorch's own async-TP pass runs), bspfuse:
+
+    normalize_collectives   fx -> fx   flatten collectives to 2-D rows, fold reshape chains
+    capture_with_nodes      fx -> IR   (bspfuse.capture)
+    run_passes              IR -> IR   the fusion passes and their decisions (passes/)
+    check_plan                         heap budget, same shapes on every rank: errors before any launch
+    rewrite                 IR -> fx   fused sites become calls to torch.ops.bspfuse.* (runtime/torch_ops)
+
+and Inductor compiles everything else as usual. Backward graphs, and forward sites the passes decline
+(symbolic shapes, unaligned rows, the cost model, ...), stay Inductor's; every such fallback is logged
+with its reason on the `bspfuse` logger, and `reports()` returns all decisions of this process.
+
+Options (`torch.compile(..., backend="bspfuse", options={...})`): `mode` (auto | push | pull | off),
+`heap_bytes` (the symmetric heap per group; default BSPFUSE_HEAP_BYTES or 4 GiB), `inner` ("inductor",
+or "eager": run the rewritten graph as it is, no Inductor, e.g. in the CPU simulator).
+
+Example::
+
+    model = parallelize_module(block, mesh, plan)          # DTensor tensor + sequence parallel
+    compiled = torch.compile(model, backend="bspfuse")
+    y = compiled(x)
+    for report in bspfuse.backend.reports():
+        print(report)
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from bspfuse.capture import AG, AR, RS, VIEWS, WAIT, CaptureError, _target_name, capture_with_nodes
+from bspfuse.passes import Decision, Options, run_passes
+from bspfuse.runtime import torch_ops
+
+log = logging.getLogger("bspfuse")
+
+MODES = ("auto", "push", "pull", "off")  # options['mode']
+FUSED_OPS = {  # fused IR op -> the torch.ops.bspfuse op that runs it
+    "fused_allgather_matmul": "all_gather_matmul",
+    "fused_matmul_reduce_scatter": "matmul_reduce_scatter",
+    "fused_matmul_allreduce": "matmul_all_reduce",
+}
+
+
+class BspfuseCompileError(RuntimeError):
+    """A model bspfuse will not run: the message names the site and what is wrong, before any launch."""
+
+
+@dataclass
+class Report:
+    """What bspfuse did with one graph: every decision, and graph-level fallbacks (backward, no collectives)."""
+
+    graph: str
+    decisions: list[Decision] = field(default_factory=list)
+    fallback: str | None = None  # why the whole graph was left alone
+
+    @property
+    def fused(self) -> list[Decision]:
+        return [d for d in self.decisions if d.applied]
+
+    def __str__(self) -> str:
+        head = f"bspfuse, {self.graph}: " + (f"left to Inductor: {self.fallback}" if self.fallback else
+                                             f"{len(self.fused)} of {len(self.decisions)} sites fused")
+        return "\n".join([head] + [f"  {d}" for d in self.decisions])
+
+
+_REPORTS: list[Report] = []
+# group name -> host object (torch_ops.host_object_key) -> its heap bytes: what the compiled graphs will
+# allocate. Sites that share a key share one object, within a graph and across graphs (recompiles).
+_PLANNED_HEAP: dict[str, dict[tuple, int]] = {}
+
+
+def reports() -> list[Report]:
+    """Every graph's report, in compile order, since the process started (or `reset()`)."""
+    return list(_REPORTS)
+
+
+def reset() -> None:
+    """Forget the reports and the heap plan, e.g. between tests. Host objects already built keep their heap
+    buffers: a process that goes on running compiled graphs should not call this."""
+    _REPORTS.clear()
+    _PLANNED_HEAP.clear()
+
+
+def _record(report: Report) -> Report:
+    _REPORTS.append(report)
+    log.info("%s", report)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ normalize (fx -> fx)
+
+
+def _is(node, name: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and _target_name(node) == name
+
+
+def _val(node: torch.fx.Node) -> torch.Tensor:
+    return node.meta["val"]
+
+
+def _static(*nodes) -> bool:
+    """Every node is a tensor of known sizes: the rewrites below leave symbolic shapes to the passes, which
+    decline them with a reason."""
+    return all(isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+               and all(isinstance(d, int) for d in n.meta["val"].shape) for n in nodes)
+
+
+def _reshape(graph: torch.fx.Graph, x: torch.fx.Node, shape) -> torch.fx.Node:
+    node = graph.call_function(torch.ops.aten.reshape.default, (x, list(shape)))
+    node.meta["val"] = _val(x).reshape(shape)
+    return node
+
+
+def _fold_split_cat(graph: torch.fx.Graph) -> None:
+    # cat([split(x, c, d)[0..W-1]], 0) with every dim before d of size 1 -> reshape(x): the same bytes
+    for cat in [n for n in graph.nodes if _is(n, "aten.cat")]:
+        parts = cat.args[0]
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if dim != 0 or not parts or not all(_is(p, "getitem") for p in parts):
+            continue
+        split = parts[0].args[0]
+        if not _is(split, "aten.split") or [p.args for p in parts] != [(split, i) for i in range(len(parts))]:
+            continue
+        x, d = split.args[0], split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if not _static(x, cat):
+            continue
+        shape = tuple(_val(x).shape)
+        d = d % len(shape)
+        if any(s != 1 for s in shape[:d]) or len(split.users) != len(parts) or len(_val(split)) != len(parts):
+            continue
+        with graph.inserting_before(cat):
+            cat.replace_all_uses_with(_reshape(graph, x, tuple(_val(cat).shape)))
+        graph.erase_node(cat)
+        for p in parts:
+            graph.erase_node(p)
+        graph.erase_node(split)
+
+
+def _flatten_collectives(graph: torch.fx.Graph) -> None:
+    # wait(all_gather(x[.., H]))    -> reshape(wait(all_gather(reshape(x, [-1, H]))), shape)   (rows gather)
+    # wait(reduce_scatter(y[.., H])) -> reshape(wait(reduce_scatter(reshape(y, [-1, H]))), shape)
+    # Collectives work on dim 0 of contiguous data, so the 2-D form moves exactly the same bytes.
+    for coll in [n for n in graph.nodes if _is(n, AG) or _is(n, RS)]:
+        x = coll.args[0]
+        if not _static(x, coll) or _val(x).dim() <= 2 or len(coll.users) != 1 or not _is(next(iter(coll.users)), WAIT):
+            continue
+        wait = next(iter(coll.users))
+        shape = tuple(_val(wait).shape)
+        with graph.inserting_before(coll):
+            flat = _reshape(graph, x, (-1, _val(x).shape[-1]))
+            coll2 = graph.call_function(coll.target, (flat, *coll.args[1:]), dict(coll.kwargs))
+            coll2.meta["val"] = _val(coll).reshape(-1, _val(x).shape[-1])
+            wait2 = graph.call_function(wait.target, (coll2,))
+            wait2.meta["val"] = coll2.meta["val"]
+        with graph.inserting_after(wait):
+            back = _reshape(graph, wait2, shape)
+        wait.replace_all_uses_with(back)
+        graph.erase_node(wait)
+        graph.erase_node(coll)
+
+
+def _drop_noop_slices(graph: torch.fx.Graph) -> None:
+    # slice(x, d, 0, >= size) -> x   (DTensor's redistribution leaves these behind; Inductor drops them too)
+    for node in [n for n in graph.nodes if _is(n, "aten.slice")]:
+        x, d, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        if node.kwargs or not _static(x) or not all(isinstance(a, (int, type(None))) for a in (d, start, end, step)):
+            continue
+        if (start or 0) == 0 and (end is None or end >= _val(x).shape[d]) and step == 1:
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+
+
+def _fold_reshapes(graph: torch.fx.Graph) -> None:
+    # reshape(reshape(x, s1), s2) -> reshape(x, s2); reshape(x, shape of x) -> x
+    for node in list(graph.nodes):
+        if not any(_is(node, v) for v in VIEWS) or not isinstance(node.args[1], (list, tuple)):
+            continue
+        src = node.args[0]
+        while any(_is(src, v) for v in VIEWS) and isinstance(src.args[1], (list, tuple)):
+            src = src.args[0]
+        if not _static(src, node):
+            continue
+        if tuple(_val(src).shape) == tuple(_val(node).shape):
+            node.replace_all_uses_with(src)
+        elif src is not node.args[0]:
+            node.args = (src, *node.args[1:])
+    graph.eliminate_dead_code()
+
+
+def normalize_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite a graph so collectives and matmuls meet as the fusion passes expect (in place; returns gm)."""
+    _drop_noop_slices(gm.graph)
+    _fold_split_cat(gm.graph)
+    _flatten_collectives(gm.graph)
+    _fold_reshapes(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ------------------------------------------------------------------------------------------ plan (IR)
+
+
+@dataclass
+class Site:
+    """One fused op, as the fx rewrite needs it."""
+
+    opcode: str
+    inputs: list[torch.fx.Node]  # a, b[, bias]
+    results: list[list[torch.fx.Node]]  # per fused result: the fx nodes that computed it
+    attrs: dict
+    group: str
+    shapes: tuple  # (a, b) shapes and dtype: what every rank must agree on
+    heap_bytes: int
+
+    @property
+    def epilogue(self) -> str:  # as torch.ops.bspfuse takes it
+        return "+".join(self.attrs.get("epilogue", ()))
+
+    @property
+    def key(self) -> tuple:  # the host object it will run on
+        a, b, dtype = self.shapes
+        return torch_ops.host_object_key(FUSED_OPS[self.opcode], self.group, a, b, dtype, self.attrs["mode"],
+                                         self.epilogue)
+
+
+def _group_name(collective: torch.fx.Node) -> str:
+    return str(collective.args[-1])  # all_gather_into_tensor, reduce_scatter_tensor, all_reduce: the group last
+
+
+def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[Report, list[Site]]:
+    """Capture the normalized graph, run the passes, and describe each fused op in fx terms."""
+    from bspfuse.kernels.gemm import heap_bytes
+    from bspfuse.lowering import gemm_shape
+
+    program, nodes = capture_with_nodes(gm, name=graph_name)
+    passes_log = run_passes(program, options=options)
+    report = Report(graph_name, passes_log.decisions)
+    fused = passes_log.program
+    # capture takes graphs over one process group (it says so otherwise), so every site shares it
+    group = next((_group_name(n) for n in gm.graph.nodes if _is(n, AG) or _is(n, RS) or _is(n, AR)), "")
+    sites = []
+    for op in fused.ops:
+        if op.opcode not in FUSED_OPS:
+            continue
+        inputs = [nodes[v.name][0] for v in op.inputs]
+        M, N, K = gemm_shape(op, fused)
+        a, b = (_val(x) for x in inputs[:2])
+        sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
+                          (tuple(a.shape), tuple(b.shape), a.dtype),
+                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"])))
+    return report, sites
+
+
+def check_plan(sites: list[Site], group: str, heap_limit: int, graph_name: str) -> None:
+    """Errors a user must see before anything runs: shapes that differ between the ranks of `group` (an
+    exchange every rank of it makes, with or without sites), then the heap budget."""
+    _check_same_on_every_rank(sites, group, graph_name)  # first: a rank that raised here alone would hang it
+    new: dict[str, dict[tuple, Site]] = {}
+    for s in sites:
+        if s.key not in _PLANNED_HEAP.get(s.group, {}):
+            new.setdefault(s.group, {})[s.key] = s
+    for group_name, objects in new.items():
+        limit = torch_ops.size_heap(group_name, heap_limit)
+        total = sum(_PLANNED_HEAP.get(group_name, {}).values()) + sum(s.heap_bytes for s in objects.values())
+        if total > limit:
+            worst = max(objects.values(), key=lambda s: s.heap_bytes)
+            more = ("raise options={'heap_bytes': ...} or BSPFUSE_HEAP_BYTES" if limit == heap_limit else
+                    "the heap was made before this graph compiled: give heap_bytes to the first compile of the group")
+            raise BspfuseCompileError(
+                f"{graph_name}: the fused kernels of process group '{group_name}' need {total / 2**20:.1f} MiB of "
+                f"symmetric heap, more than its {limit / 2**20:.1f} MiB (the largest: "
+                f"{worst.opcode} with A{list(worst.shapes[0])} B{list(worst.shapes[1])}, "
+                f"{worst.heap_bytes / 2**20:.1f} MiB); {more}, or compile with options={{'mode': 'off'}}")
+    for group_name, objects in new.items():
+        _PLANNED_HEAP.setdefault(group_name, {}).update((key, s.heap_bytes) for key, s in objects.items())
+
+
+def _check_same_on_every_rank(sites: list[Site], group: str, graph_name: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from torch._dispatch.python import no_python_dispatcher
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    if dist.get_backend(pg) == "fake":
+        return
+    mine = [(s.opcode, s.shapes) for s in sites]
+    everyone: list[Any] = [None] * pg.size()
+    # Compilers run under fake tensors and the Python dispatcher. The exchange needs real tensors, and
+    # without the dispatcher: under it, enqueueing gloo's second all_gather holds the GIL while gloo's
+    # worker thread, holding the queue's lock, waits for the GIL to free the first one's tensors.
+    with unset_fake_temporarily(), no_python_dispatcher():
+        dist.all_gather_object(everyone, mine, group=pg)
+    for i, theirs in enumerate(everyone):
+        if theirs != mine:
+            at = next((j for j, (m, t) in enumerate(zip(mine, theirs)) if m != t), min(len(mine), len(theirs)))
+            here, there = (x[at] if at < len(x) else "nothing" for x in (mine, theirs))
+            raise BspfuseCompileError(
+                f"{graph_name}: rank {dist.get_global_rank(pg, i)} compiled different fused sites than rank "
+                f"{dist.get_rank()} (site {at}: here {here}, there {there}): bspfuse's kernels need every rank "
+                "to run the same shapes; pad the inputs, or mark the differing dimension dynamic so the site "
+                "falls back")
+
+
+# ------------------------------------------------------------------------------------------ rewrite (IR -> fx)
+
+
+def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule:
+    """Replace each site's nodes by one call to its torch.ops.bspfuse op; dead nodes are removed."""
+    graph = gm.graph
+    taken_over: dict[torch.fx.Node, torch.fx.Node] = {}  # a node an earlier site replaced -> what replaced it
+    for s in sites:
+        target = getattr(torch.ops.bspfuse, FUSED_OPS[s.opcode]).default
+        a, b, *rest = (taken_over.get(n, n) for n in s.inputs)  # e.g. A is the result of a fused all-gather
+        bias = rest[0] if "bias" in s.attrs.get("epilogue", ()) else None
+        first_result = s.results[0][0]
+        with graph.inserting_before(first_result):
+            if s.opcode == "fused_allgather_matmul":
+                want = bool(s.attrs.get("gathered_out"))
+                call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue, want))
+                c_val, g_val = _val(first_result), (_val(s.results[1][0]) if want else _val(a).new_empty(0))
+                call.meta["val"] = (c_val, g_val)
+                outs = []
+                for i, v in enumerate((c_val, g_val)):
+                    item = graph.call_function(operator.getitem, (call, i))
+                    item.meta["val"] = v
+                    outs.append(item)
+            else:
+                call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue))
+                call.meta["val"] = _val(first_result)
+                outs = [call]
+        for result_nodes, new in zip(s.results, outs):
+            for old in result_nodes:
+                old.replace_all_uses_with(new)
+                taken_over[old] = new
+    # a kept result (the gathered A) may have users ahead of the fused call: Inductor's stable sort moves them
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
+    _erase_dead(graph)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _erase_dead(graph: torch.fx.Graph) -> None:
+    # Collectives and waits count as side-effecting in fx, so eliminate_dead_code keeps them: drop the
+    # ones nothing reads any more by hand.
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and (
+                _is(node, WAIT) or _is(node, AG) or _is(node, RS) or _is(node, AR) or not node.is_impure()):
+            graph.erase_node(node)
+
+
+def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap_limit: int) -> Report:
+    """normalize -> capture -> passes -> checks -> rewrite, on one forward graph (in place)."""
+    collectives = [n for n in gm.graph.nodes if _is(n, AG) or _is(n, RS) or _is(n, AR)]
+    if not collectives:
+        return _record(Report(graph_name, fallback="no collectives in this graph"))
+    dynamic = [n for n in collectives if not _static(n.args[0], n)]
+    if dynamic:
+        return _record(Report(graph_name, fallback=(
+            f"dynamic shapes: '{dynamic[0].name}' has symbolic sizes {list(_val(dynamic[0]).shape)}; the fused "
+            "kernels are built per static shape (compile with dynamic=False, or torch._dynamo.mark_static)")))
+    normalize_collectives(gm)
+    try:
+        report, sites = plan(gm, options, graph_name)
+    except CaptureError as e:  # e.g. collectives over two process groups (TP inside FSDP)
+        report, sites = Report(graph_name, fallback=f"not captured: {e}"), []
+    check_plan(sites, _group_name(collectives[0]), heap_limit, graph_name)
+    if sites:
+        rewrite(gm, sites)
+    return _record(report)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def _options(options: dict | None) -> tuple[Options, int, str]:
+    options = dict(options or {})
+    known = {"mode", "heap_bytes", "inner"}
+    unknown = set(options) - known
+    if unknown:
+        raise BspfuseCompileError(f"unknown bspfuse option(s) {sorted(unknown)}; known: {sorted(known)}")
+    mode, inner = options.get("mode", "auto"), options.get("inner", "inductor")
+    if mode not in MODES:
+        raise BspfuseCompileError(f"options['mode'] must be one of {', '.join(MODES)}, got {mode!r}")
+    if inner not in ("inductor", "eager"):
+        raise BspfuseCompileError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
+    return Options(mode=mode), int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)), inner
+
+
+_GRAPH_IDS = itertools.count()
+
+
+def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None) -> Callable:
+    """The torch.compile backend (registered as "bspfuse"); see the module docstring."""
+    opts, heap_limit, inner = _options(options)
+    graph_id = next(_GRAPH_IDS)
+    if inner == "eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        def forward(fx_gm, _inputs):
+            fuse_graph(fx_gm, opts, f"graph {graph_id} forward", heap_limit)
+            return make_boxed_func(fx_gm)
+
+        def backward(fx_gm, _inputs):
+            _record(Report(f"graph {graph_id} backward", fallback="backward graphs are not fused"))
+            return make_boxed_func(fx_gm)
+
+        return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, example_inputs)
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner_compile(fx_gm, inputs, **kwargs):
+        name = f"graph {graph_id} {'backward' if kwargs.get('is_backward') else 'forward'}"
+        if kwargs.get("is_backward"):
+            _record(Report(name, fallback="backward graphs are not fused"))
+            return compile_fx_inner(fx_gm, inputs, **kwargs)
+        with inductor_config.patch(post_grad_custom_post_pass=_PostGradPass(opts, name, heap_limit),
+                                   fx_graph_cache=False):
+            return compile_fx_inner(fx_gm, inputs, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+class _PostGradPass(CustomGraphPass):
+    def __init__(self, options: Options, graph_name: str, heap_limit: int):
+        self.options, self.graph_name, self.heap_limit = options, graph_name, heap_limit
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        fuse_graph(graph.owning_module, self.options, self.graph_name, self.heap_limit)
+
+    def uuid(self):
+        return None  # never cache: the pass plans the symmetric heap as a side effect
+
+
+def explain(build: Callable[[Any], torch.nn.Module], input_shape, world_size: int,
+            dtype: torch.dtype = torch.bfloat16, options: dict | None = None) -> str:
+    """What bspfuse would fuse in `build(mesh)(x)`, traced on the CPU with a fake process group of
+    `world_size` ranks: nothing is computed and no GPU is needed. `input_shape` is one rank's input.
+    It resets torch._dynamo before and after, so functions compiled earlier in the process compile again.
+
+    Example::
+
+        print(explain(lambda mesh: parallelize(LlamaBlock(cfg), mesh), (1, 4096 // 2, 8192), world_size=2))
+    """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bspfuse.capture import fake_process_group
+
+    opts, _, _ = _options(options)
+    found: list[Report] = []
+
+    def forward(fx_gm, _inputs):
+        normalize_collectives(fx_gm)
+        report, _ = plan(fx_gm, opts, "forward")
+        found.append(report)
+        outputs = [n.meta.get("val") for n in fx_gm.graph.find_nodes(op="output")[0].all_input_nodes]
+        return lambda *args: [torch.empty(v.shape, dtype=v.dtype) for v in outputs]
+
+    torch._dynamo.reset()
+    with fake_process_group(world_size):
+        with torch.device("meta"):
+            model = build(init_device_mesh("cpu", (world_size,)))
+        model = model.to_empty(device="cpu")  # uninitialized memory: only shapes matter here
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=forward), fullgraph=True)
+        with torch.no_grad():
+            compiled(torch.empty(input_shape, dtype=dtype))
+    torch._dynamo.reset()
+    return "\n".join(str(r) for r in found)
+
+
+def _register() -> None:
+    # After `pip install` the entry point (pyproject.toml) makes the name known without this import.
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if _BACKENDS.get("bspfuse") is None:
+        register_backend(bspfuse_backend, name="bspfuse")
+
+
+_register()

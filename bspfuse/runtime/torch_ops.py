@@ -1,0 +1,141 @@
+"""The fused kernels as PyTorch operators, so a compiled fx graph (Inductor's or plain) can call them.
+
+    torch.ops.bspfuse.all_gather_matmul(a, b, bias, group, mode, epilogue, return_gathered) -> (c, gathered)
+    torch.ops.bspfuse.matmul_reduce_scatter(a, b, bias, group, mode, epilogue) -> out
+    torch.ops.bspfuse.matmul_all_reduce(a, b, bias, group, mode, epilogue) -> out
+
+`group` names the process group (as functional collectives do); `mode` is the kernel's schedule (push,
+pull or direct: bspfuse.kernels.gemm); `epilogue` is the pointwise chain the kernel applies to each output
+tile, "+"-joined ("bias+gelu"; "" for none). Each call finds the symmetric heap of that group (made on
+first use: torch symmetric memory on a GPU, `size_heap` bytes; on the CPU a heap registered with
+`use_heap`, e.g. a simulator rank's) and the host object for its `host_object_key` (built on first use,
+which is collective: every rank makes the same calls in the same order, as SPMD programs do). Objects are
+shared by every call site with the same key: calls alternate between two buffer slots, so sharing is safe
+and a model of many identical layers needs one set of buffers.
+
+Results are fresh tensors (never views of the heap), so a compiler may hold, free or reuse them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import BspfuseRuntimeError
+from .heap import SymmetricHeap
+
+DEFAULT_HEAP_BYTES = int(os.environ.get("BSPFUSE_HEAP_BYTES", 4 << 30))
+_HEAPS: dict[str, SymmetricHeap] = {}
+_HEAP_BYTES: dict[str, int] = {}  # group name -> size its heap is made with, where a compiler asked (size_heap)
+_OPS: dict[tuple, object] = {}
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()  # host-side epochs
+
+
+@contextlib.contextmanager
+def use_heap(group_name: str, heap: SymmetricHeap) -> Iterator[SymmetricHeap]:
+    """Run the bspfuse ops of `group_name` on `heap` inside the block (the simulator's ranks use this)."""
+    previous = _HEAPS.get(group_name)
+    _HEAPS[group_name] = heap
+    try:
+        yield heap
+    finally:
+        _OPS.clear()
+        if previous is None:
+            _HEAPS.pop(group_name, None)
+        else:
+            _HEAPS[group_name] = previous
+
+
+def heap_for(group_name: str, device: torch.device) -> SymmetricHeap:
+    """The heap of `group_name`: the registered one, else (on a GPU) a new symmetric-memory heap."""
+    if group_name in _HEAPS:
+        return _HEAPS[group_name]
+    if device.type != "cuda":
+        raise BspfuseRuntimeError(f"no symmetric heap for process group '{group_name}' on {device}: on the CPU, "
+                                  "run the compiled model inside bspfuse.runtime.torch_ops.use_heap(group, heap)")
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    from .cuda import SymmMemBacking
+    group = _resolve_process_group(group_name)
+    nbytes = _HEAP_BYTES.get(group_name, DEFAULT_HEAP_BYTES)
+    _HEAPS[group_name] = SymmetricHeap(nbytes, backing=SymmMemBacking(nbytes, device, group))
+    return _HEAPS[group_name]
+
+
+def size_heap(group_name: str, nbytes: int) -> int:
+    """Make the heap of `group_name` `nbytes` large when it is made; returns the size it has or will have
+    (a heap already made or registered keeps its own)."""
+    if group_name in _HEAPS:
+        return _HEAPS[group_name].nbytes
+    _HEAP_BYTES[group_name] = nbytes
+    return nbytes
+
+
+def host_object_key(op: str, group_name: str, a_shape, b_shape, dtype: torch.dtype, mode: str,
+                    epilogue: str) -> tuple:
+    """What makes calls of torch.ops.bspfuse.<op> share one host object (and its heap buffers)."""
+    (M, K), N = a_shape, b_shape[1]
+    return op, group_name, M, N, K, dtype, mode, epilogue
+
+
+def _host_object(op: str, group_name: str, a: torch.Tensor, b: torch.Tensor, mode: str, epilogue: str):
+    from bspfuse.kernels import gemm
+
+    heap = heap_for(group_name, a.device)
+    key = host_object_key(op, group_name, a.shape, b.shape, a.dtype, mode, epilogue)
+    if key not in _OPS:
+        config = None
+        if heap.device.type == "cpu":
+            from bspfuse.execute import sim_config
+            config = sim_config()
+        cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
+               "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
+        (M, K), N = a.shape, b.shape[1]
+        _OPS[key] = cls(heap, M, N, K, a.dtype, mode=mode, epilogue=tuple(f for f in epilogue.split("+") if f),
+                        config=config, name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(b)[0])
+    return _OPS[key]
+
+
+@torch.library.custom_op("bspfuse::all_gather_matmul", mutates_args=(), tags=_TAGS)
+def all_gather_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
+                      epilogue: str, return_gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    op = _host_object("all_gather_matmul", group, a, b, mode, epilogue)
+    c = op(a, b, bias)
+    return c, (op.gathered(a) if return_gathered else a.new_empty(0))
+
+
+@all_gather_matmul.register_fake
+def _(a, b, bias, group, mode, epilogue, return_gathered):
+    world = _group_size(group)
+    c = a.new_empty(a.shape[0] * world, b.shape[1])
+    return c, (a.new_empty(a.shape[0] * world, a.shape[1]) if return_gathered else a.new_empty(0))
+
+
+@torch.library.custom_op("bspfuse::matmul_reduce_scatter", mutates_args=(), tags=_TAGS)
+def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
+                          epilogue: str) -> torch.Tensor:
+    return _host_object("matmul_reduce_scatter", group, a, b, mode, epilogue)(a, b, bias)
+
+
+@matmul_reduce_scatter.register_fake
+def _(a, b, bias, group, mode, epilogue):
+    return a.new_empty(a.shape[0] // _group_size(group), b.shape[1])
+
+
+@torch.library.custom_op("bspfuse::matmul_all_reduce", mutates_args=(), tags=_TAGS)
+def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
+                      epilogue: str) -> torch.Tensor:
+    return _host_object("matmul_all_reduce", group, a, b, mode, epilogue)(a, b, bias).clone()  # the heap slot is reused
+
+
+@matmul_all_reduce.register_fake
+def _(a, b, bias, group, mode, epilogue):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _group_size(group_name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name).size()

@@ -1,0 +1,272 @@
+"""The torch.compile backend: what it fuses in a Llama-style TP/SP block and why (fake process group), the
+compiled block against the unparallelized one in the simulator, and the errors and fallbacks it owes users."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import pathlib
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from bspfuse import parse as bspfuse_parse
+from bspfuse.backend import BspfuseCompileError, explain, fuse_graph, reports, reset
+from bspfuse.capture import capture, fake_process_group, trace
+from bspfuse.passes import Options, run_passes
+from bspfuse.runtime.launch import launch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("llama_block", ROOT / "examples" / "llama_block.py")
+llama = sys.modules.setdefault("llama_block", importlib.util.module_from_spec(_spec))
+if not hasattr(llama, "LlamaBlock"):
+    _spec.loader.exec_module(llama)
+
+SIZES = dict(hidden=64, heads=4, kv_heads=2, ffn=96, max_seq=32)
+TINY = llama.LlamaConfig(**SIZES)
+c10d = torch.ops._c10d_functional
+
+
+def _block(cfg):
+    return lambda mesh: llama.parallelize(llama.LlamaBlock(cfg).to(torch.bfloat16), mesh)
+
+
+# ------------------------------------------------------------------------------------------ what it would fuse
+
+
+def test_explain_finds_the_four_sites_of_a_70b_layer():
+    cfg = llama.LlamaConfig(hidden=8192, heads=64, kv_heads=8, ffn=28672, max_seq=8192)
+    text = explain(_block(cfg), (1, 8192 // 2, 8192), world_size=2)
+    # the attention input feeds wq, wk and wv: the widest (wq) hides the gather, the other two read its copy
+    assert text.count("[fuse_allgather_matmul] fused") == 2, text
+    assert "the gathered A also feeds 2 other ops" in text and "the gathered A also feeds 1 other op" in text
+    # wo and w2 -> reduce_scatter: both candidates found; whether each fuses is the cost model's call
+    assert text.count("[fuse_matmul_reduce_scatter]") == 2 and "cost model on H200" in text
+
+
+def test_explain_says_why_small_sites_stay_bulk_synchronous():
+    text = explain(_block(TINY), (1, 8, TINY.hidden), world_size=2)
+    assert "[fuse_matmul_reduce_scatter] not fused" in text
+    assert "the unfused schedule is estimated faster" in text  # the cost model, with its estimates
+    assert "cost model on H200" in text
+
+
+def test_the_example_explains_a_layer_from_the_command_line(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["llama_block.py", "--world", "2", "--seq", "64", "--hidden", "256"])
+    llama.main()  # --seq is the whole sequence: each rank's input holds 32 rows
+    assert "bspfuse, forward: " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ the fx rewrite
+
+
+def _bf16(*shape):
+    return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+
+def _sp_mlp(x, w1, w3, w2):
+    # one rank of a sequence-parallel MLP; the gathered rows also feed a narrower matmul, ahead of w1's
+    group = torch.distributed.group.WORLD.group_name
+    xg = c10d.wait_tensor(c10d.all_gather_into_tensor(x, 2, group))
+    narrow = xg @ w3
+    h = torch.relu(xg @ w1)
+    return narrow, c10d.wait_tensor(c10d.reduce_scatter_tensor(h @ w2, "sum", 2, group))
+
+
+def test_rewrite_calls_the_fused_ops_with_the_decided_modes_in_a_valid_order():
+    reset()
+    with fake_process_group(2):
+        gm = trace(_sp_mlp, [_bf16(16, 32), _bf16(32, 64), _bf16(32, 16), _bf16(64, 32)], world_size=2)
+        report = fuse_graph(gm, Options(mode="push"), "sp_mlp", heap_limit=1 << 30)
+    assert len(report.fused) == 2, str(report)
+    calls = {n.target.name(): n for n in gm.graph.nodes if n.op == "call_function"
+             and str(n.target).startswith("bspfuse.")}
+    assert not [n for n in gm.graph.nodes if "c10d" in str(n.target)], gm.code  # no collective is left
+    ag, rs = calls["bspfuse::all_gather_matmul"], calls["bspfuse::matmul_reduce_scatter"]
+    assert ag.args[2:] == (None, ag.args[3], "push", "relu", True)  # relu in the epilogue, gathered A kept
+    assert rs.args[4:] == ("push", "")  # the mode the pass decided reaches the kernel
+    c, gathered = sorted(ag.users, key=lambda n: n.args[1])
+    assert [list(n.meta["val"].shape) for n in (c, gathered, rs)] == [[32, 64], [32, 32], [16, 32]]
+    assert rs.args[0] is c  # the reduce-scatter's A is the fused all-gather's result, not a recomputed one
+    mms = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]
+    assert len(mms) == 1 and mms[0].args[0] is gathered, gm.code  # only the narrow matmul stays unfused
+    gm.graph.lint()  # the matmul with w3 read the gathered A ahead of the fused call: moved after it
+
+
+def _two_gathers(x1, x2, w1, w2):  # two layers of the same shapes
+    group = torch.distributed.group.WORLD.group_name
+    return tuple(c10d.wait_tensor(c10d.all_gather_into_tensor(x, 2, group)) @ w for x, w in ((x1, w1), (x2, w2)))
+
+
+def test_sites_of_the_same_shapes_share_their_heap_in_the_budget():
+    from bspfuse.kernels.gemm import heap_bytes
+
+    one = heap_bytes("fused_allgather_matmul", 16, 64, 32, 2, torch.bfloat16, "push")
+    shapes = [_bf16(16, 32), _bf16(16, 32), _bf16(32, 64), _bf16(32, 64)]
+    reset()
+    with fake_process_group(2):
+        for _ in range(2):  # a recompile of the same shapes needs no more heap either
+            report = fuse_graph(trace(_two_gathers, shapes, world_size=2), Options(mode="push"), "g", one)
+            assert len(report.fused) == 2, str(report)
+        reset()
+        with pytest.raises(BspfuseCompileError, match=r"need [0-9.]+ MiB of symmetric heap, more than its"):
+            fuse_graph(trace(_two_gathers, shapes, world_size=2), Options(mode="push"), "g", one - 1)
+
+
+def test_the_epilogue_takes_only_what_the_kernel_computes():
+    def gelu_tanh(x, w):
+        xg = c10d.wait_tensor(c10d.all_gather_into_tensor(x, 2, torch.distributed.group.WORLD.group_name))
+        return torch.nn.functional.gelu(xg @ w, approximate="tanh")
+
+    with fake_process_group(2):
+        gm = trace(gelu_tanh, [_bf16(16, 32), _bf16(32, 64)], world_size=2)
+    two_biases = bspfuse_parse("""program two_biases(world = 2) sizes (T = 32, H = 32, F = 64) {
+      input x : bf16[T/world, H] sharded(0)
+      input w : bf16[H, F] replicated
+      input b1 : bf16[F] replicated
+      input b2 : bf16[F] replicated
+      return bias(bias(matmul(all_gather(x, dim=0), w), b1), b2)
+    }""")
+    # the kernel's gelu is the exact one, and it reads one bias vector: the rest stays a pointwise op
+    for program, epilogue, kept in ((capture(gm), [], "gelu"), (two_biases, ["bias"], "bias")):
+        fused = run_passes(program, options=Options(mode="push")).program
+        mm = next(op for op in fused.ops if op.opcode == "fused_allgather_matmul")
+        assert list(mm.attrs["epilogue"]) == epilogue, str(fused)
+        assert [op.attrs.get("fn") for op in fused.ops if op.opcode == "pointwise"] == [kept], str(fused)
+
+
+# ------------------------------------------------------------------------------------------ errors and fallbacks
+
+
+def _compile_fake(cfg, seq, options, world=2, grad=False, dynamic=False):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch._dynamo.reset()
+    reset()
+    torch.manual_seed(0)
+    with fake_process_group(world):
+        model = _block(cfg)(init_device_mesh("cpu", (world,)))
+        compiled = torch.compile(model, backend="bspfuse", options=dict(options, inner="eager"), dynamic=dynamic)
+        x = torch.randn(1, seq // world, cfg.hidden, dtype=torch.bfloat16, requires_grad=grad)
+        if grad:
+            compiled(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                compiled(x)
+    torch._dynamo.reset()
+    return reports()
+
+
+def test_heap_budget_is_checked_before_anything_runs():
+    with pytest.raises(Exception) as e:
+        _compile_fake(TINY, 16, {"mode": "push", "heap_bytes": 4096})
+    msg = str(e.value)
+    assert isinstance(e.value, BspfuseCompileError) or "BspfuseCompileError" in msg
+    assert "MiB of symmetric heap, more than its 0.0 MiB" in msg and "heap_bytes" in msg
+
+
+def test_backward_graph_falls_back_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="bspfuse"):
+        got = _compile_fake(TINY, 16, {"mode": "off"}, grad=True)  # a fake group cannot run fused kernels
+    assert [r.graph.split()[-1] for r in got] == ["forward", "backward"]
+    assert got[1].fallback == "backward graphs are not fused"
+    assert [d.reason for d in got[0].decisions] == ["fusion turned off by the user"] * 4
+    assert "backward graphs are not fused" in caplog.text
+
+
+def test_dynamic_shapes_fall_back_with_a_reason():
+    got = _compile_fake(TINY, 16, {"mode": "push"}, dynamic=True)
+    assert got and all(r.fallback and r.fallback.startswith("dynamic shapes:") and "symbolic sizes" in r.fallback
+                       for r in got), [str(r) for r in got]
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(Exception) as e:
+        _compile_fake(TINY, 16, {"mod": "push"})
+    assert "unknown bspfuse option(s) ['mod']" in str(e.value)
+    with pytest.raises(Exception) as e:
+        _compile_fake(TINY, 16, {"mode": "pusj"})
+    assert "options['mode'] must be one of auto, push, pull, off, got 'pusj'" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ runs in the simulator
+
+
+def _run_block(ctx, init_file, sizes, seq_by_rank, mode, inner="eager"):
+    """One rank: the compiled TP/SP block on the simulator heap; returns (compiled output, reference rows)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bspfuse.runtime.torch_ops import use_heap
+
+    cfg = llama.LlamaConfig(**sizes)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=ctx.rank, world_size=ctx.world_size)
+    try:
+        torch.manual_seed(0)
+        full = llama.LlamaBlock(cfg).to(torch.bfloat16)
+        seq = seq_by_rank[ctx.rank] * ctx.world_size
+        x = torch.randn(1, seq, cfg.hidden, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref = full.float()(x.float())
+        torch.manual_seed(0)  # the same weights again; parallelize shards them
+        model = llama.parallelize(llama.LlamaBlock(cfg).to(torch.bfloat16), init_device_mesh("cpu", (ctx.world_size,)))
+        rows = slice(ctx.rank * seq // ctx.world_size, (ctx.rank + 1) * seq // ctx.world_size)
+        compiled = torch.compile(model, backend="bspfuse", options={"mode": mode, "inner": inner})
+        with use_heap(dist.group.WORLD.group_name, ctx.heap), torch.no_grad():
+            try:
+                out = compiled(x[:, rows].contiguous())
+            except Exception as e:  # noqa: BLE001 - the error is the result under test
+                return {"error": str(e)}
+        return {"out": out.float(), "ref": ref[:, rows], "fused": [len(r.fused) for r in reports()]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_compiled_block_matches_the_unparallelized_block_in_the_simulator(tmp_path, inner):
+    # every site forced to push (the cost model keeps this tiny block's reduce-scatters BSP); "inductor"
+    # compiles the rest of the graph with Inductor's C++ backend around the fused kernels
+    init_file = tempfile.mktemp(dir=tmp_path)
+    results = launch(_run_block, 2, backend="sim", heap_bytes=8 << 20,
+                     args=(init_file, SIZES, [8, 8], "push", inner), timeout_s=600)
+    for rank, r in enumerate(results):
+        assert "error" not in r, f"rank {rank}: {r.get('error')}"
+        assert r["fused"] == [4], f"rank {rank}: fused sites per graph {r['fused']}"
+        err = ((r["out"] - r["ref"]).norm() / r["ref"].norm()).item()
+        assert err < 3e-2, f"rank {rank}: relative error {err:.3g} against the unparallelized block"
+
+
+def test_shapes_that_differ_between_ranks_are_an_error_before_any_launch(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    results = launch(_run_block, 2, backend="sim", heap_bytes=8 << 20, args=(init_file, SIZES, [8, 16], "push"),
+                     timeout_s=600)
+    for rank, r in enumerate(results):
+        assert "error" in r, f"rank {rank} ran although the ranks' shapes differ"
+        assert "compiled different fused sites than rank" in r["error"], r["error"]
+
+
+def _heap_use(ctx, cases):
+    from bspfuse.execute import sim_config
+    from bspfuse.kernels import gemm
+
+    out = []
+    for opcode, mode, (M, N, K) in cases:
+        before = ctx.heap.used_bytes
+        cls = {"fused_allgather_matmul": gemm.FusedAllGatherMatmul, "fused_matmul_reduce_scatter":
+               gemm.FusedMatmulReduceScatter, "fused_matmul_allreduce": gemm.FusedMatmulAllReduce}[opcode]
+        kw = {"mode": mode} if opcode == "fused_allgather_matmul" else {}
+        cls(ctx.heap, M, N, K, torch.bfloat16, config=sim_config(), **kw)
+        out.append(ctx.heap.used_bytes - before)
+    return out
+
+
+def test_heap_budget_formula_covers_what_the_kernels_allocate():
+    from bspfuse.kernels.gemm import heap_bytes
+
+    cases = [("fused_allgather_matmul", "push", (24, 40, 32)), ("fused_allgather_matmul", "pull", (17, 48, 16)),
+             ("fused_matmul_reduce_scatter", "push", (48, 40, 16)), ("fused_matmul_allreduce", "push", (34, 24, 32))]
+    used = launch(_heap_use, 2, backend="sim", heap_bytes=8 << 20, args=(cases,), timeout_s=300)[0]
+    for (opcode, mode, (M, N, K)), got in zip(cases, used):
+        planned = heap_bytes(opcode, M, N, K, 2, torch.bfloat16, mode)
+        assert got <= planned <= 2 * got + (1 << 16), f"{opcode} {mode} {M}x{N}x{K}: planned {planned}, used {got}"
