@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark of the 2-GPU machine in one call: RMA microbenchmarks, fused GEMMs, Flash Decode.
+# Every benchmark of the 2-GPU machine in one call: the compiled Llama layer, fused GEMMs, Flash Decode,
+# RMA microbenchmarks.
 #   bash benchmarks/run_all.sh OUTDIR [gemm-args...]
 # NVLink multicast stays off (the machine's policy); each script has its own time limit so one hang
 # cannot take the others' time.
@@ -10,7 +11,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 run() { local name=$1 limit=$2; shift 2
   echo "=== $name"; timeout "$limit" python3 -m torch.distributed.run --nproc_per_node=2 "$@" > "$out/$name.log" 2>&1
   echo "exit $?"; grep -v "^\[rank\|Warning\|warn" "$out/$name.log" | tail -n "${TAIL:-40}"; }
-run gemm "${GEMM_LIMIT:-200}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
+run block "${BLOCK_LIMIT:-200}" benchmarks/block_bench.py --time-budget-s 150 --json "$out/block_h200x2.json"
+run gemm "${GEMM_LIMIT:-130}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
 run decode "${DECODE_LIMIT:-270}" benchmarks/decode_bench.py --time-budget-s 170 --json "$out/decode_h200x2.json" \
   --plot "$out/decode_h200x2.png"
 run rma 90 benchmarks/rma_bench.py --json "$out/rma_h200x2.json"
