@@ -270,3 +270,16 @@ def test_heap_budget_formula_covers_what_the_kernels_allocate():
     for (opcode, mode, (M, N, K)), got in zip(cases, used):
         planned = heap_bytes(opcode, M, N, K, 2, torch.bfloat16, mode)
         assert got <= planned <= 2 * got + (1 << 16), f"{opcode} {mode} {M}x{N}x{K}: planned {planned}, used {got}"
+
+
+def test_backend_is_registered_by_name_and_by_entry_point():
+    import tomllib
+
+    import torch._dynamo
+
+    from bspfuse.backend import bspfuse_backend
+
+    assert torch._dynamo.lookup_backend("bspfuse") is bspfuse_backend
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, _, name = meta["project"]["entry-points"]["torch_dynamo_backends"]["bspfuse"].partition(":")
+    assert getattr(importlib.import_module(module), name) is bspfuse_backend  # what `pip install` registers
