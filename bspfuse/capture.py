@@ -232,6 +232,16 @@ def _where(node: torch.fx.Node) -> str:
     return f"fx node '{node.name}' = {_full_target(node)}({', '.join(args)})"
 
 
+def _origin(node: torch.fx.Node) -> str:
+    """The node's name, and the module the user wrote where dynamo recorded it: `mm_3 in attention.wo`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    path = re.sub(r"^L\['self'\]\.?", "", str(list(stack.values())[-1][0]))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path).lstrip(".")
+    return f"{node.name} in {path}" if path else node.name
+
+
 def _arg(node: torch.fx.Node, i: int, key: str, default=None):
     if len(node.args) > i:
         return node.args[i]
@@ -509,7 +519,7 @@ class _Capture:
                    for t in vals if isinstance(t, torch.Tensor)]
         names = [node.name] if len(results) == 1 else [f"{node.name}_{i}" for i in range(len(results))]
         outs = iter(self.b.op("opaque", inputs, {"target": _full_target(node), "results": results}, names,
-                              origin=node.name))
+                              origin=_origin(node)))
         got = [next(outs) if isinstance(t, torch.Tensor) else None for t in vals]
         self.env[node] = tuple(got) if isinstance(val, (list, tuple)) else got[0]
 
@@ -542,20 +552,20 @@ def _handler(collective: bool = False):
 @_handler(collective=True)
 def _all_gather(c: _Capture, node):
     g = c.gathers[node]
-    return c.b.all_gather(c.tensor(node, node.args[0]), g.dim, name=node.name, origin=node.name)
+    return c.b.all_gather(c.tensor(node, node.args[0]), g.dim, name=node.name, origin=_origin(node))
 
 
 @_handler(collective=True)
 def _reduce_scatter(c: _Capture, node):
     s = c.scatters[node]
     return c.b.reduce_scatter(c.tensor(node, s.source), s.dim, reduce=str(_arg(node, 1, "reduce_op")).lower(),
-                              name=node.name, origin=node.name)
+                              name=node.name, origin=_origin(node))
 
 
 @_handler(collective=True)
 def _all_reduce(c: _Capture, node):
     return c.b.all_reduce(c.tensor(node, node.args[0]), reduce=str(_arg(node, 1, "reduce_op")).lower(),
-                          name=node.name, origin=node.name)
+                          name=node.name, origin=_origin(node))
 
 
 @_handler(collective=True)
@@ -563,7 +573,7 @@ def _wait(c: _Capture, node):
     x = c.tensor(node, node.args[0])
     if not x.type.pending:
         return x  # a wait on an already-waited tensor changes nothing
-    return c.b.wait(x, name=node.name, origin=node.name)
+    return c.b.wait(x, name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -571,7 +581,7 @@ def _matmul(c: _Capture, node):
     a, b = c.value(node, 0), c.value(node, 1)
     if a is None or b is None:
         return None
-    return c.b.matmul(a, b, name=node.name, origin=node.name)
+    return c.b.matmul(a, b, name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -579,8 +589,8 @@ def _addmm(c: _Capture, node):  # addmm(bias, a, b) -> matmul + bias
     bias, a, b = c.value(node, 0), c.value(node, 1), c.value(node, 2)
     if None in (bias, a, b) or _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
         return None
-    mm = c.b.matmul(a, b, name=f"{node.name}_mm", origin=node.name)
-    return c.b.pointwise("bias", mm, bias, name=node.name, origin=node.name)
+    mm = c.b.matmul(a, b, name=f"{node.name}_mm", origin=_origin(node))
+    return c.b.pointwise("bias", mm, bias, name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -590,9 +600,9 @@ def _linear(c: _Capture, node):  # linear(x, w, bias) -> transpose(w) + matmul [
     bias = c.value(node, 2, "bias")
     if x is None or w is None or (b_node is not None and bias is None):
         return None
-    wt = _emit(c, "transpose", [w], {}, f"{node.name}_t", node.name)
-    mm = c.b.matmul(x, wt, name=node.name if bias is None else f"{node.name}_mm", origin=node.name)
-    return mm if bias is None else c.b.pointwise("bias", mm, bias, name=node.name, origin=node.name)
+    wt = _emit(c, "transpose", [w], {}, f"{node.name}_t", _origin(node))
+    mm = c.b.matmul(x, wt, name=node.name if bias is None else f"{node.name}_mm", origin=_origin(node))
+    return mm if bias is None else c.b.pointwise("bias", mm, bias, name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -615,7 +625,7 @@ def _transpose(c: _Capture, node):  # t(x), permute(x, [1, 0]), transpose(x, 0, 
         d0, d1 = (_norm_dim(int(d), 2) for d in node.args[1:3])
         if d0 == d1:
             return x
-    return _emit(c, "transpose", [x], {}, node.name, node.name)
+    return _emit(c, "transpose", [x], {}, node.name, _origin(node))
 
 
 @_handler()
@@ -624,7 +634,7 @@ def _reshape(c: _Capture, node):
     if x is None or not isinstance(node.meta["val"], torch.Tensor) or not isinstance(_arg(node, 1, "size"),
                                                                                       (list, tuple)):
         return None  # e.g. view(x, dtype)
-    return c.b.reshape(x, _shape(node.meta["val"]), name=node.name, origin=node.name)
+    return c.b.reshape(x, _shape(node.meta["val"]), name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -636,7 +646,7 @@ def _unary(c: _Capture, node):
     approximate = node.kwargs.get("approximate", "none")
     if approximate != "none":
         attrs["approximate"] = approximate
-    return _emit(c, "pointwise", [x], attrs, node.name, node.name)
+    return _emit(c, "pointwise", [x], attrs, node.name, _origin(node))
 
 
 @_handler()
@@ -644,7 +654,7 @@ def _binary(c: _Capture, node):
     x, y = c.value(node, 0), c.value(node, 1)
     if x is None or y is None or _arg(node, 2, "alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
         return None  # a Python scalar operand, alpha, or an integer division stays opaque
-    return c.b.pointwise(BINARY[_target_name(node)], x, y, name=node.name, origin=node.name)
+    return c.b.pointwise(BINARY[_target_name(node)], x, y, name=node.name, origin=_origin(node))
 
 
 @_handler()
@@ -663,7 +673,7 @@ def _split(c: _Capture, node):  # a split that is not part of a recognized colle
     d = _norm_dim(_arg(node, 2, "dim", 0), x.type.rank)
     sizes = [_shape(t)[d] for t in node.meta["val"]]
     names = [f"{node.name}_{i}" for i in range(len(sizes))]
-    return c.b.op("split", [x], {"dim": d, "sizes": sizes}, names, origin=node.name)
+    return c.b.op("split", [x], {"dim": d, "sizes": sizes}, names, origin=_origin(node))
 
 
 @_handler()
@@ -672,7 +682,7 @@ def _cat(c: _Capture, node):
     if not xs or not all(isinstance(v, Value) for v in xs):
         return None
     d = _norm_dim(_arg(node, 1, "dim", 0), xs[0].type.rank)
-    return _emit(c, "cat", xs, {"dim": d}, node.name, node.name)
+    return _emit(c, "cat", xs, {"dim": d}, node.name, _origin(node))
 
 
 _HANDLERS: dict[str, Callable] = {

@@ -105,7 +105,10 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
 
 def _site(*ops: Op) -> str:
     names = ", ".join(f"%{o.outputs[0].name}" for o in ops)
-    origin = next((o.origin for o in ops if o.origin), None)
+    origins = [o.origin for o in ops if o.origin]
+    # from torch.compile, the op that names a module the user wrote ("mm_3 in attention.wo"), not the
+    # collective DTensor inserted; from source, the first position
+    origin = next((o for o in origins if " in " in o), origins[0] if origins else None)
     return names + (f" ({origin})" if origin else "")
 
 

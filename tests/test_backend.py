@@ -43,6 +43,8 @@ def test_explain_finds_the_four_sites_of_a_70b_layer():
     assert "the gathered A also feeds 2 other ops" in text and "the gathered A also feeds 1 other op" in text
     # wo and w2 -> reduce_scatter: both candidates found; whether each fuses is the cost model's call
     assert text.count("[fuse_matmul_reduce_scatter]") == 2 and "cost model on H200" in text
+    for module in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2"):  # what the user wrote
+        assert f" in {module})" in text, (module, text)
 
 
 def test_explain_says_why_small_sites_stay_bulk_synchronous():
