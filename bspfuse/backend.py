@@ -286,34 +286,53 @@ def check_plan(sites: list[Site], group: str, heap_limit: int, graph_name: str) 
         _PLANNED_HEAP.setdefault(group_name, {}).update((key, s.heap_bytes) for key, s in objects.items())
 
 
+_EXCHANGES: dict[str, int] = {}  # group name -> compile-time exchanges this process has made over it
+
+
 def _check_same_on_every_rank(sites: list[Site], group: str, graph_name: str) -> None:
+    """Every rank of `group` publishes its fused sites under the same exchange number in the process
+    group's store and reads everyone's. A store, not a collective: no tensors under the compiler's fake
+    mode, and a rank that compiles alone (its guards failed, its peers' did not) gets an error naming the
+    ranks that never came, after BSPFUSE_EXCHANGE_TIMEOUT_S (default 600 s), instead of hanging."""
+    import datetime
+    import os
+    import pickle
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
-    from torch._dispatch.python import no_python_dispatcher
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    from torch.distributed.distributed_c10d import _get_default_store, _resolve_process_group
 
     pg = _resolve_process_group(group)
     if dist.get_backend(pg) == "fake":
         return
+    store, ranks, me = _get_default_store(), dist.get_process_group_ranks(pg), dist.get_rank()
+    n = _EXCHANGES[group] = _EXCHANGES.get(group, 0) + 1
+
+    def key(rank: int) -> str:
+        return f"bspfuse/{group}/{n}/{rank}"
+
     mine = [(s.opcode, s.shapes) for s in sites]
-    everyone: list[Any] = [None] * pg.size()
-    # Compilers run under fake tensors and the Python dispatcher. The exchange needs real tensors, and
-    # without the dispatcher: under it, enqueueing gloo's second all_gather holds the GIL while gloo's
-    # worker thread, holding the queue's lock, waits for the GIL to free the first one's tensors.
-    with unset_fake_temporarily(), no_python_dispatcher():
-        dist.all_gather_object(everyone, mine, group=pg)
-    for i, theirs in enumerate(everyone):
+    store.set(key(me), pickle.dumps(mine))
+    timeout_s = float(os.environ.get("BSPFUSE_EXCHANGE_TIMEOUT_S", 600))
+    try:
+        store.wait([key(r) for r in ranks], datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:  # the store's timeout: DistStoreError from a TCPStore, RuntimeError from a FileStore
+        missing = [r for r in ranks if not store.check([key(r)])]
+        raise BspfuseCompileError(
+            f"{graph_name}: rank(s) {missing} of process group '{group}' did not reach this compile (number {n} "
+            f"here) within {timeout_s:.0f} s: bspfuse needs every rank to compile the same graphs in the same "
+            "order (did only this rank recompile, e.g. because a shape changed on it?)") from None
+    for r in ranks:
+        theirs = pickle.loads(store.get(key(r)))
         if theirs != mine:
             at = next((j for j, (m, t) in enumerate(zip(mine, theirs)) if m != t), min(len(mine), len(theirs)))
             here, there = (x[at] if at < len(x) else "nothing" for x in (mine, theirs))
             raise BspfuseCompileError(
-                f"{graph_name}: rank {dist.get_global_rank(pg, i)} compiled different fused sites than rank "
-                f"{dist.get_rank()} (site {at}: here {here}, there {there}): bspfuse's kernels need every rank "
-                "to run the same shapes; pad the inputs, or mark the differing dimension dynamic so the site "
-                "falls back")
+                f"{graph_name}: rank {r} compiled different fused sites than rank {me} (site {at}: here "
+                f"{here}, there {there}): bspfuse's kernels need every rank to run the same shapes; pad the "
+                "inputs, or mark the differing dimension dynamic so the site falls back")
 
 
 # ------------------------------------------------------------------------------------------ rewrite (IR -> fx)

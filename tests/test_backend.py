@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -195,8 +196,9 @@ def test_unknown_option_is_named():
 # ------------------------------------------------------------------------------------------ runs in the simulator
 
 
-def _run_block(ctx, init_file, sizes, seq_by_rank, mode, inner="eager"):
-    """One rank: the compiled TP/SP block on the simulator heap; returns (compiled output, reference rows)."""
+def _run_block(ctx, init_file, sizes, seq_by_rank, mode, inner="eager", rank0_again=None):
+    """One rank: the compiled TP/SP block on the simulator heap; returns (compiled output, reference rows).
+    rank0_again: a second sequence length rank 0 then runs alone (so it recompiles alone)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -218,6 +220,10 @@ def _run_block(ctx, init_file, sizes, seq_by_rank, mode, inner="eager"):
         with use_heap(dist.group.WORLD.group_name, ctx.heap), torch.no_grad():
             try:
                 out = compiled(x[:, rows].contiguous())
+                if rank0_again and ctx.rank == 0:
+                    torch._dynamo.config.automatic_dynamic_shapes = False  # a static recompile, like the first
+                    os.environ["BSPFUSE_EXCHANGE_TIMEOUT_S"] = "3"
+                    compiled(torch.randn(1, rank0_again, cfg.hidden, dtype=torch.bfloat16))
             except Exception as e:  # noqa: BLE001 - the error is the result under test
                 return {"error": str(e)}
         return {"out": out.float(), "ref": ref[:, rows], "fused": [len(r.fused) for r in reports()]}
@@ -246,6 +252,15 @@ def test_shapes_that_differ_between_ranks_are_an_error_before_any_launch(tmp_pat
     for rank, r in enumerate(results):
         assert "error" in r, f"rank {rank} ran although the ranks' shapes differ"
         assert "compiled different fused sites than rank" in r["error"], r["error"]
+
+
+def test_a_rank_that_recompiles_alone_gets_an_error_not_a_hang(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    results = launch(_run_block, 2, backend="sim", heap_bytes=8 << 20,
+                     args=(init_file, SIZES, [8, 8], "push", "eager", 4), timeout_s=600)
+    assert "error" not in results[1], results[1]["error"]
+    msg = results[0].get("error", "")
+    assert "rank(s) [1] of process group" in msg and "did not reach this compile" in msg, msg
 
 
 def _heap_use(ctx, cases):
