@@ -104,6 +104,10 @@ def _is(node, name: str) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and _target_name(node) == name
 
 
+def _is_collective(node) -> bool:
+    return _is(node, AG) or _is(node, RS) or _is(node, AR)
+
+
 def _val(node: torch.fx.Node) -> torch.Tensor:
     return node.meta["val"]
 
@@ -248,7 +252,7 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[R
     report = Report(graph_name, passes_log.decisions)
     fused = passes_log.program
     # capture takes graphs over one process group (it says so otherwise), so every site shares it
-    group = next((_group_name(n) for n in gm.graph.nodes if _is(n, AG) or _is(n, RS) or _is(n, AR)), "")
+    group = next((_group_name(n) for n in gm.graph.nodes if _is_collective(n)), "")
     sites = []
     for op in fused.ops:
         if op.opcode not in FUSED_OPS:
@@ -381,13 +385,13 @@ def _erase_dead(graph: torch.fx.Graph) -> None:
     # ones nothing reads any more by hand.
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and not node.users and (
-                _is(node, WAIT) or _is(node, AG) or _is(node, RS) or _is(node, AR) or not node.is_impure()):
+                _is(node, WAIT) or _is_collective(node) or not node.is_impure()):
             graph.erase_node(node)
 
 
 def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap_limit: int) -> Report:
     """normalize -> capture -> passes -> checks -> rewrite, on one forward graph (in place)."""
-    collectives = [n for n in gm.graph.nodes if _is(n, AG) or _is(n, RS) or _is(n, AR)]
+    collectives = [n for n in gm.graph.nodes if _is_collective(n)]
     if not collectives:
         return _record(Report(graph_name, fallback="no collectives in this graph"))
     dynamic = [n for n in collectives if not _static(n.args[0], n)]
