@@ -64,6 +64,22 @@ def host_ms(fn, calls=10):
     return statistics.median(times) * 1e3
 
 
+def profile_host(fn, what, show, calls=50):
+    """Where the host time of one call goes (cProfile, GPU idle between calls), printed where `show`."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        prof.enable()
+        fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    if show:
+        print(f"host profile of {what}, {calls} calls:", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
 def graphed(fn):
     """fn captured in a CUDA graph (NCCL collectives included); returns the replay."""
     s = torch.cuda.Stream()
@@ -225,6 +241,8 @@ def run(ctx, args):
                            host_ms=round(host_ms(lambda: op(a, b)), 3))
                     if mode == auto.mode:
                         record(name, shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
+                    if args.profile_host and mode == "direct":  # every rank calls: the kernels wait on each other
+                        profile_host(lambda: op(a, b), f"{name} {shape} direct", show=rank == 0)
                     if mode == "direct":  # our GEMM with no communication: the bound our kernels can reach
                         record(name, shape, "ours gemm alone", bench(lambda: op.local_matmul(a, b)),
                                rel_err(op.local_matmul(a, b), a @ b))
@@ -298,6 +316,7 @@ def main():
     p.add_argument("--ops", default="ag,rs,ar")
     p.add_argument("--comm", default="", help="extra comm-program counts to sweep for AG push, e.g. 4,8,16")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--profile-host", action="store_true", help="cProfile the direct RS/AR calls on rank 0")
     p.add_argument("--debug", action="store_true", help="bounded waits in our kernels: a hang becomes an error")
     args = p.parse_args()
     args.ops = args.ops.split(",")

@@ -150,3 +150,8 @@ def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
             assert any(o.startswith("wgmma.mma_async") for o in k["ops"]), k  # the transposed tile feeds wgmma
         if k["kind"] != "ag_matmul":
             assert "st.global.v4.b32" in k["ops"], k  # tiles leave (to peers, staging, out) as 16-byte stores
+    # Finished tiles of the output go out through TMA stores, except where the kernel reads them back after a
+    # flag (AR push moves its finished tiles on: those stay ordinary stores, ordered before the flag).
+    tma_store = [any(o.startswith("cp.async.bulk.tensor") and ".global.shared" in o for o in k["ops"])
+                 for k in kernels]
+    assert tma_store == [True, False, True, True], kernels

@@ -276,6 +276,10 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
     first = "pid - COMM" if tp.mode != "direct" else "pid"
     e("num_pid_m = WORLD * nb")
     e("num_pid_n = tl.cdiv(N, BN)")
+    if tma:
+        e("# C as [WORLD, M_LOCAL, N]: a TMA store clips at each rank's last row, as a mask would")
+        e("c_desc = tl.make_tensor_descriptor(c_ptr, shape=[WORLD, M_LOCAL, N], strides=[M_LOCAL * stride_cm, "
+          "stride_cm, 1], block_shape=[1, BM, BN])")
     e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
     with e.block():
         e("v, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
@@ -321,9 +325,12 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                     e(line, s)
             elif isinstance(s, StoreTile):
                 e(f"# {s}", s)
-                e("out_rows = (src * M_LOCAL + rm).to(tl.int64)", s)
-                e(f"tl.store(c_ptr + out_rows[:, None] * stride_cm + rn[None, :], acc.to({out_ty}), "
-                  "mask=(rm < M_LOCAL)[:, None] & (rn < N)[None, :])", s)
+                if tma:
+                    e(f"c_desc.store([src, c * BM, pid_n * BN], acc.to({out_ty}).reshape(1, BM, BN))", s)
+                else:
+                    e("out_rows = (src * M_LOCAL + rm).to(tl.int64)", s)
+                    e(f"tl.store(c_ptr + out_rows[:, None] * stride_cm + rn[None, :], acc.to({out_ty}), "
+                      "mask=(rm < M_LOCAL)[:, None] & (rn < N)[None, :])", s)
 
 
 # ----------------------------------------------------------------------------------------------- GEMM + RS / AR
@@ -359,6 +366,9 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
             e(f"{f} = flag_ptr + {i} * n_tiles  # {_SCATTER_FLAGS[f]}")
         e("out_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # out is [2, WORLD * M_LOCAL, N] on the heap"
           if ar else "out_base = 0")
+        if _own_tiles_by_tma(tp, tma):
+            e(f"own_desc = tl.make_tensor_descriptor({_OWN_ROWS[tp.kind]}, shape=[M_LOCAL, N], strides=[N, 1], "
+              "block_shape=[BM, BN])  # this rank's rows of out, stored by TMA")
         if "staging" in tp.heap_buffers:
             e("stage_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # peers read it: [2, WORLD * M_LOCAL, N]"
               if tp.mode == "pull" else "stage_base = 0  # read by this rank only: [WORLD * M_LOCAL, N]")
@@ -377,6 +387,17 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
         else:
             _scatter_gemm(e, tp, tma)
     return KernelSource(tp.name, "\n".join(e.lines) + "\n", params, constexprs, e.line_map)
+
+
+# This rank's rows of out: RS's out is [M_LOCAL, N]; AR's is [2 (slot), WORLD * M_LOCAL, N] on the heap.
+_OWN_ROWS = {"matmul_rs": "out_ptr", "matmul_ar": "out_ptr + out_base + (rank * M_LOCAL * N).to(tl.int64)"}
+
+
+def _own_tiles_by_tma(tp: TileProgram, tma: bool) -> bool:
+    """Whether finished own tiles go out through a TMA store. Only when nothing in the kernel reads them back
+    (AR's push/pull programs move them on after a flag): a TMA store is not ordered before a flag raised by
+    ordinary stores, so a reader could see the flag before the data. Outputs read after the kernel are safe."""
+    return tma and not any(isinstance(m, MoveChunk) and m.src_buffer == "out" for m in tp.per_chunk + tp.per_own_chunk)
 
 
 def _raise_pending(e: _Emitter, s: Signal) -> None:
@@ -432,7 +453,8 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
         for s in deferred:  # before this tile's waits: a peer may be waiting for them
             _raise_pending(e, s)
             e(f"pending_{s.flag} = -1", s)
-        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, moves=(tp.per_chunk, tp.per_own_chunk))
+        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, moves=(tp.per_chunk, tp.per_own_chunk),
+                        tma_own=_own_tiles_by_tma(tp, tma))
     for s in deferred:
         _raise_pending(e, s)
     for s in tp.gemm_epilogue:
@@ -445,7 +467,7 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
 
 
 def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple,
-                    moves: tuple[tuple, tuple] = ((), ())) -> None:
+                    moves: tuple[tuple, tuple] = ((), ()), tma_own: bool = False) -> None:
     """Peer tiles' and own tiles' statements; `moves`: the comm statements that follow a tile's staging."""
     bodies = [("dst != rank", peer_body, moves[0]), ("dst == rank", own_body, moves[1])]
     bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot))], m) for cond, body, m in bodies]
@@ -454,22 +476,23 @@ def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tu
         e("else:" if i else f"if {cond}:")
         with e.block():
             for s in body:
-                _scatter_stmt(e, tp, s, m)
+                _scatter_stmt(e, tp, s, m, tma_own)
 
 
-def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = ()) -> None:
+def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: bool = False) -> None:
     """One statement of a scatter kernel. Its fields say what it touches, so the same statement prints the
     same in the GEMM and the comm programs. `moves`: what the comm programs do once a tile is staged."""
     out_ty = TL_DTYPE[tp.dtype]
     inbox_mine = "inbox_ptr + ((slot * WORLD + rank) * M_LOCAL * N).to(tl.int64)"  # dst's inbox[slot, me]
     staged_for_dst = "stage_ptr + stage_base + (dst * M_LOCAL * N).to(tl.int64)"
-    own_rows = "out_ptr + out_base + (rank * M_LOCAL * N).to(tl.int64)" if tp.kind == "matmul_ar" else "out_ptr"
-    own_out = f"{own_rows} + tile_off"
+    own_out = f"{_OWN_ROWS[tp.kind]} + tile_off"
     e(f"# {s}", s)
     if isinstance(s, StoreTile) and s.buffer == "inbox" and s.rank == "dst":
         e(f"iris.store({inbox_mine} + tile_off, acc.to({out_ty}), rank, dst, heap_bases, mask=mask, hint=(1, VEC))", s)
     elif isinstance(s, StoreTile) and s.buffer == "staging" and s.rank == "me":
         e(f"tl.store({staged_for_dst} + tile_off, acc.to({out_ty}), mask=mask)", s)
+    elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "me" and tma_own:
+        e(f"own_desc.store([c * BM, pid_n * BN], acc.to({out_ty}))", s)
     elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "me":
         e(f"tl.store({own_out}, acc.to({out_ty}), mask=mask)", s)
     elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "peer":

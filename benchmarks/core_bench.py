@@ -1,0 +1,171 @@
+"""The GEMM core of the fused kernels against cuBLAS on one GPU (no communication).
+
+    python3 benchmarks/core_bench.py --json benchmarks/results/core_h100.json
+
+Every fused kernel spends most of its time in the same tile loop; when that loop is slower than cuBLAS no
+amount of overlap wins it back (BENCHMARKS.md, issue 4). This runs the GEMM+RS kernel as a world of one
+(`local_matmul`: all tiles own, no flags) for the layer's shapes, with variants of the generated source
+that change only how the loop is scheduled and how a tile is stored, next to cuBLAS and a plain persistent
+TMA kernel written by hand (the form BASELINES.md measured at cuBLAS speed). Every variant's output is
+checked against cuBLAS on random inputs in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# (M, N, K, B layout): GEMMs of benchmarks/block_bench.py's layer at seq 8192 on 2 ranks, and BASELINES.md's.
+SHAPES = [(4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 5120, 8192, "nk"), (8192, 8192, 4096, "nk"),
+          (8192, 14336, 8192, "nk"), (8192, 8192, 14336, "nk")]
+
+
+@triton.jit
+def _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile_id // in_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile_id % in_group) % group_size, (tile_id % in_group) // group_size
+
+
+@triton.jit
+def hand_written(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, B_NK: tl.constexpr):
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            if B_NK:
+                b = b_desc.load([pid_n * BN, k * BK]).T
+            else:
+                b = b_desc.load([k * BK, pid_n * BN])
+            acc = tl.dot(a_desc.load([pid_m * BM, k * BK]), b, acc)
+        c_desc.store([pid_m * BM, pid_n * BN], acc.to(tl.bfloat16))
+
+
+LOOP = "for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):"
+OWN_STORE = "tl.store(out_ptr + tile_off, acc.to(tl.bfloat16), mask=mask)"
+
+
+def patched(source: str, flatten: bool, tma_store: bool) -> str:
+    """The generated source with the tile loop flattened into the K loop (one software pipeline across tiles)
+    and/or own tiles stored through a tensor descriptor (TMA) instead of pointer stores."""
+    for needed in (LOOP, OWN_STORE):
+        assert needed in source, f"generated source changed: {needed!r} not found"
+    if flatten:
+        source = source.replace(LOOP, LOOP.replace("range(", "tl.range(").replace("):", ", flatten=True):"))
+    if tma_store:
+        source = source.replace("    pid = tl.program_id(0)\n", "    pid = tl.program_id(0)\n    out_desc = "
+                                "tl.make_tensor_descriptor(out_ptr, [M_LOCAL, N], [N, 1], [BM, BN])\n")
+        source = source.replace(OWN_STORE, "out_desc.store([c * BM, pid_n * BN], acc.to(tl.bfloat16))")
+    return source
+
+
+def run(ctx, args):
+    from triton.testing import do_bench
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from bspfuse.codegen.load import load_kernel
+    from bspfuse.kernels.gemm import FusedMatmulReduceScatter
+    from bspfuse.tile import TileConfig
+
+    bf = dict(device=ctx.device, dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, {sms} SMs",
+          flush=True)
+    rows = []
+
+    def time_it(shape, variant, fn, ref, flops):
+        try:
+            out = fn()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+        except Exception as e:  # one variant failing to compile must not hide the others
+            print(f"  {shape} {variant}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append(dict(shape=shape, variant=variant, ms=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            return
+        rows.append(dict(shape=shape, variant=variant, ms=ms, rel_err=err, tflops=flops / ms / 1e9))
+        print(f"  {shape} {variant:>28}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  err {err:.1e}", flush=True)
+
+    for M, N, K, layout in SHAPES:
+        shape = f"{M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
+        torch.manual_seed(0)
+        a = torch.randn(M, K, **bf)
+        b = torch.randn(K, N, **bf) / 64 if layout == "kn" else (torch.randn(N, K, **bf) / 64).t()
+        ref = a @ b
+        flops = 2 * M * N * K
+        time_it(shape, "cublas", lambda: a @ b, ref, flops)
+
+        BM, BN, BK = 128, 256, 64
+        c = torch.empty(M, N, **bf)
+        a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+        b_store = b if layout == "kn" else b.t()
+        b_desc = TensorDescriptor.from_tensor(b_store, [BK, BN] if layout == "kn" else [BN, BK])
+        c_desc = TensorDescriptor.from_tensor(c, [BM, BN])
+
+        def hand(stages):
+            hand_written[(sms,)](a_desc, b_desc, c_desc, M, N, K, BM=BM, BN=BN, BK=BK, GROUP_M=8, NUM_SMS=sms,
+                                 B_NK=layout == "nk", num_warps=8, num_stages=stages)
+            return c
+        time_it(shape, "hand-written flat+tma-store", lambda: hand(3), ref, flops)
+
+        for stages in (3, 4):
+            op = FusedMatmulReduceScatter(ctx.heap, M, N, K, torch.bfloat16, b_layout=layout, mode="direct",
+                                          config=TileConfig(BM, BN, BK, 8, 8, stages, 0))
+            generated = op.kernel_source
+            for flatten, tma_store in ((False, False), (True, False), (False, True), (True, True)):
+                if stages == 4 and tma_store:
+                    continue  # 4 stages of 128x256x64 and a 64 KiB store buffer exceed shared memory
+                op.kernel = load_kernel(dataclasses.replace(
+                    generated, source=patched(generated.source, flatten, tma_store)))
+                op._launchers.clear()
+                name = "ours" + ("+flat" if flatten else "") + ("+tma-store" if tma_store else "") + f" s{stages}"
+                time_it(shape, name, lambda: op.local_matmul(a, b), ref, flops)
+            for buf in op.buffers():
+                ctx.heap.free(buf)
+    return rows
+
+
+def summarize(rows) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    ms = {(r["shape"], r["variant"]): r["ms"] for r in rows}
+    lines = ["time over cuBLAS (lower is better)", "shape".ljust(24) + "".join(v[:14].rjust(16) for v in variants)]
+    for s in shapes:
+        base = ms.get((s, "cublas"))
+        lines.append(s.ljust(24) + "".join(
+            (f"{ms[(s, v)] / base:.3f}" if ms.get((s, v)) and base else "-").rjust(16) for v in variants))
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default="benchmarks/results/core_h100.json")
+    p.add_argument("--rep", type=int, default=200, help="milliseconds do_bench times each variant")
+    args = p.parse_args()
+    from bspfuse.runtime import launch
+    t0 = time.time()
+    rows = launch(run, 1, backend="cuda", heap_bytes=1 << 30, args=(args,), timeout_s=900)[0]
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), seconds=round(time.time() - t0, 1))
+    for path in filter(None, (args.json, os.environ.get("OUT") and os.path.join(os.environ["OUT"],
+                                                                               os.path.basename(args.json)))):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(summarize(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
