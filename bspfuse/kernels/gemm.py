@@ -37,8 +37,17 @@ from bspfuse.tile import (SCATTER_MODES, STAGING, TileConfig, choose_config, low
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
+_scratch_by_stream: dict = {}
+
+
 def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Global scratch for descriptors a kernel makes on the device, asked for at every launch. Kernels of one
+    stream run one after another, so one buffer per stream serves them all (it only grows): no allocation
+    on the launch path."""
+    buf = _scratch_by_stream.get(stream)
+    if buf is None or buf.numel() < size:
+        buf = _scratch_by_stream[stream] = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+    return buf
 
 
 def _set_allocator(heap):
@@ -119,6 +128,7 @@ class _Fused:
         self.err = new_error_buffer(heap.device)
         _set_allocator(heap)
         self.epoch = Epoch()
+        self._descs = {}  # (block, dtype, shape, strides) -> the descriptor _desc rebases
         self.name = name or f"{self.kind}_{IR_DTYPE[dtype]}_w{self.world}"
 
     def _ready(self):
@@ -162,8 +172,18 @@ class _Fused:
             raise_if_wait_timed_out(self.err, self.heap)
 
     def _desc(self, t, block):
-        # The simulator's kernels load through pointers (generate(tma=False)); any valid value fills the slot.
-        return TensorDescriptor.from_tensor(t, block) if not _sim(self.heap) else t
+        """A tensor descriptor of `t` in `block` tiles. The one made for the last tensor of the same shape,
+        strides and dtype is rebased instead of rebuilt: checking a new descriptor, and specializing the
+        launch on it, took a large part of a call's host time. The simulator's kernels load through pointers
+        (generate(tma=False)); any valid value fills the slot there."""
+        if _sim(self.heap):
+            return t
+        key = (tuple(block), t.dtype, tuple(t.shape), t.stride())
+        desc = self._descs.get(key)
+        if desc is None:
+            desc = self._descs[key] = TensorDescriptor.from_tensor(t, block)
+        desc.base = t
+        return desc
 
     def _bias(self, bias):
         if ("bias" in self.epilogue) != (bias is not None):
