@@ -34,12 +34,15 @@ class DeviceModel:
     flag_round_trip_s: float = 3e-6  # 2.9 us measured (rma_bench.py, 2026-11-22)
     hbm_bytes: float = 3.8e12
     num_sms: int = 132
-    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py on 2xH200 (2026-11-22, the interleaved kernels). Their
-    # GEMM alone runs at cuBLAS's rate when launched back to back; one call with an idle GPU adds the host's
-    # launch. The direct kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the
-    # GEMM at an exposed rate; push's comm programs each move staged tiles at a rate (wait, copy, flag).
+    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py on 2xH200 (2026-11-22, the interleaved kernels with TMA
+    # stores, three runs). Their GEMM alone runs at cuBLAS's rate when launched back to back; one call with
+    # an idle GPU adds the host's launch. The direct kernel's epilogue stores (partials; AR also finished
+    # tiles) cost time beyond the GEMM: the traffic at an exposed rate, plus one tail per dependent hop (the
+    # last tiles' partials reach their owner after the GEMM ends; AR's finished tiles then travel back).
+    # push's comm programs each move staged tiles at a rate (wait, copy, flag).
     launch_overhead_s: float = 50e-6
-    direct_exposed_bytes: float = 0.5e12
+    direct_exposed_bytes: float = 0.75e12
+    direct_hop_s: float = 20e-6
     comm_program_bytes: float = 9e9
 
 
@@ -86,7 +89,8 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,
         # taking SMs from the GEMM and moving at most comm * comm_program_bytes.
         t_gemm = t_mm + device.launch_overhead_s
-        est["direct"] = t_gemm + moved / device.direct_exposed_bytes
+        hops = 2 if kind == "matmul_ar" else 1
+        est["direct"] = t_gemm + hops * device.direct_hop_s + moved / device.direct_exposed_bytes
         comm = default_comm_programs(kind, M, N, K // W, W)
         est["push"] = max(t_gemm * device.num_sms / (device.num_sms - comm),
                           device.launch_overhead_s + moved / (comm * device.comm_program_bytes))
