@@ -155,3 +155,29 @@ def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     tma_store = [any(o.startswith("cp.async.bulk.tensor") and ".global.shared" in o for o in k["ops"])
                  for k in kernels]
     assert tma_store == [True, False, True, True], kernels
+
+
+def _weight_reuse(ctx):
+    from bspfuse.kernels.gemm import FusedMatmulReduceScatter
+
+    rs = FusedMatmulReduceScatter(ctx.heap, 20, 40, 24, torch.float32, config=SMALL, debug=True, b_layout="nk")
+    a = torch.randn(20, 24)
+    w = torch.randn(40, 24)  # an nn.Linear weight, passed as w.t() (a new view object every call)
+    wide = torch.randn(24, 80)
+    errors = []
+    for step in range(4):
+        if step == 1:
+            w.mul_(-2)  # updated in place (an optimizer step): same memory, new values
+        if step == 2:
+            w = torch.randn(40, 24)  # another weight of the same shape
+        b = w.t() if step < 3 else wide[:, ::2]  # step 3: strides no kernel reads, so B is copied
+        errors.append(_rel(rs(a, b), a.double() @ b.double()))
+        if step == 3:
+            wide.add_(1)  # the copy must be made again: the source changed
+            errors.append(_rel(rs(a, wide[:, ::2]), a.double() @ wide[:, ::2].double()))
+    return errors
+
+
+def test_b_derived_once_per_weight_follows_in_place_updates_and_new_weights():
+    errors = launch(_weight_reuse, 1, backend="sim", heap_bytes=4 << 20, timeout_s=300)[0]
+    assert len(errors) == 5 and max(errors) < TOL[torch.float32], errors

@@ -129,6 +129,7 @@ class _Fused:
         _set_allocator(heap)
         self.epoch = Epoch()
         self._descs = {}  # (block, dtype, shape, strides) -> the descriptor _desc rebases
+        self._last_b = (None, None)  # (B's address, shape, strides) -> its layout, storage, descriptor
         self.name = name or f"{self.kind}_{IR_DTYPE[dtype]}_w{self.world}"
 
     def _ready(self):
@@ -152,20 +153,28 @@ class _Fused:
             self._other_layouts[b_layout] = load_kernel(generate(self._lower(b_layout), tma=not _sim(self.heap)))
         return self._other_layouts[b_layout]
 
-    def _launch_kernel(self, b_layout: str, programs: int, args: tuple, **meta) -> None:
-        # Triton's JIT dispatch of a 30-argument kernel costs about as much host time as a small GEMM takes
-        # on the GPU (gemm_bench's host_ms); FastLaunch keeps the compiled launcher per layout and constexprs.
-        key = (b_layout, programs, *meta.values())
+    def _launcher(self, key: tuple, b_layout: str, programs: int, meta) -> FastLaunch:
+        """The launch of one variant (B layout, world): Triton's JIT dispatch of a 30-argument kernel costs
+        about as much host time as a small GEMM takes on the GPU (gemm_bench's host_ms); FastLaunch keeps
+        the compiled launcher. `meta` (the constexprs) is called only when the variant is new."""
         launcher = self._launchers.get(key)
         if launcher is None:
-            launcher = self._launchers[key] = FastLaunch(self._kernel_for(b_layout), (programs,), **meta)
-        launcher(*args)
+            launcher = self._launchers[key] = FastLaunch(self._kernel_for(b_layout), (programs,), **meta())
+        return launcher
 
     def _operands(self, a, b):
-        """(A, B's layout, B's storage, B's descriptor) for this call, without copies where the layouts allow."""
-        cfg = self.config
-        b_layout, b = b_operand(b)
-        return a_operand(a), b_layout, b, self._desc(b, [cfg.BK, cfg.BN] if b_layout == "kn" else [cfg.BN, cfg.BK])
+        """(A, B's layout, B's storage, B's descriptor) for this call, without copies where the layouts allow.
+        B is usually the same weight call after call: what was derived from it is kept while its memory,
+        shape and strides stay the same (a copied B is derived again: its source may have changed)."""
+        key = (b.data_ptr(), b.shape, b.stride())
+        if key != self._last_b[0]:
+            cfg = self.config
+            b_layout, storage = b_operand(b)
+            derived = (b_layout, storage, self._desc(storage, [cfg.BK, cfg.BN] if b_layout == "kn" else [cfg.BN, cfg.BK]))
+            if storage.data_ptr() != b.data_ptr():  # a copy: never reused
+                return (a_operand(a), *derived)
+            self._last_b = (key, derived)
+        return (a_operand(a), *self._last_b[1])
 
     def _check(self):
         if self.max_spins:
@@ -242,13 +251,12 @@ class FusedAllGatherMatmul(_Fused):
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
         epoch = self.epoch.next()
-        self._launch_kernel(
-            b_layout, programs,
-            (a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-             self.rank, epoch, self.M_local, self.N, self.K, a.stride(0), b.stride(0), c.stride(0)),
+        launch = self._launcher(b_layout, b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
-            VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
+               self.rank, epoch, self.M_local, self.N, self.K, a.stride(0), b.stride(0), c.stride(0))
         if self.mode == "direct":
             self.heap.barrier()
         self._check()
@@ -339,14 +347,14 @@ class _FusedScatter(_Fused):
         cfg = self.config
         a, b_layout, b, b_desc = self._operands(a, b)
         programs = 1 if _sim(self.heap) else self.sms
-        self._launch_kernel(
-            b_layout, programs,
-            (self._desc(a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
-             self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
-             self.flags, self.err, self.heap.heap_bases, rank, epoch, self.M // world, self.N, self.K, a.stride(0),
-             b.stride(0)), WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
+        launch = self._launcher((b_layout, world), b_layout, programs, lambda: dict(
+            WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs,
-            MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        launch(self._desc(a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
+               self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
+               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.M // world, self.N, self.K, a.stride(0),
+               b.stride(0))
 
 
 def interleave_lag(gemm_programs: int, world: int) -> int:
