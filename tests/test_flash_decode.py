@@ -234,3 +234,35 @@ def test_flash_decode_world4(tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     results = launch(_world, 4, backend="sim", heap_bytes=1 << 20, args=(cases, stages, init_file), timeout_s=240)
     _check_world(results, cases, stages, 4)
+
+
+def _cache_reuse(ctx):
+    """One FlashDecode over steps that reuse the KV cache objects (checked once), change them in place, pass
+    lengths in another dtype, and swap in another cache: each step against the reference."""
+    from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
+
+    g = torch.Generator().manual_seed(_seed())
+    B, Hq, Hkv, D, S = 2, 4, 2, 16, 24
+    fd = FlashDecode(ctx.heap, 1, 0, B, Hq, Hkv, D, torch.float32, stage=3, block_n=16, num_splits=2,
+                     max_spins=100_000)
+    k, v = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    errors = []
+    for step in range(4):
+        q = torch.randn(B, Hq, D, generator=g)
+        lens = torch.randint(1, S + 1, (B,), generator=g, dtype=torch.int32)
+        if step == 1:
+            lens = lens.long()  # not what the kernel reads: converted, so the checks run again
+        if step == 2:
+            k.mul_(-1)  # the cache written in place: same tensors, new values
+        if step == 3:
+            k, v = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+        out, lse = fd(q, k, v, kv_lens=lens)
+        ref_o, ref_lse = reference_decode(q, k, v, kv_lens=lens)
+        errors.append(max((out.double() - ref_o).abs().max().item(), (lse.double() - ref_lse).abs().max().item()))
+    fd.close()
+    return errors
+
+
+def test_steps_that_reuse_the_kv_cache_are_checked_once_and_follow_its_changes():
+    errors = launch(_cache_reuse, 1, backend="sim", heap_bytes=1 << 20, timeout_s=300)[0]
+    assert len(errors) == 4 and max(errors) < TOL_O[torch.float32], errors

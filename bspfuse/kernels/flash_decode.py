@@ -162,23 +162,23 @@ class _KV:
     table: torch.Tensor | None
     capacity: int  # most keys a batch entry can have
     page: int
+    layout: tuple = ()  # what the attending kernels are compiled for: (page size or 0, has lengths, fp32 dots)
+    strides: tuple = ()  # q's, k's and v's strides and the block table's row stride, in the kernels' order
+
+    def __post_init__(self):
+        q, k, v = self.q, self.k, self.v
+        if not self.layout:
+            self.layout = (self.page, self.lens is not None, _dot_f32(q.dtype, q.device))
+        if not self.strides:
+            bt = self.table.stride(0) if self.table is not None else 0
+            self.strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                            v.stride(1), v.stride(2), bt)
 
     def args(self):
         q, k, v = self.q, self.k, self.v
         table = self.table if self.table is not None else q
         lens = self.lens if self.lens is not None else q
         return (q, k, v, lens, table)
-
-    def strides(self):
-        q, k, v = self.q, self.k, self.v
-        bt = self.table.stride(0) if self.table is not None else 0
-        return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-                v.stride(2), bt)
-
-    @property
-    def layout(self) -> tuple:
-        """What the attending kernels are compiled for: (page size or 0, has lengths, fp32 dots)."""
-        return (self.page, self.lens is not None, _dot_f32(self.q.dtype, self.q.device))
 
 
 def _check_inputs(q, k, v, kv_lens, block_table, B, Hq, Hkv, D, dtype) -> _KV:
@@ -246,7 +246,7 @@ def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple, num_stag
 
 
 def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float, mid_o, mid_lse) -> tuple:
-    return (*kv.args(), mid_o, mid_lse, kv.capacity, tiling.B, tiling.Hq, tiling.Hkv, num_splits, *kv.strides(),
+    return (*kv.args(), mid_o, mid_lse, kv.capacity, tiling.B, tiling.Hq, tiling.Hkv, num_splits, *kv.strides,
             qk_scale)
 
 
@@ -391,6 +391,7 @@ class FlashDecode:
         self._mid = None  # (O, LSE) of every split, once the split count is known
         self._gathered = None  # stage 0's all-gather destination (flat, O and LSE views), from the first step
         self._launches: dict[tuple, _StepLaunches] = {}  # by KV layout (_KV.layout)
+        self._last = None  # (k, v, block_table as passed, their checked _KV): a decoder passes the same cache
         heap.barrier()  # peers may signal into our flags from their first step on
 
     @classmethod
@@ -426,7 +427,10 @@ class FlashDecode:
 
         ``out=(o, lse)``: contiguous tensors of those shapes and dtypes to write the result into (and
         return); by default each step returns new tensors."""
-        kv = _check_inputs(q, k, v, kv_lens, block_table, self.B, self.Hq, self.Hkv, self.D, self.dtype)
+        kv = self._same_cache(q, k, v, kv_lens, block_table)
+        if kv is None:
+            kv = _check_inputs(q, k, v, kv_lens, block_table, self.B, self.Hq, self.Hkv, self.D, self.dtype)
+            self._last = (k, v, block_table, kv)
         launches = self._launches.get(kv.layout) or self._prepare(kv)
         out_o, out_lse = self._outputs(out)
         if self.stage == 3:  # counts its epochs on the device
@@ -436,6 +440,25 @@ class FlashDecode:
         if self.max_spins:
             raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
         return out_o, out_lse
+
+    def _same_cache(self, q, k, v, kv_lens, block_table) -> _KV | None:
+        """The checked inputs of this step without checking k, v and the block table again when they are the
+        very tensors of the last step (a decoder's KV cache; written in place between steps), and q and
+        kv_lens are laid out as then; None where anything differs (the full check runs)."""
+        if self._last is None:
+            return None
+        last_k, last_v, last_table, kv = self._last
+        if k is not last_k or v is not last_v or block_table is not last_table:
+            return None
+        if q.shape != kv.q.shape or q.stride() != kv.q.stride() or q.dtype != kv.q.dtype or q.device != kv.q.device:
+            return None
+        if kv_lens is None:
+            if kv.lens is not None:
+                return None
+        elif (kv.lens is None or kv_lens.shape != kv.lens.shape or kv_lens.dtype != torch.int32
+              or kv_lens.device != q.device or not kv_lens.is_contiguous()):
+            return None
+        return _KV(q, kv.k, kv.v, kv_lens, kv.table, kv.capacity, kv.page, kv.layout, kv.strides)
 
     def launches(self) -> list[str]:
         """What one step launches, in order (kernels, collectives, host barriers)."""
@@ -534,7 +557,7 @@ class FlashDecode:
         launches.fused(*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
                        self.ticket, self.rank, self.heap.heap_bases, self.err, kv.capacity, self.B, self.Hq,
                        self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot,
-                       *kv.strides(), self.qk_scale)
+                       *kv.strides, self.qk_scale)
 
 
 def reference_decode(q, k, v, kv_lens=None, block_table=None, scale: float | None = None):

@@ -25,6 +25,8 @@ a growing ``resize_``) between launches. A new tensor object is always checked a
 from __future__ import annotations
 
 import os
+from itertools import compress
+from operator import is_not
 
 import triton
 
@@ -99,10 +101,12 @@ class FastLaunch:
 
     def _same_specialization(self, plan: _Plan, args) -> bool:
         """Whether args specialize as the plan's last ones (only those not identical are looked at); if
-        so, the plan takes them."""
+        so, the plan takes them. The identity test runs over all arguments at C speed (map); a step
+        changes a few of them (new activations and outputs, recomputed integers)."""
         prev, values, specs = plan.args, plan.values, plan.specs
-        for i, (a, p) in enumerate(zip(args, prev)):
-            if a is p or (type(a) is int and type(p) is int and a == p):
+        for i in compress(range(len(args)), map(is_not, args, prev)):
+            a, p = args[i], prev[i]
+            if type(a) is int and type(p) is int and a == p:
                 continue
             if self._spec(a, i) != specs[i]:
                 return False
@@ -157,4 +161,5 @@ class FastLaunch:
 
 def _hooks_installed() -> bool:
     runtime = triton.knobs.runtime
-    return any(getattr(h, "calls", h) for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))
