@@ -55,21 +55,80 @@ def hand_written(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.const
 
 
 LOOP = "for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):"
-OWN_STORE = "tl.store(out_ptr + tile_off, acc.to(tl.bfloat16), mask=mask)"
+TMA_STORE = "own_desc.store([c * BM, pid_n * BN], acc.to(tl.bfloat16))"
+POINTER_STORE = "tl.store(out_ptr + tile_off, acc.to(tl.bfloat16), mask=mask)"
 
 
 def patched(source: str, flatten: bool, tma_store: bool) -> str:
-    """The generated source with the tile loop flattened into the K loop (one software pipeline across tiles)
-    and/or own tiles stored through a tensor descriptor (TMA) instead of pointer stores."""
-    for needed in (LOOP, OWN_STORE):
+    """The generated GEMM+RS source (own tiles stored through a TMA descriptor) with the tile loop flattened
+    into the K loop (one software pipeline across tiles) and/or own tiles stored with pointer stores, as
+    before the TMA store was generated."""
+    for needed in (LOOP, TMA_STORE):
         assert needed in source, f"generated source changed: {needed!r} not found"
     if flatten:
         source = source.replace(LOOP, LOOP.replace("range(", "tl.range(").replace("):", ", flatten=True):"))
-    if tma_store:
-        source = source.replace("    pid = tl.program_id(0)\n", "    pid = tl.program_id(0)\n    out_desc = "
-                                "tl.make_tensor_descriptor(out_ptr, [M_LOCAL, N], [N, 1], [BM, BN])\n")
-        source = source.replace(OWN_STORE, "out_desc.store([c * BM, pid_n * BN], acc.to(tl.bfloat16))")
+    if not tma_store:
+        source = source.replace(TMA_STORE, POINTER_STORE)
     return source
+
+
+AG_SHAPES = [(8192, 14336, 8192, "nk"), (8192, 4096, 8192, "nk"), (4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn")]
+AG_STORE = "c_desc.store([src, c * BM, pid_n * BN], acc.to(tl.bfloat16).reshape(1, BM, BN))"
+AG_C_DESC = ("c_desc = tl.make_tensor_descriptor(c_ptr, shape=[WORLD, M_LOCAL, N], strides=[M_LOCAL * stride_cm, "
+             "stride_cm, 1], block_shape=[1, BM, BN])")
+AG_A_DESC = ("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
+             "block_shape=[BM, BK])")
+
+
+def patched_ag(source: str, store: str, hoist_a: bool) -> str:
+    """The AG+GEMM kernel (a world of one: every tile reads local rows) with C stored through the 3-D
+    descriptor it has ("tma3d"), a 2-D one over all rows (valid when M_LOCAL is a multiple of BM: "tma2d"),
+    or pointer stores ("pointer"); hoist_a makes A's descriptor once per program instead of once per tile
+    (right only in a world of one, where every tile reads this rank's A)."""
+    for needed in (AG_STORE, AG_C_DESC, AG_A_DESC):
+        assert needed in source, f"generated source changed: {needed!r} not found"
+    indent = source[:source.index(AG_STORE)].rsplit("\n", 1)[1]
+    if store == "pointer":
+        source = source.replace(AG_STORE, "out_rows = (src * M_LOCAL + rm).to(tl.int64)\n" + indent +
+                                "tl.store(c_ptr + out_rows[:, None] * stride_cm + rn[None, :], acc.to(tl.bfloat16), "
+                                "mask=(rm < M_LOCAL)[:, None] & (rn < N)[None, :])")
+    elif store == "tma2d":
+        source = source.replace(AG_C_DESC, "c_desc = tl.make_tensor_descriptor(c_ptr, shape=[WORLD * M_LOCAL, N], "
+                                "strides=[stride_cm, 1], block_shape=[BM, BN])")
+        source = source.replace(AG_STORE, "c_desc.store([src * M_LOCAL + c * BM, pid_n * BN], acc.to(tl.bfloat16))")
+    if hoist_a:
+        source = source.replace(AG_A_DESC, "a_tile_desc = a_once")
+        source = source.replace("        for tile_id in range(", "        a_once = tl.make_tensor_descriptor(a_ptr, "
+                                "shape=[M_LOCAL, K], strides=[stride_am, 1], block_shape=[BM, BK])\n"
+                                "        for tile_id in range(", 1)
+    return source
+
+
+def run_ag(ctx, args, time_it):
+    from bspfuse.codegen.load import load_kernel
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul
+    from bspfuse.tile import TileConfig
+
+    bf = dict(device=ctx.device, dtype=torch.bfloat16)
+    for M, N, K, layout in AG_SHAPES:
+        shape = f"AG {M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
+        torch.manual_seed(0)
+        a = torch.randn(M, K, **bf)
+        b = torch.randn(K, N, **bf) / 64 if layout == "kn" else (torch.randn(N, K, **bf) / 64).t()
+        ref = a @ b
+        flops = 2 * M * N * K
+        time_it(shape, "cublas", lambda: a @ b, ref, flops)
+        op = FusedAllGatherMatmul(ctx.heap, M, N, K, torch.bfloat16, mode="push", b_layout=layout,
+                                  config=TileConfig(128, 256, 64, 8, 8, 3, 0))
+        generated = op.kernel_source
+        for store in ("tma3d", "tma2d", "pointer"):
+            for hoist_a in (False, True):
+                op.kernel = load_kernel(dataclasses.replace(generated,
+                                                            source=patched_ag(generated.source, store, hoist_a)))
+                op._launchers.clear()
+                time_it(shape, f"ours {store}" + (" a-once" if hoist_a else ""), lambda: op(a, b), ref, flops)
+        for buf in (op.flags, op.staging):
+            ctx.heap.free(buf)
 
 
 def run(ctx, args):
@@ -98,6 +157,9 @@ def run(ctx, args):
         rows.append(dict(shape=shape, variant=variant, ms=ms, rel_err=err, tflops=flops / ms / 1e9))
         print(f"  {shape} {variant:>28}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  err {err:.1e}", flush=True)
 
+    if args.ag:
+        run_ag(ctx, args, time_it)
+        return rows
     for M, N, K, layout in SHAPES:
         shape = f"{M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
         torch.manual_seed(0)
@@ -153,6 +215,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="benchmarks/results/core_h100.json")
     p.add_argument("--rep", type=int, default=200, help="milliseconds do_bench times each variant")
+    p.add_argument("--ag", action="store_true", help="the AG+GEMM kernel's store and A-descriptor variants instead")
     args = p.parse_args()
     from bspfuse.runtime import launch
     t0 = time.time()
