@@ -19,10 +19,10 @@ check() {  # check NAME COMMAND...: run it, show its report, count it as passed 
     [[ $rc == 0 && $(tail -n 1 <<<"$log") == PASS ]] || failed+=("$name (exit $rc)")
 }
 
-for example in sp_mlp row_parallel_allreduce attn_out_reduce_scatter flash_decode; do
+for example in sp_mlp swiglu_mlp row_parallel_allreduce attn_out_reduce_scatter flash_decode; do
     check "$example" bspfuse run "examples/$example.bsp" --world 2 --backend cuda
 done
-for example in sp_mlp row_parallel_allreduce attn_out_reduce_scatter; do
+for example in sp_mlp swiglu_mlp row_parallel_allreduce attn_out_reduce_scatter; do
     check "$example push" bspfuse run "examples/$example.bsp" --world 2 --backend cuda --mode push
 done
 check "sp_mlp large" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=4096 --size H=4096 --size F=8192
