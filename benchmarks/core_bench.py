@@ -104,20 +104,27 @@ def patched_ag(source: str, store: str, hoist_a: bool) -> str:
     return source
 
 
+def problem(ctx, time_it, prefix: str, M: int, N: int, K: int, layout: str):
+    """(name, A, B, cuBLAS's A @ B, flops) of one shape, cuBLAS timed: B row-major or an nn.Linear weight's
+    transpose."""
+    bf = dict(device=ctx.device, dtype=torch.bfloat16)
+    shape = f"{prefix}{M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
+    torch.manual_seed(0)
+    a = torch.randn(M, K, **bf)
+    b = torch.randn(K, N, **bf) / 64 if layout == "kn" else (torch.randn(N, K, **bf) / 64).t()
+    ref = a @ b
+    flops = 2 * M * N * K
+    time_it(shape, "cublas", lambda: a @ b, ref, flops)
+    return shape, a, b, ref, flops
+
+
 def run_ag(ctx, args, time_it):
     from bspfuse.codegen.load import load_kernel
     from bspfuse.kernels.gemm import FusedAllGatherMatmul
     from bspfuse.tile import TileConfig
 
-    bf = dict(device=ctx.device, dtype=torch.bfloat16)
     for M, N, K, layout in AG_SHAPES:
-        shape = f"AG {M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
-        torch.manual_seed(0)
-        a = torch.randn(M, K, **bf)
-        b = torch.randn(K, N, **bf) / 64 if layout == "kn" else (torch.randn(N, K, **bf) / 64).t()
-        ref = a @ b
-        flops = 2 * M * N * K
-        time_it(shape, "cublas", lambda: a @ b, ref, flops)
+        shape, a, b, ref, flops = problem(ctx, time_it, "AG ", M, N, K, layout)
         op = FusedAllGatherMatmul(ctx.heap, M, N, K, torch.bfloat16, mode="push", b_layout=layout,
                                   config=TileConfig(128, 256, 64, 8, 8, 3, 0))
         generated = op.kernel_source
@@ -161,13 +168,7 @@ def run(ctx, args):
         run_ag(ctx, args, time_it)
         return rows
     for M, N, K, layout in SHAPES:
-        shape = f"{M}x{N}x{K}" + (" B=w.t()" if layout == "nk" else "")
-        torch.manual_seed(0)
-        a = torch.randn(M, K, **bf)
-        b = torch.randn(K, N, **bf) / 64 if layout == "kn" else (torch.randn(N, K, **bf) / 64).t()
-        ref = a @ b
-        flops = 2 * M * N * K
-        time_it(shape, "cublas", lambda: a @ b, ref, flops)
+        shape, a, b, ref, flops = problem(ctx, time_it, "", M, N, K, layout)
 
         BM, BN, BK = 128, 256, 64
         c = torch.empty(M, N, **bf)
