@@ -259,16 +259,17 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                         WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                         HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr = False,
-                        MERGE_H: tl.constexpr = 16, RANK_CHUNK: tl.constexpr = 1):
+                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr,
+                        MERGE_H: tl.constexpr, RANK_CHUNK: tl.constexpr):
     """One launch per decode step. Grid (tiles * splits + tiles,).
 
     Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
     [(e-1) n, e n) for n programs, so the ticket gives the step's epoch (no host epoch: a step can be
     replayed from a CUDA graph) and the program's work, in ticket order whatever order the hardware starts
     programs in. Tickets below tiles * splits are split attention (split fastest; TILE_FASTEST: KV head
-    fastest, as decode_split_kernel's grid, for a grid that runs in one wave), the rest cross-rank merges. A merge spins only once every split is held by a running program, and splits never wait, so
-    each rank finishes its splits whatever its peers do: no deadlock however few programs fit at once.
+    fastest, as decode_split_kernel's grid, for a grid that runs in one wave), the rest cross-rank merges.
+    A merge spins only once every split is held by a running program, and splits never wait, so each rank
+    finishes its splits whatever its peers do: no deadlock however few programs fit at once.
 
     A split stores its state into mid (mid_o [splits, B, Hq, D]) and counts itself in tile_count[tile];
     the last split of a tile resets the count, merges the tile's splits, puts the merged state into its
