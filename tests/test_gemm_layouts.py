@@ -181,3 +181,27 @@ def _weight_reuse(ctx):
 def test_b_derived_once_per_weight_follows_in_place_updates_and_new_weights():
     errors = launch(_weight_reuse, 1, backend="sim", heap_bytes=4 << 20, timeout_s=300)[0]
     assert len(errors) == 5 and max(errors) < TOL[torch.float32], errors
+
+
+def _bad_out(ctx):
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul
+
+    ag = FusedAllGatherMatmul(ctx.heap, 20, 40, 24, torch.float32, mode="push", config=SMALL, debug=True)
+    a, b = torch.randn(20, 24), torch.randn(24, 40)
+    errors = []
+    for out in (torch.empty(20, 41), torch.empty(20, 40, dtype=torch.float64), torch.empty(40, 20).t()):
+        try:
+            ag(a, b, out=out)
+            errors.append("accepted")
+        except ValueError as e:
+            errors.append(str(e))
+    good = torch.empty(20, 40)
+    return errors, _rel(ag(a, b, out=good), a.double() @ b.double()), ag(a, b, out=good).data_ptr() == good.data_ptr()
+
+
+def test_ag_out_must_be_a_tensor_the_kernel_can_store_whole_tiles_into():
+    errors, err, same = launch(_bad_out, 1, backend="sim", heap_bytes=4 << 20, timeout_s=300)[0]
+    assert "out must be a [20, 40] torch.float32" in errors[0] and "got [20, 41]" in errors[0], errors
+    assert "torch.float64" in errors[1], errors
+    assert "rows must be contiguous" in errors[2], errors
+    assert err < TOL[torch.float32] and same

@@ -245,7 +245,8 @@ class FusedAllGatherMatmul(_Fused):
             self.a_heap.copy_(a)
             a = self.a_heap
         a, b_layout, b, b_desc = self._operands(a, b)
-        c = out if out is not None else torch.empty(W * self.M_local, self.N, dtype=self.dtype, device=a.device)
+        c = self._out(out, a.device) if out is not None else torch.empty(W * self.M_local, self.N, dtype=self.dtype,
+                                                                         device=a.device)
         staging = self.staging if self.staging is not None else a
         programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
@@ -261,6 +262,18 @@ class FusedAllGatherMatmul(_Fused):
             self.heap.barrier()
         self._check()
         return c
+
+    def _out(self, out: torch.Tensor, device) -> torch.Tensor:
+        """A caller's C: the kernel stores whole tiles into it (through TMA on a GPU), so its rows must be
+        contiguous, 16-byte aligned and not overlap."""
+        rows = self.world * self.M_local
+        if tuple(out.shape) != (rows, self.N) or out.dtype != self.dtype or out.device != device:
+            raise ValueError(f"{self.name}: out must be a [{rows}, {self.N}] {self.dtype} tensor on {device}, "
+                             f"got {list(out.shape)} {out.dtype} on {out.device}")
+        if not _rows_readable(out):
+            raise ValueError(f"{self.name}: out's rows must be contiguous with a 16-byte aligned start and row "
+                             f"stride; got strides {out.stride()} (pass out.contiguous() and copy back)")
+        return out
 
     def gathered(self, a: torch.Tensor) -> torch.Tensor:
         """all_gather(A) of the call just made, [W * M_local, K], as a fresh tensor: the peers' rows from the
