@@ -207,6 +207,12 @@ or one at a time, under torchrun:
     torchrun --nproc_per_node 2 benchmarks/gemm_bench.py     # fused AG+GEMM / GEMM+RS / GEMM+AR vs NCCL+cuBLAS
     torchrun --nproc_per_node 2 benchmarks/decode_bench.py   # Flash Decode stages 0-3
     torchrun --nproc_per_node 2 benchmarks/rma_bench.py      # one-sided put/get bandwidth per SM
+    torchrun --nproc_per_node 2 benchmarks/block_bench.py    # a Llama layer under torch.compile, TP + SP
+
+and on one GPU:
+
+    python3 benchmarks/core_bench.py [--ag]    # the fused kernels' GEMM core vs cuBLAS
+    python3 benchmarks/host_bench.py           # a call's host time, piece by piece
 
 BENCHMARKS.md describes the results and how they were measured."""
 
