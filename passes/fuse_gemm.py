@@ -36,11 +36,12 @@ class DeviceModel:
     num_sms: int = 132
     # GEMM+RS / GEMM+AR, fitted to gemm_bench.py on 2xH200 (2026-11-22, the interleaved kernels with TMA
     # stores, three runs). Their GEMM alone runs at cuBLAS's rate when launched back to back; one call with
-    # an idle GPU adds the host's launch. The direct kernel's epilogue stores (partials; AR also finished
-    # tiles) cost time beyond the GEMM: the traffic at an exposed rate, plus one tail per dependent hop (the
-    # last tiles' partials reach their owner after the GEMM ends; AR's finished tiles then travel back).
-    # push's comm programs each move staged tiles at a rate (wait, copy, flag).
-    launch_overhead_s: float = 50e-6
+    # an idle GPU adds the host's launch (host_bench.py: 37 us for a GEMM+RS call, 2026-11-22). The direct
+    # kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the GEMM: the traffic at
+    # an exposed rate, plus one tail per dependent hop (the last tiles' partials reach their owner after the
+    # GEMM ends; AR's finished tiles then travel back). push's comm programs each move staged tiles at a rate
+    # (wait, copy, flag).
+    launch_overhead_s: float = 37e-6
     direct_exposed_bytes: float = 0.75e12
     direct_hop_s: float = 20e-6
     comm_program_bytes: float = 9e9
