@@ -1,7 +1,7 @@
 """The `bspfuse` command: analyze, inspect, compile, run, bench.
 
     bspfuse analyze examples/sp_mlp.py:build --world 8 [--json] [--plot timeline.png]
-    bspfuse inspect examples/sp_mlp.bsp --stage graph|fused|tile|triton [--mode auto|pull|push|off]
+    bspfuse inspect examples/sp_mlp.bsp --stage graph|fused|tile|triton [--mode auto|pull|push|direct|off]
     bspfuse compile examples/sp_mlp.bsp -o kernels.py
     bspfuse run examples/sp_mlp.bsp --world 2            # fused vs. the unfused reference, GPUs or simulator
     bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=8192 --size H=4096
@@ -235,7 +235,7 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bspfuse", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    modes = ("auto", "pull", "push", "off")
+    modes = ("auto", "pull", "push", "direct", "off")
 
     a = sub.add_parser("analyze", help="the three taxes of the BSP program, per op")
     _target_arguments(a)

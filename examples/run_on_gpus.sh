@@ -32,6 +32,10 @@ check "attn_out_reduce_scatter large" bspfuse run examples/attn_out_reduce_scatt
     --size T=4096 --size NH=32 --size D=128 --size H=4096
 check "flash_decode large" bspfuse run examples/flash_decode.bsp --world 2 --backend cuda \
     --size B=4 --size Hq=32 --size Hkv=8 --size S=65536 --size D=128
+# direct at row counts that are not multiples of the tiles: the kernels' TMA stores must clip at each rank's rows
+check "sp_mlp direct, ragged rows" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode direct --size T=200
+check "row_parallel_allreduce direct, ragged rows" bspfuse run examples/row_parallel_allreduce.bsp --world 2 \
+    --backend cuda --mode direct --size M=200 --size N=136
 check "sp_mlp unaligned rows" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode push --size T=250 --size H=100
 check "sp_mlp under torchrun" python3 -m torch.distributed.run --nproc_per_node 2 -m bspfuse.cli run examples/sp_mlp.bsp \
     --world 2 --backend cuda --mode push

@@ -20,7 +20,7 @@ class Estimate:
     recalibrated."""
 
     device: str
-    mode: str  # push | pull | off (the unfused, bulk-synchronous schedule)
+    mode: str  # push | pull | direct | off (the unfused, bulk-synchronous schedule)
     us: dict  # schedule -> estimated microseconds, e.g. {"bsp": 30.1, "push": 4.7}
 
     def __str__(self) -> str:
@@ -48,7 +48,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class Options:
-    """What the user can force. mode: auto | pull | push | off (per fusion), plus device and tuning knobs."""
+    """What the user can force. mode: auto | pull | push | direct | off (per fusion), plus device and tuning
+    knobs. direct: AG+GEMM loads remote rows in place; GEMM+RS/AR store partials from the GEMM epilogue."""
 
     mode: str = "auto"
     device: str = "H200"

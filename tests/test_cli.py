@@ -61,6 +61,12 @@ def test_inspect_estimates_come_from_the_cost_model(capsys):
     assert all(" us" in line for line in _estimate_lines(out))
 
 
+def test_direct_mode_can_be_forced(capsys):
+    code, out, err = _run(capsys, "inspect", "examples/sp_mlp.bsp", "--stage", "tile", "--mode", "direct")
+    assert code == 0, err
+    assert "kind=ag_matmul mode=direct" in out and "kind=matmul_rs mode=direct" in out, out
+
+
 def test_recalibrating_the_model_keeps_the_golden(capsys, monkeypatch):
     from bspfuse.passes import fuse_gemm
 
