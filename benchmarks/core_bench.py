@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import results_file  # noqa: E402  (benchmarks/, the script's own folder)
 
 # (M, N, K, B layout): GEMMs of benchmarks/block_bench.py's layer at seq 8192 on 2 ranks, and BASELINES.md's.
 SHAPES = [(4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 5120, 8192, "nk"), (8192, 8192, 4096, "nk"),
@@ -221,13 +222,7 @@ def main():
     from bspfuse.runtime import launch
     t0 = time.time()
     rows = launch(run, 1, backend="cuda", heap_bytes=1 << 30, args=(args,), timeout_s=900)[0]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), seconds=round(time.time() - t0, 1))
-    for path in filter(None, (args.json, os.environ.get("OUT") and os.path.join(os.environ["OUT"],
-                                                                               os.path.basename(args.json)))):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    results_file.save(args.json, rows, seconds=round(time.time() - t0, 1))
     print(summarize(rows), flush=True)
 
 

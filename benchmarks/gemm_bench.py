@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results_file  # noqa: E402  (benchmarks/, the script's own folder)
+
 # (M, N, K, B's layout): "kn" B is row-major [K, N]; "nk" B is weight.t() of an nn.Linear weight [N, K], which
 # every variant takes as it is (cuBLAS and ours without a copy).
 AG_SHAPES = [(1024, 8192, 8192, "kn"), (4096, 8192, 8192, "kn"), (8192, 14336, 8192, "kn"), (16384, 8192, 8192, "kn"),
@@ -333,16 +335,8 @@ def main():
                      args=(args,), timeout_s=900)
     rows = results[0]
     if int(os.environ.get("RANK", "0")) == 0:
-        meta = dict(device=torch.cuda.get_device_name(), world_size=int(os.environ.get("WORLD_SIZE", "2")),
-                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
-                    seconds=round(time.time() - t0, 1))
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        out = os.environ.get("OUT")
-        if out:
-            with open(os.path.join(out, os.path.basename(args.json)), "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        results_file.save(args.json, rows, world_size=int(os.environ.get("WORLD_SIZE", "2")),
+                          seconds=round(time.time() - t0, 1))
         print(summarize(rows), flush=True)
         if args.plot:
             plot(rows, args.plot)

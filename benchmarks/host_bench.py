@@ -12,7 +12,6 @@ GPU, as a decode loop does). Also on the CPU with launches stubbed: decode_host_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import results_file  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 @triton.jit
@@ -101,13 +102,7 @@ def main():
     args = p.parse_args()
     from bspfuse.runtime import launch
     rows = launch(run, 1, backend="cuda", heap_bytes=1 << 30, args=(args,), timeout_s=600)[0]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
-    for path in filter(None, (args.json, os.environ.get("OUT") and os.path.join(os.environ["OUT"],
-                                                                               os.path.basename(args.json)))):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    results_file.save(args.json, rows)
 
 
 if __name__ == "__main__":
