@@ -8,7 +8,9 @@ arguments, this dispatch is a large part of the step. ``FastLaunch`` fixes the g
 constexprs/options once; its first call goes through the JIT (compiling if needed) and remembers the
 compiled kernel's launcher, function handle and packed metadata together with the specialization of
 every argument. A later call re-specializes only the arguments that are not the very objects of the
-previous call, and if nothing changed it calls the launcher directly::
+previous call, and if nothing changed it calls the launcher directly (Triton's CUDA launcher: its C entry
+point, with the scratch memory and the descriptors' TMA maps it would prepare again at every launch
+kept from earlier launches; see _c_entry)::
 
     merge = FastLaunch(K.merge_states_kernel, (tiles,), GROUP=4, HEAD_TILES=1, ..., num_warps=4)
     merge(o, lse, out_o, out_lse, n, ...)        # the JIT; then the compiled kernel's launcher
@@ -45,7 +47,8 @@ def fast_launch_enabled() -> bool:
 class _Plan:
     """A compiled kernel at one specialization, and the arguments of its last launch."""
 
-    __slots__ = ("launcher", "function", "metadata", "device", "specs", "args", "values")
+    __slots__ = ("launcher", "function", "metadata", "device", "specs", "args", "values", "entry", "descs",
+                 "desc_metas", "desc_args", "scratch", "scratch_size", "scratch_align", "cooperative", "pdl")
 
     def __init__(self, compiled, device, specs):
         self.launcher = compiled.run
@@ -53,11 +56,88 @@ class _Plan:
         self.metadata = compiled.packed_metadata
         self.device = device
         self.specs = specs
+        self.entry = None  # the launcher's C entry point, where it can be called directly (_c_entry)
+        c_entry = _c_entry(compiled.run)
+        if c_entry is not None:
+            self.entry, self.descs, self.desc_metas = c_entry
+            self.desc_args = [None] * len(self.descs)  # per descriptor: (what it described, its launch arguments)
+            run = compiled.run
+            self.scratch, self.scratch_align = {}, run.global_scratch_align
+            self.scratch_size = run.global_scratch_size * run.num_ctas
+            self.cooperative, self.pdl = run.launch_cooperative_grid, run.launch_pdl
 
     def rebind(self, args) -> None:
         self.args = list(args)
         # tensors the JIT just checked go to the launcher as addresses (no per-call pointer query)
         self.values = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in args]
+
+    def launch(self, grid, stream, tail) -> None:
+        if self.entry is None:
+            self.launcher(grid[0], grid[1], grid[2], stream, self.function, self.metadata, None, None, None,
+                          *self.values, *tail)
+            return
+        values = self.values if not self.descs else self._with_descriptors_expanded()
+        self.entry(grid[0], grid[1], grid[2], stream, self.function, self.cooperative, self.pdl,
+                   self._scratch(grid, stream), None, self.metadata, None, None, None, *values, *tail)
+
+    def _scratch(self, grid, stream):
+        """The global scratch of a kernel that makes descriptors on the device. Triton asks the allocator for
+        it at every launch; launches on one stream run one after another, so the first one of each stream
+        serves them all (as an address, which the launcher takes without a pointer query)."""
+        if not self.scratch_size:
+            return None
+        kept = self.scratch.get(stream)
+        if kept is None:
+            from triton.runtime import _allocation
+            size = grid[0] * grid[1] * grid[2] * self.scratch_size
+            buf = _allocation._allocator.get()(size, self.scratch_align, stream)
+            kept = self.scratch[stream] = (buf, buf.data_ptr())
+        return kept[1]
+
+    def _with_descriptors_expanded(self) -> list:
+        """The arguments with each host tensor descriptor expanded as Triton's launcher expands it (a TMA map
+        encoded by the driver, then shape and strides). A descriptor's expansion is kept while it describes
+        the same memory, shape, strides and block: a weight's is encoded once, not at every launch."""
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+        values, out, start = self.values, [], 0
+        for k, i in enumerate(self.descs):
+            out += values[start:i]
+            d = values[i]
+            what = (d.base.data_ptr(), *d.shape, *d.strides, *d.block_shape, d.padding)
+            kept = self.desc_args[k]
+            if kept is None or kept[0] != what:
+                expanded = make_tensordesc_arg(d, self.desc_metas[k])
+                if hasattr(expanded[0], "data_ptr"):  # a descriptor passed as pointer, shape and strides
+                    expanded[0] = expanded[0].data_ptr()
+                kept = self.desc_args[k] = (what, expanded)
+            out += kept[1]
+            start = i + 1
+        out += values[start:]
+        return out
+
+
+def _c_entry(run):
+    """(C entry point, indices of descriptor arguments, their TMA metadata) of Triton 3.6's CUDA launcher, or
+    None for any other launcher (a stand-in driver, another backend): then the launcher is called as is.
+
+    CudaLauncher.__call__ asks the allocator for scratch memory and, for kernels with tensor-descriptor
+    arguments, wraps the C function in Python that encodes every descriptor's TMA map again: both at
+    every launch. Calling the C function with both prepared saves that host time on every call."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+    except ImportError:
+        return None
+    if type(run) is not CudaLauncher or run.profile_scratch_size:
+        return None
+    entry = run.launch
+    code = getattr(entry, "__code__", None)
+    if code is None:  # no descriptor arguments: the C function itself
+        return entry, (), ()
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in entry.__closure__ or ())))
+    if not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys():
+        return None  # a wrapper this does not know
+    descs = tuple(sorted(cells["tensordesc_indices"]))
+    return cells["launcher"], descs, tuple(cells["tensordesc_meta"] or (None,) * len(descs))
 
 
 class FastLaunch:
@@ -93,9 +173,7 @@ class FastLaunch:
                     plan.rebind(args)
                     self._plan = plan
             if plan is not None:
-                g = self.grid
-                plan.launcher(g[0], g[1], g[2], self._get_stream(device), plan.function, plan.metadata,
-                              None, None, None, *plan.values, *self._tail)
+                plan.launch(self.grid, self._get_stream(device), self._tail)
                 return
         self._launch_through_jit(args)
 
