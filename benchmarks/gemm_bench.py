@@ -54,6 +54,26 @@ def bench(fn, iters=20, warmup=3):
     return t.item()
 
 
+def bench_back_to_back(fn, calls=20, warmup=3):
+    """Device time per call when calls follow each other with the host running ahead (as in a model's
+    forward, where the GPU is busy with the previous op while the host launches): one barrier, then
+    `calls` calls between two events, the slower rank reported. `bench` times one call after a barrier,
+    host launch included."""
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(calls):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    t = torch.tensor([s.elapsed_time(e) / calls], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def host_ms(fn, calls=10):
     """Median host time of one call with an idle GPU: the launch overhead a short kernel cannot hide."""
     times = []
@@ -95,6 +115,23 @@ def graphed(fn):
     return g.replay
 
 
+def tile_config(variant, kind, M, N, K, world, comm=None):
+    """The config a variant names ("push 64x128x64w4s4": BM x BN x BK, warps, stages), None for the default,
+    or the default with `comm` communication programs."""
+    import dataclasses
+    import re
+
+    from bspfuse.tile import choose_config
+    m = re.search(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", variant)
+    if not m and not comm:
+        return None
+    cfg = choose_config(kind, M, N, K, world, comm_programs=comm)
+    if m:
+        BM, BN, BK, warps, stages = map(int, m.groups())
+        cfg = dataclasses.replace(cfg, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+    return cfg
+
+
 def weight(K, N, layout, **kw):
     """B[K, N] scaled to keep bf16 sums small: row-major, or the transpose of a row-major [N, K] weight."""
     return torch.randn(K, N, **kw) / 64 if layout == "kn" else (torch.randn(N, K, **kw) / 64).t()
@@ -121,9 +158,20 @@ def run(ctx, args):
     rows = []
 
     def record(op, shape, variant, t, err=None, **extra):
+        """t: ms, or (ms, ms back to back) from `timed`."""
+        if isinstance(t, tuple):
+            t, extra["ms_b2b"] = t
         rows.append(dict(op=op, shape=shape, variant=variant, ms=t, rel_err=err, **extra))
         say(f"  {op} {shape} {variant:>18}: {t:8.3f} ms" + (f"  err {err:.1e}" if err is not None else "") +
             "".join(f"  {k}={v}" for k, v in extra.items()))
+
+    def timed(fn):
+        """(one call after a barrier, back to back) in ms: the first is the figure the targets are read in."""
+        return bench(fn), round(bench_back_to_back(fn), 4)
+
+    def bound(*parts):
+        """The overlap bound, max(matmul alone, collective alone), in both timings."""
+        return tuple(max(p[i] for p in parts) for i in range(2))
 
     def attempt(op, shape, variant, f, **extra):
         try:
@@ -136,6 +184,8 @@ def run(ctx, args):
 
     if "ag" in args.ops:
         for M, N, K, layout in AG_SHAPES:
+            if args.max_m and M > args.max_m:
+                continue
             shape = shape_name(M, N, K, layout)
             Ml = M // W
             torch.manual_seed(1000 + rank)
@@ -149,34 +199,34 @@ def run(ctx, args):
                 return full @ b
 
             ref = base()
-            t_base = bench(base)
+            t_base = timed(base)
             record("ag_gemm", shape, "nccl+cublas", t_base, 0.0)
             attempt("ag_gemm", shape, "nccl+cublas graph", lambda: record("ag_gemm", shape, "nccl+cublas graph",
-                                                                           bench(graphed(base))))
-            t_coll = bench(lambda: dist.all_gather_into_tensor(full, a))
-            t_mm = bench(lambda: full @ b)
+                                                                           timed(graphed(base))))
+            t_coll = timed(lambda: dist.all_gather_into_tensor(full, a))
+            t_mm = timed(lambda: full @ b)
             record("ag_gemm", shape, "collective alone", t_coll)
             record("ag_gemm", shape, "matmul alone", t_mm)
-            record("ag_gemm", shape, "overlap bound", max(t_mm, t_coll))
+            record("ag_gemm", shape, "overlap bound", bound(t_mm, t_coll))
 
             def torch_fused():
                 f = lambda: torch.ops.symm_mem.fused_all_gather_matmul(a, [b], 0, group, return_A=False)[1][0]
-                record("ag_gemm", shape, "torch symm_mem", bench(f), rel_err(f(), ref))
+                record("ag_gemm", shape, "torch symm_mem", timed(f), rel_err(f(), ref))
             attempt("ag_gemm", shape, "torch symm_mem", torch_fused)
             auto = choose_mode("ag_matmul", M, N, K, W)
             if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
                 record("ag_gemm", shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)",
                        reason=auto.reason)
-            variants = [("push", None), ("pull", None)] + [(f"push comm={c}", c) for c in args.comm]
+            variants = ([("push", None), ("pull", None)] + [(f"push comm={c}", c) for c in args.comm] +
+                        [(f"push {t}", None) for t in args.tiles])
             for variant, comm in variants:
                 def ours(variant=variant, comm=comm):
-                    from bspfuse.tile import choose_config
                     mode = variant.split()[0]
-                    cfg = choose_config("ag_matmul", M, N, K, W, comm_programs=comm) if comm else None
+                    cfg = tile_config(variant, "ag_matmul", M, N, K, W, comm)
                     op = FusedAllGatherMatmul(heap, Ml, N, K, torch.bfloat16, mode=mode, config=cfg, debug=args.debug)
                     out = op(a, b)
                     err = rel_err(out, ref)
-                    t = bench(lambda: op(a, b))
+                    t = timed(lambda: op(a, b))
                     record("ag_gemm", shape, f"ours {variant}", t, err, comm_programs=op.config.comm_programs,
                            tile=str(op.config))
                     if variant == auto.mode:
@@ -192,6 +242,8 @@ def run(ctx, args):
         if kind not in args.ops:
             continue
         for M, N, K, layout in shapes:
+            if args.max_m and M > args.max_m:
+                continue
             shape = shape_name(M, N, K, layout)
             Kl = K // W
             torch.manual_seed(2000 + rank)
@@ -210,53 +262,60 @@ def run(ctx, args):
                     dist.all_reduce(c)
                     return c
             ref = base().clone()
-            t_base = bench(base)
+            t_base = timed(base)
             record(name, shape, "nccl+cublas", t_base, 0.0)
             attempt(name, shape, "nccl+cublas graph", lambda: record(name, shape, "nccl+cublas graph",
-                                                                      bench(graphed(base))))
+                                                                      timed(graphed(base))))
             part = a @ b
-            t_mm = bench(lambda: a @ b)
+            t_mm = timed(lambda: a @ b)
             if kind == "rs":
-                t_coll = bench(lambda: dist.reduce_scatter_tensor(out, part))
+                t_coll = timed(lambda: dist.reduce_scatter_tensor(out, part))
             else:
-                t_coll = bench(lambda: dist.all_reduce(part))
+                t_coll = timed(lambda: dist.all_reduce(part))
             record(name, shape, "collective alone", t_coll)
             record(name, shape, "matmul alone", t_mm)
-            record(name, shape, "overlap bound", max(t_mm, t_coll))
+            record(name, shape, "overlap bound", bound(t_mm, t_coll))
             if kind == "rs":
                 def torch_fused():
                     f = lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, group)
-                    record(name, shape, "torch symm_mem", bench(f), rel_err(f(), ref))
+                    record(name, shape, "torch symm_mem", timed(f), rel_err(f(), ref))
                 attempt(name, shape, "torch symm_mem", torch_fused)
 
             auto = choose_mode("matmul_rs" if kind == "rs" else "matmul_ar", M, N, K, W)
             if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
                 record(name, shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)", reason=auto.reason)
-            for mode in ("push", "pull", "direct"):
-                def ours(mode=mode):
+            kind_name = "matmul_rs" if kind == "rs" else "matmul_ar"
+            for variant in ["push", "pull", "direct"] + [f"{m} {t}" for t in args.tiles for m in ("direct", "push")]:
+                def ours(variant=variant):
+                    mode = variant.split()[0]
                     cls = FusedMatmulReduceScatter if kind == "rs" else FusedMatmulAllReduce
-                    op = cls(heap, M, N, Kl, torch.bfloat16, mode=mode, debug=args.debug)
+                    op = cls(heap, M, N, Kl, torch.bfloat16, mode=mode, debug=args.debug,
+                             config=tile_config(variant, kind_name, M, N, Kl, W))
                     res = op(a, b)
                     err = rel_err(res, ref)
-                    t = bench(lambda: op(a, b))
-                    record(name, shape, f"ours {mode}", t, err, tile=str(op.config),
+                    t = timed(lambda: op(a, b))
+                    record(name, shape, f"ours {variant}", t, err, tile=str(op.config),
                            host_ms=round(host_ms(lambda: op(a, b)), 3))
-                    if mode == auto.mode:
+                    if variant == auto.mode:
                         record(name, shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
-                    if args.profile_host and mode == "direct":  # every rank calls: the kernels wait on each other
+                    if args.profile_host and variant == "direct":  # every rank calls: the kernels wait on each other
                         profile_host(lambda: op(a, b), f"{name} {shape} direct", show=rank == 0)
                     if mode == "direct":  # our GEMM with no communication: the bound our kernels can reach
-                        record(name, shape, "ours gemm alone", bench(lambda: op.local_matmul(a, b)),
+                        alone = "ours gemm alone" + variant[len("direct"):]
+                        record(name, shape, alone, timed(lambda: op.local_matmul(a, b)),
                                rel_err(op.local_matmul(a, b), a @ b))
                     dist.barrier()  # a peer may still read this rank's buffers (pull) until it is done
                     for buf in op.buffers():
                         heap.free(buf)
-                attempt(name, shape, f"ours {mode}", ours)
+                attempt(name, shape, f"ours {variant}", ours)
             del a, b, out, part, ref
     return rows
 
 
-def summarize(rows):
+TIMINGS = {"ms": "one call after a barrier", "ms_b2b": "back to back"}
+
+
+def summarize(rows, key="ms"):
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["shape"]), {})[r["variant"]] = r
@@ -268,7 +327,7 @@ def summarize(rows):
              f" {'auto/nccl':>9} {'auto/bound':>10} {'err':>7}"]
     speedups = []
     for (op, shape), v in by.items():
-        g = lambda k: v.get(k, {}).get("ms")
+        g = lambda k: v.get(k, {}).get(key)
         f = lambda x: f"{x:7.3f}" if x else "      -"
         auto = g("ours auto")
         if auto and g("nccl+cublas"):
@@ -279,33 +338,34 @@ def summarize(rows):
                      f"{(err if err is not None else float('nan')):7.1e}")
     if speedups:
         import math
-        lines.append(f"geometric mean speedup of auto over NCCL+cuBLAS: "
+        lines.append(f"geometric mean speedup of auto over NCCL+cuBLAS ({TIMINGS[key]}): "
                      f"{math.exp(sum(map(math.log, speedups)) / len(speedups)):.3f}x over {len(speedups)} shapes")
     return "\n".join(lines)
 
 
 def plot(rows, path):
-    """Speedup over NCCL+cuBLAS per shape: each variant, and the overlap bound as the ceiling."""
+    """Speedup over NCCL+cuBLAS per shape, in both timings: each variant, and the overlap bound as the ceiling."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    by = {}
-    for r in rows:
-        if r.get("ms"):
-            by.setdefault(f"{r['op']}\n{r['shape']}", {})[r["variant"]] = r["ms"]
-    names = list(by)
     variants = ["nccl+cublas graph", "torch symm_mem", "ours direct", "ours push", "ours pull", "ours auto",
                 "overlap bound"]
-    fig, ax = plt.subplots(figsize=(14, 5))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        ys = [by[n]["nccl+cublas"] / by[n][v] if v in by[n] else 0 for n in names]
-        ax.bar([x + i * width for x in range(len(names))], ys, width, label=v)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, fontsize=7)
-    ax.set_ylabel("speedup over NCCL+cuBLAS (higher is better)")
-    ax.set_title("Fused GEMM + collective on 2x H200, bf16")
-    ax.legend(fontsize=8, ncol=3)
+    fig, axes = plt.subplots(2, 1, figsize=(14, 9))
+    for ax, key in zip(axes, TIMINGS):
+        by = {}
+        for r in rows:
+            if r.get(key):
+                by.setdefault(f"{r['op']}\n{r['shape']}", {})[r["variant"]] = r[key]
+        names = list(by)
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            ys = [by[n]["nccl+cublas"] / by[n][v] if v in by[n] else 0 for n in names]
+            ax.bar([x + i * width for x in range(len(names))], ys, width, label=v)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, fontsize=7)
+        ax.set_ylabel("speedup over NCCL+cuBLAS")
+        ax.set_title(f"Fused GEMM + collective on 2x H200, bf16: {TIMINGS[key]}")
+        ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -317,15 +377,20 @@ def main():
     p.add_argument("--json", default="benchmarks/results/gemm_h200x2.json")
     p.add_argument("--ops", default="ag,rs,ar")
     p.add_argument("--comm", default="", help="extra comm-program counts to sweep for AG push, e.g. 4,8,16")
+    p.add_argument("--max-m", type=int, default=0, help="only shapes with at most this many rows M")
+    p.add_argument("--tiles", default="",
+                   help="extra tile configs for AG push and RS/AR direct and push, e.g. 64x128x64w4s4,128x128x64w8s4")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the direct RS/AR calls on rank 0")
     p.add_argument("--debug", action="store_true", help="bounded waits in our kernels: a hang becomes an error")
     args = p.parse_args()
     args.ops = args.ops.split(",")
     args.comm = [int(c) for c in args.comm.split(",") if c]
+    args.tiles = [t for t in args.tiles.split(",") if t]
     if args.from_json:
         rows = json.load(open(args.from_json))["rows"]
         print(summarize(rows))
+        print(summarize(rows, "ms_b2b"))
         if args.plot:
             plot(rows, args.plot)
         return
@@ -337,6 +402,7 @@ def main():
     if int(os.environ.get("RANK", "0")) == 0:
         results_file.save(args.json, rows, world_size=int(os.environ.get("WORLD_SIZE", "2")),
                           seconds=round(time.time() - t0, 1))
+        print(summarize(rows, "ms_b2b"))
         print(summarize(rows), flush=True)
         if args.plot:
             plot(rows, args.plot)
