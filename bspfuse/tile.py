@@ -328,17 +328,30 @@ SCATTER_MODES = ("push", "pull", "direct")  # GEMM+RS / GEMM+AR: a STAGING rewri
 
 def choose_config(kind: str, M: int, N: int, K: int, world_size: int, num_sms: int = 132,
                   comm_programs: int | None = None) -> TileConfig:
-    """Tile sizes that fill the GPU: the largest tile whose count still covers most SMs.
+    """Tile sizes that fill the GPU: the largest tile whose count still covers most SMs, with two rules
+    measured on 2xH200 (gemm_bench.py --tiles, back to back, 2026-11-22):
+
+    - a tile is never more than twice as tall as the rows of its row block: GEMM+AR at M=128 has 64 rows
+      per owner, and a 128-row tile there wastes half of every MMA (64x128 tiles: 45 against 56 us);
+    - AG+GEMM keeps at least 3 waves of tiles, or the rows of this rank (the first wave) cannot hide the
+      peers' first chunks: at 1024 rows 64x256 tiles (4 waves) took 0.21 ms against 0.26 with 128x256.
 
     128x256x64 with 3 stages and 8 warps is the tile that reached cuBLAS speed on an H200 (BASELINES.md);
     smaller problems (decode-sized M, or a reduce-scatter's per-rank rows) need smaller tiles to fill 132 SMs.
     """
     rows = M // world_size if kind in ("matmul_rs", "matmul_ar") else M
-    candidates = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    blocks_per_row_block = world_size if kind != "ag_matmul" else 1  # RS/AR: one row block per owner
+    waves = 3 if kind == "ag_matmul" else 0.75
+    wide, tall = [(128, 256, 64, 8, 3), (64, 256, 64, 4, 4)], [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+    # AG+GEMM prefers a wide 4-warp tile to a tall square one at the same count (1024 rows: 64x256 0.21 ms,
+    # 128x128 0.26 ms); RS/AR measured the other way at 1024 rows (128x128 0.136-0.146, 64x256 0.138-0.160)
+    candidates = wide + tall if kind == "ag_matmul" else [wide[0], tall[0], wide[1], tall[1]]
     chosen = candidates[-1]
     for BM, BN, BK, warps, stages in candidates:
-        tiles = -(-rows // BM) * (world_size if kind != "ag_matmul" else 1) * -(-N // BN)
-        if tiles >= 0.75 * num_sms:
+        if BM >= 2 * rows and BM > 64:
+            continue
+        tiles = -(-rows // BM) * blocks_per_row_block * -(-N // BN)
+        if tiles >= waves * num_sms:
             chosen = (BM, BN, BK, warps, stages)
             break
     BM, BN, BK, warps, stages = chosen

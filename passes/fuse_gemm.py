@@ -30,24 +30,23 @@ class DeviceModel:
     sm_push_bytes: float = 20e9  # one SM storing to a peer (rma_bench.py measures it)
     nccl_latency_s: float = 30e-6  # a small NCCL collective, launch to completion
     nccl_efficiency: float = 0.65  # NCCL's bulk rate over the link rate (all_gather 64 MB: 0.197 ms)
-    # AG+GEMM push, fitted to the same run: below ~2k rows the GEMM is too short to hide the first chunks.
     flag_round_trip_s: float = 3e-6  # 2.9 us measured (rma_bench.py, 2026-11-22)
     hbm_bytes: float = 3.8e12
     num_sms: int = 132
-    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py on 2xH200 (2026-11-22, the interleaved kernels with TMA
-    # stores, three runs). Their GEMM alone runs at cuBLAS's rate when launched back to back; one call with
-    # an idle GPU adds the host's launch (host_bench.py: 37 us for a GEMM+RS call, 2026-11-22). The direct
-    # kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the GEMM: the traffic at
-    # an exposed rate, plus one tail per dependent hop (the last tiles' partials reach their owner after the
-    # GEMM ends; AR's finished tiles then travel back). push's comm programs each move staged tiles at a rate
-    # (wait, copy, flag).
-    launch_overhead_s: float = 37e-6
-    direct_exposed_bytes: float = 0.75e12
-    direct_hop_s: float = 20e-6
+    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py's back-to-back timings on 2xH200 (2026-11-22): the
+    # model estimates device time in a stream of calls, where the host launches ahead (as in a forward
+    # pass); a single call after an idle host adds 15-50 us of launch to every schedule (host_bench.py).
+    # The direct kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the GEMM: the
+    # traffic at an exposed rate, plus a tail per dependent hop (the last tiles' partials reach their owner
+    # after the GEMM ends; AR's finished tiles then travel back). Fitted at M = 128 and 1024 (AR 45 and 143
+    # us, RS 123 us against our GEMM alone at 30, 95 and 96 us). push's comm programs each move staged
+    # tiles at a rate (wait, copy, flag).
+    direct_exposed_bytes: float = 0.445e12
+    direct_hop_s: float = 5e-6
     comm_program_bytes: float = 9e9
-    # A fused schedule must be estimated this much faster than BSP to be chosen: at M <= 1024 the same
-    # kernel's single-call time spread 0.19-0.31 ms over four runs (GEMM+AR 1024x8192x8192), more than the
-    # differences the model calls there, and the unfused fallback is never slower than the baseline.
+    # A fused schedule must be estimated this much faster than BSP to be chosen: the same kernel's time
+    # spreads more than that between runs where the two are close, and the unfused fallback is never
+    # slower than the baseline.
     min_gain: float = 0.05
 
 
@@ -66,11 +65,12 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) and pick the
     fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order: they say
     which resource bounds each schedule."""
-    from bspfuse.tile import default_comm_programs
+    from bspfuse.tile import choose_config
 
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
     k_eff = K if kind == "ag_matmul" else K / W  # RS/AR multiply a K-shard on every rank
-    t_mm = 2 * M * N * k_eff / device.matmul_flops
+    # a few rows multiply a whole weight: then reading it from HBM, not the MMAs, bounds the GEMM
+    t_mm = max(2 * M * N * k_eff / device.matmul_flops, (M * k_eff + k_eff * N + M * N) * item / device.hbm_bytes)
     if kind == "ag_matmul":
         moved = (W - 1) / W * M * K * item  # rows of A each rank receives
     elif kind == "matmul_rs":
@@ -80,10 +80,12 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     t_nccl = device.nccl_latency_s + moved / (device.link_bytes * device.nccl_efficiency)
     est = {"bsp": t_mm + t_nccl}
     if kind == "ag_matmul":
-        comm = default_comm_programs(kind, M, N, K, W)
+        cfg = choose_config(kind, M, N, K, W, device.num_sms)
+        comm = cfg.comm_programs
         t_gemm = t_mm * device.num_sms / (device.num_sms - comm)  # comm programs take SMs from the GEMM
-        t_link = moved / min(device.link_bytes, comm * device.sm_push_bytes)
-        first_chunk = 128 * K * item / device.sm_push_bytes  # the first remote rows, if local rows run out
+        push_rate = min(device.link_bytes, comm * device.sm_push_bytes)
+        t_link = moved / push_rate
+        first_chunk = cfg.BM * K * item / push_rate  # the first remote rows, if local rows run out
         local_part = t_gemm / W
         exposed = max(0.0, t_link - (t_gemm - local_part)) + (first_chunk if local_part < first_chunk else 0)
         est["push"] = t_gemm + exposed + device.flag_round_trip_s
@@ -92,20 +94,24 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     else:
         # Both interleave own and peer tiles, so traffic spreads over the GEMM. direct stores from the
         # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,
-        # taking SMs from the GEMM and moving at most comm * comm_program_bytes.
-        t_gemm = t_mm + device.launch_overhead_s
+        # taking SMs from the GEMM and moving at most comm * comm_program_bytes, from the end of the
+        # first wave of tiles on (nothing is staged before it).
         hops = 2 if kind == "matmul_ar" else 1
-        est["direct"] = t_gemm + hops * device.direct_hop_s + moved / device.direct_exposed_bytes
-        comm = default_comm_programs(kind, M, N, K // W, W)
-        est["push"] = max(t_gemm * device.num_sms / (device.num_sms - comm),
-                          device.launch_overhead_s + moved / (comm * device.comm_program_bytes))
+        est["direct"] = t_mm + hops * device.direct_hop_s + moved / device.direct_exposed_bytes
+        cfg = choose_config(kind, M, N, K // W, W, device.num_sms)
+        gemm_programs = device.num_sms - cfg.comm_programs
+        t_gemm = t_mm * device.num_sms / gemm_programs
+        tiles = -(-M // W // cfg.BM) * W * -(-N // cfg.BN)
+        first_wave = t_gemm / -(-tiles // gemm_programs)
+        t_move = moved / (cfg.comm_programs * device.comm_program_bytes)
+        est["push"] = max(t_gemm, first_wave + t_move) + hops * device.direct_hop_s
     us = {k: round(v * 1e6, 1) for k, v in est.items()}
     best = min(est, key=est.get)
     if best == "bsp":
         return Choice("off", "the unfused schedule is estimated faster", us)
     if est[best] > est["bsp"] * (1 - device.min_gain):
         return Choice("off", f"{best} is estimated less than {device.min_gain:.0%} faster than the unfused "
-                             "schedule, within the spread of single calls", us)
+                             "schedule, within the spread between runs", us)
     why = {"push": "push: peers' rows/partials move once, written by the producer, no handshake",
            "pull": "pull: A is already on the heap and reads are consumer-paced",
            "direct": "direct: partials go to their owner from the GEMM's epilogue, spread over the GEMM"}[best]

@@ -48,11 +48,15 @@ def test_explain_finds_the_four_sites_of_a_70b_layer():
         assert f" in {module})" in text, (module, text)
 
 
-def test_explain_says_why_small_sites_stay_bulk_synchronous():
+def test_explain_gives_every_sites_decision_with_the_cost_models_estimates():
     text = explain(_block(TINY), (1, 8, TINY.hidden), world_size=2)
-    assert "[fuse_matmul_reduce_scatter] not fused" in text
-    assert "the unfused schedule is estimated faster" in text  # the cost model, with its estimates
-    assert "cost model on H200" in text
+    sites = [line for line in text.splitlines() if line.lstrip().startswith("[fuse_")]
+    assert len(sites) == 4 and "4 of 4 sites fused" in text
+    for line in sites:
+        assert "(cost model on H200: " in line and "estimated bsp " in line, line
+    assert sum("(mm_3 in attention.wo): direct" in line for line in sites) == 1
+    off = explain(_block(TINY), (1, 8, TINY.hidden), world_size=2, options={"mode": "off"})
+    assert "0 of 4 sites fused" in off and off.count("not fused") == 4
 
 
 def test_the_example_explains_a_layer_from_the_command_line(capsys, monkeypatch):
