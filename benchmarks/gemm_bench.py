@@ -102,6 +102,25 @@ def profile_host(fn, what, show, calls=50):
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
+def profile_cold(fn, what, show, calls=10):
+    """Device time of the kernels of one call after a barrier (the profiler's view), printed where `show`:
+    with `bench`'s figure for the same call it splits a single call's time into kernels and what precedes
+    them (host launch, the peer's skew)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            dist.barrier()
+            torch.cuda.synchronize()
+            fn()
+            torch.cuda.synchronize()
+    if show:
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        print(f"kernels of one call after a barrier, {what} ({calls} calls):", flush=True)
+        for e in sorted(kernels, key=lambda e: -e.device_time_total)[:4]:
+            print(f"    {e.device_time_total / calls:9.1f} us per call  {e.count // calls} launches  {e.key[:70]}",
+                  flush=True)
+
+
 def graphed(fn):
     """fn captured in a CUDA graph (NCCL collectives included); returns the replay."""
     s = torch.cuda.Stream()
@@ -201,6 +220,8 @@ def run(ctx, args):
             ref = base()
             t_base = timed(base)
             record("ag_gemm", shape, "nccl+cublas", t_base, 0.0)
+            if args.profile_cold:
+                profile_cold(base, f"ag_gemm {shape} nccl+cublas", show=rank == 0)
             attempt("ag_gemm", shape, "nccl+cublas graph", lambda: record("ag_gemm", shape, "nccl+cublas graph",
                                                                            timed(graphed(base))))
             t_coll = timed(lambda: dist.all_gather_into_tensor(full, a))
@@ -231,6 +252,8 @@ def run(ctx, args):
                            tile=str(op.config))
                     if variant == auto.mode:
                         record("ag_gemm", shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
+                        if args.profile_cold:
+                            profile_cold(lambda: op(a, b), f"ag_gemm {shape} {variant}", show=rank == 0)
                     heap.free(op.flags)
                     for buf in (op.staging, op.a_heap):
                         if buf is not None:
@@ -264,6 +287,8 @@ def run(ctx, args):
             ref = base().clone()
             t_base = timed(base)
             record(name, shape, "nccl+cublas", t_base, 0.0)
+            if args.profile_cold:
+                profile_cold(base, f"{name} {shape} nccl+cublas", show=rank == 0)
             attempt(name, shape, "nccl+cublas graph", lambda: record(name, shape, "nccl+cublas graph",
                                                                       timed(graphed(base))))
             part = a @ b
@@ -300,6 +325,8 @@ def run(ctx, args):
                         record(name, shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
                     if args.profile_host and variant == "direct":  # every rank calls: the kernels wait on each other
                         profile_host(lambda: op(a, b), f"{name} {shape} direct", show=rank == 0)
+                    if args.profile_cold and variant == auto.mode:
+                        profile_cold(lambda: op(a, b), f"{name} {shape} {variant}", show=rank == 0)
                     if mode == "direct":  # our GEMM with no communication: the bound our kernels can reach
                         alone = "ours gemm alone" + variant[len("direct"):]
                         record(name, shape, alone, timed(lambda: op.local_matmul(a, b)),
@@ -382,6 +409,8 @@ def main():
                    help="extra tile configs for AG push and RS/AR direct and push, e.g. 64x128x64w4s4,128x128x64w8s4")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the direct RS/AR calls on rank 0")
+    p.add_argument("--profile-cold", action="store_true",
+                   help="kernel device times of single calls after a barrier, NCCL+cuBLAS and auto (rank 0 prints)")
     p.add_argument("--debug", action="store_true", help="bounded waits in our kernels: a hang becomes an error")
     args = p.parse_args()
     args.ops = args.ops.split(",")
