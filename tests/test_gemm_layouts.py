@@ -205,3 +205,24 @@ def test_ag_out_must_be_a_tensor_the_kernel_can_store_whole_tiles_into():
     assert "torch.float64" in errors[1], errors
     assert "rows must be contiguous" in errors[2], errors
     assert err < TOL[torch.float32] and same
+
+
+def test_a_and_b_of_one_shape_get_descriptors_of_their_own():
+    # GEMM+RS with B = weight.t() of a square weight and BM == BN: A [M, K] and B's storage [N, K] have one
+    # shape, strides and block. One descriptor rebased for both made the kernel read A twice (2xH200,
+    # 8192x8192x8192 with 128x128 tiles: relative error 90).
+    from types import SimpleNamespace
+
+    from bspfuse.kernels.gemm import _Fused
+
+    op = _Fused.__new__(_Fused)
+    op.heap, op._descs, op._last_b = SimpleNamespace(device=torch.device("cuda")), {}, (None, None)
+    op.config = TileConfig(BM=128, BN=128, BK=64)
+    a, w = torch.randn(256, 128), torch.randn(256, 128)
+    _, layout, storage, b_desc = op._operands(a, w.t())
+    a_desc = op._desc("a", a, [op.config.BM, op.config.BK])
+    assert layout == "nk" and storage.data_ptr() == w.data_ptr() and storage.shape == a.shape
+    assert a_desc is not b_desc and a_desc.base is a and b_desc.base is storage
+    a2 = torch.randn(256, 128)
+    assert op._desc("a", a2, [128, 64]) is a_desc and a_desc.base is a2  # rebased, not rebuilt
+    assert b_desc.base is storage

@@ -128,7 +128,7 @@ class _Fused:
         self.err = new_error_buffer(heap.device)
         _set_allocator(heap)
         self.epoch = Epoch()
-        self._descs = {}  # (block, dtype, shape, strides) -> the descriptor _desc rebases
+        self._descs = {}  # (operand, block, dtype, shape, strides) -> the descriptor _desc rebases
         self._last_b = (None, None)  # (B's address, shape, strides) -> its layout, storage, descriptor
         self.name = name or f"{self.kind}_{IR_DTYPE[dtype]}_w{self.world}"
 
@@ -170,7 +170,8 @@ class _Fused:
         if key != self._last_b[0]:
             cfg = self.config
             b_layout, storage = b_operand(b)
-            derived = (b_layout, storage, self._desc(storage, [cfg.BK, cfg.BN] if b_layout == "kn" else [cfg.BN, cfg.BK]))
+            derived = (b_layout, storage,
+                       self._desc("b", storage, [cfg.BK, cfg.BN] if b_layout == "kn" else [cfg.BN, cfg.BK]))
             if storage.data_ptr() != b.data_ptr():  # a copy: never reused
                 return (a_operand(a), *derived)
             self._last_b = (key, derived)
@@ -180,14 +181,16 @@ class _Fused:
         if self.max_spins:
             raise_if_wait_timed_out(self.err, self.heap)
 
-    def _desc(self, t, block):
-        """A tensor descriptor of `t` in `block` tiles. The one made for the last tensor of the same shape,
-        strides and dtype is rebased instead of rebuilt: checking a new descriptor, and specializing the
-        launch on it, took a large part of a call's host time. The simulator's kernels load through pointers
-        (generate(tma=False)); any valid value fills the slot there."""
+    def _desc(self, operand: str, t, block):
+        """A tensor descriptor of `t` in `block` tiles, for one operand ("a" or "b"). The one made for the
+        same operand's last tensor of the same shape, strides and dtype is rebased instead of rebuilt:
+        checking a new descriptor, and specializing the launch on it, took a large part of a call's host time.
+        Each operand has its own: A and B of one call can have the same shape (a square weight given as
+        weight.t() with BM == BN), and rebasing one descriptor for both would read A twice. The simulator's
+        kernels load through pointers (generate(tma=False)); any valid value fills the slot there."""
         if _sim(self.heap):
             return t
-        key = (tuple(block), t.dtype, tuple(t.shape), t.stride())
+        key = (operand, tuple(block), t.dtype, tuple(t.shape), t.stride())
         desc = self._descs.get(key)
         if desc is None:
             desc = self._descs[key] = TensorDescriptor.from_tensor(t, block)
@@ -364,7 +367,7 @@ class _FusedScatter(_Fused):
             WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs,
             MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        launch(self._desc(a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
+        launch(self._desc("a", a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
                self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
                self.flags, self.err, self.heap.heap_bases, rank, epoch, self.M // world, self.N, self.K, a.stride(0),
                b.stride(0))
