@@ -202,7 +202,7 @@ def run(ctx, args):
             rows.append(dict(op=op, shape=shape, variant=variant, ms=None, error=f"{type(e).__name__}: {str(e)[:400]}"))
 
     if "ag" in args.ops:
-        for M, N, K, layout in AG_SHAPES:
+        for M, N, K, layout in args.shapes.get("ag", AG_SHAPES):
             if args.max_m and M > args.max_m:
                 continue
             shape = shape_name(M, N, K, layout)
@@ -261,7 +261,7 @@ def run(ctx, args):
                 attempt("ag_gemm", shape, f"ours {variant}", ours)
             del a, b, full, ref
 
-    for kind, shapes in (("rs", RS_SHAPES), ("ar", AR_SHAPES)):
+    for kind, shapes in (("rs", args.shapes.get("rs", RS_SHAPES)), ("ar", args.shapes.get("ar", AR_SHAPES))):
         if kind not in args.ops:
             continue
         for M, N, K, layout in shapes:
@@ -404,6 +404,8 @@ def main():
     p.add_argument("--json", default="benchmarks/results/gemm_h200x2.json")
     p.add_argument("--ops", default="ag,rs,ar")
     p.add_argument("--comm", default="", help="extra comm-program counts to sweep for AG push, e.g. 4,8,16")
+    p.add_argument("--shapes", default="", help="other shapes than the issue's, e.g. ag:8192x4096x8192:nk,rs:8192x8192x8192:kn "
+                   "(M x N x K of the whole matmul; kn: B row-major, nk: B = w.t())")
     p.add_argument("--max-m", type=int, default=0, help="only shapes with at most this many rows M")
     p.add_argument("--tiles", default="",
                    help="extra tile configs for AG push and RS/AR direct and push, e.g. 64x128x64w4s4,128x128x64w8s4")
@@ -416,6 +418,11 @@ def main():
     args.ops = args.ops.split(",")
     args.comm = [int(c) for c in args.comm.split(",") if c]
     args.tiles = [t for t in args.tiles.split(",") if t]
+    shapes = {}
+    for spec in filter(None, args.shapes.split(",")):
+        op, dims, layout = spec.split(":")
+        shapes.setdefault(op, []).append((*map(int, dims.split("x")), layout))
+    args.shapes = shapes
     if args.from_json:
         rows = json.load(open(args.from_json))["rows"]
         print(summarize(rows))
