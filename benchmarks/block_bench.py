@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--profile-seq", type=int, default=8192,
                         help="profile every variant at this length: device time per kernel class (0: off)")
+    parser.add_argument("--variants", default="", help="only these variants, comma-separated (default: all)")
     args = parser.parse_args()
 
     import torch._dynamo
@@ -77,6 +78,8 @@ def main() -> None:
         "bspfuse auto": lambda: compiled("bspfuse"),
         "bspfuse push": lambda: compiled("bspfuse", options={"mode": "push"}),
     }
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     rows, start = [], time.time()
     for seq in args.seqs:
         gen = torch.Generator(device="cuda").manual_seed(1000 + seq * W + rank)
@@ -103,7 +106,11 @@ def main() -> None:
                                  kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  rel err {err:.2e}  (compile {compile_s:.0f} s)")
                 if kernels:
+                    sites = kernels.pop("bspfuse sites", {})
                     say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()))
+                    if sites:
+                        say("    fused kernels: " + ", ".join(f"{k} {v:.3f}" for k, v in sites.items()))
+                        kernels["bspfuse sites"] = sites
                 for line in fused:
                     say("    " + line.replace("\n", "\n    "))
             except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
@@ -147,6 +154,7 @@ def _profile(step, steps: int = 3) -> dict:
             step()
         torch.cuda.synchronize()
     out: dict[str, float] = {}
+    sites: dict[str, float] = {}  # each fused site's kernel (its name carries the site's number)
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if not us or e.key.startswith("cuda") or "Memset" in e.key:
@@ -154,7 +162,12 @@ def _profile(step, steps: int = 3) -> dict:
         name = e.key.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other (pointwise, norms)")
         out[cls] = out.get(cls, 0.0) + us / 1000 / steps
-    return {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        if cls == "bspfuse fused":
+            sites[e.key] = round(us / 1000 / steps, 4)
+    result = {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+    if sites:
+        result["bspfuse sites"] = dict(sorted(sites.items()))
+    return result
 
 
 def _write(path, rows):

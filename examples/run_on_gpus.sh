@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every example through `bspfuse run --backend cuda` on 2 GPUs of one host, checked against the float64
-# reference: at the examples' own sizes (the cost model decides, so small GEMM+RS/AR stay BSP and run
-# through the RMA fallback), forced to fuse (--mode push), at sizes where fusing pays, with rows that are
-# not 16-byte aligned (the passes decline and say why), and started by torchrun instead of spawning.
+# reference: at the examples' own sizes (the cost model decides: push or direct), forced to fuse with push,
+# kept bulk-synchronous (--mode off: the collectives run through the RMA fallback), at sizes where fusing
+# pays, with rows that are not 16-byte aligned (the passes decline and say why), and started by torchrun.
 # Success: every run ends in PASS and the summary says "all N runs passed".
 # Run from the repository root: bash examples/run_on_gpus.sh
 set -uo pipefail
@@ -25,7 +25,13 @@ done
 for example in sp_mlp swiglu_mlp row_parallel_allreduce attn_out_reduce_scatter; do
     check "$example push" bspfuse run "examples/$example.bsp" --world 2 --backend cuda --mode push
 done
+check "sp_mlp off" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode off
+check "row_parallel_allreduce off" bspfuse run examples/row_parallel_allreduce.bsp --world 2 --backend cuda --mode off
 check "sp_mlp large" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=4096 --size H=4096 --size F=8192
+# the small-M tiles the cost model's shapes get: GEMM+AR at 128 rows (64x128), AG+GEMM at 1024 (64x256)
+check "row_parallel_allreduce 128 rows" bspfuse run examples/row_parallel_allreduce.bsp --world 2 --backend cuda \
+    --size M=128 --size K=8192 --size N=8192
+check "sp_mlp 1024 rows" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=1024 --size H=8192 --size F=16384
 check "row_parallel_allreduce large" bspfuse run examples/row_parallel_allreduce.bsp --world 2 --backend cuda \
     --mode push --size M=2048 --size K=8192 --size N=4096
 check "attn_out_reduce_scatter large" bspfuse run examples/attn_out_reduce_scatter.bsp --world 2 --backend cuda --mode push \
