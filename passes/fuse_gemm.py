@@ -63,8 +63,9 @@ class Choice:
 def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str = "bf16",
                 device: DeviceModel = H200, a_on_heap: bool = False) -> Choice:
     """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) and pick the
-    fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order: they say
-    which resource bounds each schedule."""
+    fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order device times
+    per call in a stream of calls (the host's launch is left out: every schedule pays one); they say which
+    resource bounds each schedule."""
     from bspfuse.tile import choose_config
 
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
