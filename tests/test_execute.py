@@ -72,6 +72,11 @@ def test_small_rows_fuse_where_the_collectives_latency_dominates():
     assert choose_mode("matmul_ar", 1024, 8192, 8192, 2).mode == "direct"
     assert choose_config("matmul_ar", 128, 8192, 4096, 2).BM == 64
     assert choose_config("matmul_ar", 4096, 8192, 4096, 2).BM == 128
+    # AG+GEMM at 1024 rows: the wide 4-warp tile for three waves (0.21 against 0.26 ms with 128x256)
+    ag = choose_config("ag_matmul", 1024, 8192, 8192, 2)
+    assert (ag.BM, ag.BN, ag.num_warps) == (64, 256, 4)
+    large = choose_config("ag_matmul", 4096, 8192, 8192, 2)
+    assert (large.BM, large.BN) == (128, 256)
 
 
 def test_fallbacks_are_reported_as_fallbacks(capsys):
