@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--profile-seq", type=int, default=8192,
                         help="profile every variant at this length: device time per kernel class (0: off)")
     parser.add_argument("--variants", default="", help="only these variants, comma-separated (default: all)")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="at --profile-seq, every rank's host: its slowest ops and CUDA runtime calls per step")
     args = parser.parse_args()
 
     import torch._dynamo
@@ -102,15 +104,23 @@ def main() -> None:
                     ms = bench(lambda: fn(x), iters=args.iters)
                 fused = [str(r) for r in bspfuse.backend.reports()] if name.startswith("bspfuse") else []
                 kernels = _profile(lambda: fn(x)) if seq == args.profile_seq else None
+                if args.profile_host and seq == args.profile_seq:
+                    _profile_host(lambda: fn(x), name, rank, W)
+                if kernels and "bspfuse sites" in kernels:  # every rank's: a rank that waits for its peer shows it
+                    per_rank = [None] * W
+                    dist.all_gather_object(per_rank, kernels["bspfuse sites"])
+                    kernels["bspfuse sites by rank"] = per_rank
                 rows.append(dict(seq=seq, variant=name, ms=ms, rel_err=err, compile_s=round(compile_s, 1), bspfuse=fused,
                                  kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  rel err {err:.2e}  (compile {compile_s:.0f} s)")
                 if kernels:
+                    by_rank = kernels.pop("bspfuse sites by rank", [])
                     sites = kernels.pop("bspfuse sites", {})
                     say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()))
+                    for r, per_site in enumerate(by_rank):
+                        say(f"    fused kernels, rank {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_site.items()))
                     if sites:
-                        say("    fused kernels: " + ", ".join(f"{k} {v:.3f}" for k, v in sites.items()))
-                        kernels["bspfuse sites"] = sites
+                        kernels["bspfuse sites"], kernels["bspfuse sites by rank"] = sites, by_rank
                 for line in fused:
                     say("    " + line.replace("\n", "\n    "))
             except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
@@ -168,6 +178,29 @@ def _profile(step, steps: int = 3) -> dict:
     if sites:
         result["bspfuse sites"] = dict(sorted(sites.items()))
     return result
+
+
+def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> None:
+    """Where each rank's host spends a forward step (CPU ops by self time, CUDA runtime calls such as
+    synchronizations and allocations), and how long a step takes on the host: a rank whose host falls
+    behind leaves its GPU idle and makes its peers wait inside their fused kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        host_ms = (time.perf_counter() - t0) * 1e3 / steps
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    lines = [f"rank {rank}, {name}: host {host_ms:.2f} ms per step (enqueue), top CPU self time per step:"]
+    lines += [f"    {e.self_cpu_time_total / 1000 / steps:8.3f} ms  x{e.count // steps:<4d} {e.key[:80]}" for e in rows]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, "\n".join(lines))
+    if rank == 0:
+        print("\n".join(gathered), flush=True)
 
 
 def _write(path, rows):
