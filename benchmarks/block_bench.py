@@ -114,13 +114,10 @@ def main() -> None:
                                  kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  rel err {err:.2e}  (compile {compile_s:.0f} s)")
                 if kernels:
-                    by_rank = kernels.pop("bspfuse sites by rank", [])
-                    sites = kernels.pop("bspfuse sites", {})
-                    say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()))
-                    for r, per_site in enumerate(by_rank):
+                    say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()
+                                                           if not k.startswith("bspfuse sites")))
+                    for r, per_site in enumerate(kernels.get("bspfuse sites by rank", [])):
                         say(f"    fused kernels, rank {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_site.items()))
-                    if sites:
-                        kernels["bspfuse sites"], kernels["bspfuse sites by rank"] = sites, by_rank
                 for line in fused:
                     say("    " + line.replace("\n", "\n    "))
             except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
@@ -182,7 +179,8 @@ def _profile(step, steps: int = 3) -> dict:
 
 def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> None:
     """Where each rank's host spends a forward step (CPU ops by self time, CUDA runtime calls such as
-    synchronizations and allocations), and how long a step takes on the host: a rank whose host falls
+    synchronizations and allocations; the synchronize that closes the profiled steps is among them), and
+    how long enqueueing a step takes on the host: a rank whose host falls
     behind leaves its GPU idle and makes its peers wait inside their fused kernels."""
     from torch.profiler import ProfilerActivity, profile
 

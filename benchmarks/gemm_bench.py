@@ -306,10 +306,10 @@ def run(ctx, args):
                     record(name, shape, "torch symm_mem", timed(f), rel_err(f(), ref))
                 attempt(name, shape, "torch symm_mem", torch_fused)
 
-            auto = choose_mode("matmul_rs" if kind == "rs" else "matmul_ar", M, N, K, W)
+            kind_name = "matmul_rs" if kind == "rs" else "matmul_ar"
+            auto = choose_mode(kind_name, M, N, K, W)
             if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
                 record(name, shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)", reason=auto.reason)
-            kind_name = "matmul_rs" if kind == "rs" else "matmul_ar"
             for variant in ["push", "pull", "direct"] + [f"{m} {t}" for t in args.tiles for m in ("direct", "push")]:
                 def ours(variant=variant):
                     mode = variant.split()[0]
