@@ -238,7 +238,7 @@ def run(ctx, args):
             if auto.mode == "off":  # the cost model keeps the BSP program: that is what auto runs
                 record("ag_gemm", shape, "ours auto", t_base, 0.0, choice="off (fallback: NCCL+cuBLAS)",
                        reason=auto.reason)
-            variants = ([("push", None), ("pull", None)] + [(f"push comm={c}", c) for c in args.comm] +
+            variants = ([("push", None), ("pull", None), ("copy_engine", None)] + [(f"push comm={c}", c) for c in args.comm] +
                         [(f"push {t}", None) for t in args.tiles])
             for variant, comm in variants:
                 def ours(variant=variant, comm=comm):
@@ -348,8 +348,8 @@ def summarize(rows, key="ms"):
         by.setdefault((r["op"], r["shape"]), {})[r["variant"]] = r
     # alone: our GEMM without communication (RS/AR), the bound our fused kernels can reach
     columns = ["nccl+cublas", "nccl+cublas graph", "torch symm_mem", "overlap bound", "ours gemm alone", "ours push",
-               "ours pull", "ours direct", "ours auto"]
-    heads = ["nccl", "graph", "torch", "bound", "alone", "push", "pull", "direct", "auto"]
+               "ours pull", "ours direct", "ours copy_engine", "ours auto"]
+    heads = ["nccl", "graph", "torch", "bound", "alone", "push", "pull", "direct", "ce", "auto"]
     lines = [f"{'op':8} {'shape':27} " + " ".join(f"{h:>7}" for h in heads) +
              f" {'auto/nccl':>9} {'auto/bound':>10} {'err':>7}"]
     speedups = []
@@ -375,8 +375,8 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    variants = ["nccl+cublas graph", "torch symm_mem", "ours direct", "ours push", "ours pull", "ours auto",
-                "overlap bound"]
+    variants = ["nccl+cublas graph", "torch symm_mem", "ours direct", "ours push", "ours pull", "ours copy_engine",
+                "ours auto", "overlap bound"]
     fig, axes = plt.subplots(2, 1, figsize=(14, 9))
     for ax, key in zip(axes, TIMINGS):
         by = {}

@@ -305,7 +305,8 @@ class _Costing:
         a, b = (op.inputs[0].type, op.inputs[1].type) if len(op.inputs) >= 2 else (None, None)
         if collective and a is not None and b.rank == 2 and a.rank >= 2:
             rows = _prod(self.dim(d) for d in a.shape[:-1]) * (self.world if collective == "all_gather" else 1)
-            k, n = self.dim(a.shape[-1]), self.dim(b.shape[1])
+            k = self.dim(a.shape[-1])
+            n = sum(self.dim(w.type.shape[1]) for w in op.inputs[1:1 + op.attrs.get("weights", 1)])
             r.flops = 2.0 * rows * k * n
             r.compute_us = max(r.flops / self.rate, memory_us)
             r.comm_bytes = float(rows * (k if collective == "all_gather" else n) * DTYPE_BYTES[a.dtype])

@@ -43,7 +43,7 @@ from bspfuse.runtime import torch_ops
 
 log = logging.getLogger("bspfuse")
 
-MODES = ("auto", "push", "pull", "off")  # options['mode']
+MODES = ("auto", "push", "pull", "copy_engine", "off")  # options['mode']
 FUSED_OPS = {  # fused IR op -> the torch.ops.bspfuse op that runs it
     "fused_allgather_matmul": "all_gather_matmul",
     "fused_matmul_reduce_scatter": "matmul_reduce_scatter",
@@ -220,11 +220,11 @@ class Site:
     """One fused op, as the fx rewrite needs it."""
 
     opcode: str
-    inputs: list[torch.fx.Node]  # a, b[, bias]
+    inputs: list[torch.fx.Node]  # a, b (AG+GEMM: one per weight)[, bias]
     results: list[list[torch.fx.Node]]  # per fused result: the fx nodes that computed it
     attrs: dict
     group: str
-    shapes: tuple  # (a, b) shapes and dtype: what every rank must agree on
+    shapes: tuple  # A's shape, the weights' shapes and the dtype: what every rank must agree on
     heap_bytes: int
 
     @property
@@ -245,7 +245,7 @@ def _group_name(collective: torch.fx.Node) -> str:
 def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[Report, list[Site]]:
     """Capture the normalized graph, run the passes, and describe each fused op in fx terms."""
     from bspfuse.kernels.gemm import heap_bytes
-    from bspfuse.lowering import gemm_shape
+    from bspfuse.lowering import gemm_shape, weights_of
 
     program, nodes = capture_with_nodes(gm, name=graph_name)
     passes_log = run_passes(program, options=options)
@@ -259,9 +259,9 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[R
             continue
         inputs = [nodes[v.name][0] for v in op.inputs]
         M, N, K = gemm_shape(op, fused)
-        a, b = (_val(x) for x in inputs[:2])
+        a, bs = _val(inputs[0]), [_val(nodes[v.name][0]) for v in weights_of(op)]
         sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
-                          (tuple(a.shape), tuple(b.shape), a.dtype),
+                          (tuple(a.shape), tuple(tuple(b.shape) for b in bs), a.dtype),
                           heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"])))
     return report, sites
 
@@ -348,21 +348,24 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
     taken_over: dict[torch.fx.Node, torch.fx.Node] = {}  # a node an earlier site replaced -> what replaced it
     for s in sites:
         target = getattr(torch.ops.bspfuse, FUSED_OPS[s.opcode]).default
-        a, b, *rest = (taken_over.get(n, n) for n in s.inputs)  # e.g. A is the result of a fused all-gather
+        n = s.attrs.get("weights", 1)
+        a, *rest = (taken_over.get(x, x) for x in s.inputs)  # e.g. A is the result of a fused all-gather
+        bs, rest = rest[:n], rest[n:]
         bias = rest[0] if "bias" in s.attrs.get("epilogue", ()) else None
-        first_result = s.results[0][0]
+        first_result = min((nodes[0] for nodes in s.results), key=_position(graph))
         with graph.inserting_before(first_result):
-            if s.opcode == "fused_allgather_matmul":
+            if s.opcode == "fused_allgather_matmul":  # results: one per weight, then the gathered A (or empty)
                 want = bool(s.attrs.get("gathered_out"))
-                call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue, want))
-                c_val, g_val = _val(first_result), (_val(s.results[1][0]) if want else _val(a).new_empty(0))
-                call.meta["val"] = (c_val, g_val)
+                call = graph.call_function(target, (a, bs, bias, s.group, s.attrs["mode"], s.epilogue, want))
+                vals = [_val(r[0]) for r in s.results] + ([] if want else [_val(a).new_empty(0)])
+                call.meta["val"] = vals
                 outs = []
-                for i, v in enumerate((c_val, g_val)):
+                for i, v in enumerate(vals):
                     item = graph.call_function(operator.getitem, (call, i))
                     item.meta["val"] = v
                     outs.append(item)
             else:
+                b = bs[0]
                 call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue))
                 call.meta["val"] = _val(first_result)
                 outs = [call]
@@ -378,6 +381,11 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _position(graph: torch.fx.Graph):
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
 
 
 def _erase_dead(graph: torch.fx.Graph) -> None:

@@ -235,7 +235,7 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bspfuse", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    modes = ("auto", "pull", "push", "direct", "off")
+    modes = ("auto", "pull", "push", "direct", "copy_engine", "off")
 
     a = sub.add_parser("analyze", help="the three taxes of the BSP program, per op")
     _target_arguments(a)

@@ -135,9 +135,9 @@ def reference(program: Program, inputs_by_rank: list[dict[str, torch.Tensor]]) -
         if code in ("all_gather", "reduce_scatter", "all_reduce"):
             outs = _collective_reference(code, a, [x[0] for x in xs])
         elif code == "fused_allgather_matmul":
-            full = torch.cat([x[0] for x in xs], dim=0)
-            outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[2:]),) + ((full,) if a.get("gathered_out") else ())
-                    for x in xs]
+            full, n = torch.cat([x[0] for x in xs], dim=0), a.get("weights", 1)
+            outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[1 + n:]), *(full @ b for b in x[2:1 + n]))
+                    + ((full,) if a.get("gathered_out") else ()) for x in xs]
         elif code in ("fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             total = sum(x[0] @ x[1] for x in xs)
             parts = total.chunk(W, dim=0) if code == "fused_matmul_reduce_scatter" else [total] * W
@@ -238,15 +238,15 @@ def sim_config():
 def make_fused_gemm(heap, op: Op, program: Program, config=None, debug: bool = False):
     """The host object from bspfuse.kernels.gemm that runs a fused GEMM op (constructing it is collective)."""
     from bspfuse.kernels import gemm
-    from bspfuse.lowering import gemm_shape
+    from bspfuse.lowering import gemm_shape, weight_widths
 
     m, n, k = gemm_shape(op, program)
     dtype = TORCH_DTYPE[op.outputs[0].type.dtype]
     epilogue = tuple(op.attrs.get("epilogue", ()))
     name = op.outputs[0].name
     if op.opcode == "fused_allgather_matmul":
-        return gemm.FusedAllGatherMatmul(heap, m, n, k, dtype, mode=op.attrs.get("mode", "push"), epilogue=epilogue,
-                                         config=config, debug=debug, name=name)
+        return gemm.FusedAllGatherMatmul(heap, m, weight_widths(op, program), k, dtype, mode=op.attrs.get("mode", "push"),
+                                         epilogue=epilogue, config=config, debug=debug, name=name)
     cls = gemm.FusedMatmulReduceScatter if op.opcode == "fused_matmul_reduce_scatter" else gemm.FusedMatmulAllReduce
     return cls(heap, m, n, k, dtype, epilogue=epilogue, config=config, debug=debug, name=name,
                mode=op.attrs.get("mode", "push"))
@@ -275,11 +275,13 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
         if code in ("fused_allgather_matmul", "fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             if key not in cache:
                 cache[key] = make_fused_gemm(heap, op, program, config, debug)
-            bias = xs[2] if "bias" in a.get("epilogue", ()) else None
-            res = cache[key](xs[0], xs[1], bias)
+            n = a.get("weights", 1)
+            bias = xs[1 + n] if "bias" in a.get("epilogue", ()) else None
+            res = cache[key](xs[0], xs[1] if n == 1 else list(xs[1:1 + n]), bias)
             res = res.clone() if code == "fused_matmul_allreduce" else res  # the heap slot is reused
+            res = tuple(res) if isinstance(res, list) else (res,)  # one result per weight
             if a.get("gathered_out"):  # the gathered A feeds other ops too
-                res = (res, cache[key].gathered(xs[0]))
+                res = (*res, cache[key].gathered(xs[0]))
             ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})")
         elif code == "flash_decode":
             if key not in cache:
@@ -415,7 +417,7 @@ def compile_module(program: Program, source: str = "<program>") -> str:
     (pointer loads for the simulator, TMA for GPUs), and `run(ctx, inputs) -> outputs`, one line per op,
     on bspfuse's host objects and runtime. Names in the text are checked identifiers or repr() strings."""
     from bspfuse.codegen.triton import generate
-    from bspfuse.lowering import GEMM_KINDS, gemm_config, gemm_shape, lower_fused
+    from bspfuse.lowering import GEMM_KINDS, gemm_config, gemm_shape, lower_fused, weight_widths
 
     W = program.world_size
     if W is None:
@@ -442,17 +444,21 @@ def compile_module(program: Program, source: str = "<program>") -> str:
             m, n, k = gemm_shape(op, program)
             dtype = _TORCH_NAME[op.outputs[0].type.dtype]
             epi = tuple(a.get("epilogue", ()))
+            n_w = a.get("weights", 1)
             if code == "fused_allgather_matmul":
-                ctor = (f"gemm.FusedAllGatherMatmul(heap, {m}, {n}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, "
+                widths = weight_widths(op, program) if n_w > 1 else n
+                ctor = (f"gemm.FusedAllGatherMatmul(heap, {m}, {widths}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, "
                         f"epilogue={epi!r}, config=_config(heap, {name!r}), name={name!r})")
             else:
                 cls = "FusedMatmulReduceScatter" if code == "fused_matmul_reduce_scatter" else "FusedMatmulAllReduce"
                 ctor = (f"gemm.{cls}(heap, {m}, {n}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, epilogue={epi!r}, "
                         f"config=_config(heap, {name!r}), name={name!r})")
             makers.append(f"def _make_{name}(heap):\n    return _inline({ctor}, {name!r})\n")
-            bias = ins[2] if "bias" in epi else "None"
-            call = f"_op(ctx, {name!r}, _make_{name})({ins[0]}, {ins[1]}, {bias})"
-            if a.get("gathered_out"):  # the gathered A feeds other ops too: the second result
+            bias = ins[1 + n_w] if "bias" in epi else "None"
+            weights = ins[1] if n_w == 1 else f"[{', '.join(ins[1:1 + n_w])}]"
+            call = f"_op(ctx, {name!r}, _make_{name})({ins[0]}, {weights}, {bias})"
+            call = f"*{call}" if n_w > 1 else call  # one result per weight
+            if a.get("gathered_out"):  # the gathered A feeds other ops too: the last result
                 call = f"{call}, _op(ctx, {name!r}, _make_{name}).gathered({ins[0]})"
             body.append(f"    {outs} = {call}" + (".clone()," if code == "fused_matmul_allreduce" else ","))
         elif code == "flash_decode":

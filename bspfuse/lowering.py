@@ -29,14 +29,20 @@ _LOWER = {"ag_matmul": lower_allgather_matmul, "matmul_rs": lower_matmul_reduce_
 
 
 def gemm_shape(op: Op, program: Program) -> tuple[int, int, int]:
-    """(M, N, K) as the host objects take them: AG+GEMM (M_local, N, K); GEMM+RS/AR (M, N, K_local)."""
-    world = program.world_size
+    """(M, N, K) as the host objects take them: AG+GEMM (M_local, N, K); GEMM+RS/AR (M, N, K_local). An
+    AG+GEMM with several weights has N = the sum of their widths (the kernel's column range)."""
+    (m, k) = (concrete(d, program.sizes, program.world_size) for d in op.inputs[0].type.shape)
+    return m, sum(weight_widths(op, program)), k
 
-    def dims(i):
-        return [concrete(d, program.sizes, world) for d in op.inputs[i].type.shape]
 
-    (m, k), (_, n) = dims(0), dims(1)
-    return m, n, k
+def weight_widths(op: Op, program: Program) -> tuple[int, ...]:
+    """N of each weight of a fused GEMM op: its inputs 1 .. op.attrs["weights"] (one unless weights join)."""
+    return tuple(concrete(v.type.shape[1], program.sizes, program.world_size) for v in weights_of(op))
+
+
+def weights_of(op: Op) -> tuple:
+    """The B operands of a fused GEMM op (inputs after A; bias and other epilogue operands follow them)."""
+    return op.inputs[1:1 + op.attrs.get("weights", 1)]
 
 
 def gemm_config(op: Op, program: Program) -> TileConfig:
@@ -57,7 +63,8 @@ def lower_fused(op: Op, program: Program, config: TileConfig | None = None) -> T
         return None
     dtype = op.outputs[0].type.dtype
     epilogue = tuple(op.attrs.get("epilogue", ()))
-    tp = _LOWER[kind](op.outputs[0].name, dtype, epilogue, config or gemm_config(op, program))
+    more = {"weights": op.attrs["weights"]} if op.attrs.get("weights", 1) > 1 else {}
+    tp = _LOWER[kind](op.outputs[0].name, dtype, epilogue, config or gemm_config(op, program), **more)
     mode = op.attrs.get("mode", "push")
     if mode in STAGING:
         tp = STAGING[mode](tp)

@@ -132,16 +132,22 @@ class TileProgram:
     per_own_tile: tuple = ()  # gemm programs, for tiles of the rows this rank owns (RS/AR)
     per_own_chunk: tuple = ()  # comm programs, per tile of the rows this rank owns (AR: finished tiles out)
     comm_epilogue: tuple = ()  # comm programs, after their chunks
+    host_per_chunk: tuple = ()  # the host, per chunk of rows: enqueued on a copy stream, so no SM moves them
     gemm_epilogue: tuple = ()  # gemm programs, after their tiles
     config: TileConfig = field(default_factory=TileConfig)
     mode: str = "direct"  # direct | pull | push
     heap_buffers: tuple[str, ...] = ()  # what the host must allocate on the symmetric heap
     flags: tuple[str, ...] = ()
     b_layout: str = "kn"  # B_LAYOUTS: how the kernel reads B[K, N]
+    # AG+GEMM: how many weights share the gathered A (C_j = A @ B_j; their column tiles form one N range,
+    # so projections of the same input, e.g. wq/wk/wv or w1/w3, run as one wider GEMM)
+    weights: int = 1
 
     def __post_init__(self):
         if self.b_layout not in B_LAYOUTS:
             raise ValueError(f"{self.name}: b_layout {self.b_layout!r} is not one of {', '.join(B_LAYOUTS)}")
+        if self.weights > 1 and self.kind != "ag_matmul":
+            raise ValueError(f"{self.name}: only AG+GEMM programs take several weights")
 
     def with_(self, **kw) -> "TileProgram":
         return dataclasses.replace(self, **kw)
@@ -156,10 +162,12 @@ def _fmt(s) -> str:
 
 def print_tile_program(tp: TileProgram) -> str:
     layout = f" b_layout={tp.b_layout}" if tp.b_layout != "kn" else ""
+    layout += f" weights={tp.weights}" if tp.weights > 1 else ""
     lines = [f"tile_program {tp.name} kind={tp.kind} mode={tp.mode} dtype={tp.dtype} order={tp.order}{layout}",
              f"  config: {tp.config}",
              f"  heap buffers: {', '.join(tp.heap_buffers) or '-'}; flags: {', '.join(tp.flags) or '-'}"]
-    for title, body in (("comm prologue", tp.prologue), ("comm per chunk", tp.per_chunk),
+    for title, body in (("host (copy engine) per chunk", tp.host_per_chunk),
+                        ("comm prologue", tp.prologue), ("comm per chunk", tp.per_chunk),
                         ("comm per own tile", tp.per_own_chunk), ("comm after chunks", tp.comm_epilogue),
                         ("gemm per tile", tp.per_tile),
                         ("gemm per own tile", tp.per_own_tile), ("gemm after tiles", tp.gemm_epilogue)):
@@ -173,11 +181,13 @@ def print_tile_program(tp: TileProgram) -> str:
 
 
 def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
-                           b_layout: str = "kn") -> TileProgram:
-    """fused_allgather_matmul -> the direct tile program: each tile loads A rows from the rank that owns them."""
+                           b_layout: str = "kn", weights: int = 1) -> TileProgram:
+    """fused_allgather_matmul -> the direct tile program: each tile loads A rows from the rank that owns them.
+    With several weights, a tile's columns fall in one of them and it stores into that weight's C; the
+    epilogue belongs to the first weight (the matmul whose pointwise chain the pass absorbed)."""
     return TileProgram("ag_matmul", name, dtype, "local_first",
                        per_tile=(LoadA("a", "src"), Dot(), Epilogue(epilogue), StoreTile("c", "me")),
-                       config=config, heap_buffers=("a",), b_layout=b_layout)
+                       config=config, heap_buffers=("a",), b_layout=b_layout, weights=weights)
 
 
 # The direct program stores a partial into its owner's inbox from the GEMM's epilogue; push turns that into
@@ -252,6 +262,17 @@ def _stage_push_rows(tp: TileProgram) -> TileProgram:
         heap_buffers=("inbox",), flags=("arrived",))
 
 
+def stage_copy_engine(tp: TileProgram) -> TileProgram:
+    """push with the moves taken off the SMs: the host enqueues each chunk's copy into every peer's staging
+    and the chunk's flag (a stream memory write, ordered after the copy) on a copy stream, so every SM runs
+    the GEMM. AG+GEMM only: the rows exist before the kernel starts, unlike GEMM+RS/AR's partials."""
+    if tp.kind != "ag_matmul":
+        raise ValueError(f"{tp.name}: the copy engine moves rows that exist before the kernel (AG+GEMM), "
+                         f"not {tp.kind}'s partials")
+    push = _stage_push_rows(tp)
+    return push.with_(mode="copy_engine", per_chunk=(), host_per_chunk=push.per_chunk)
+
+
 def _rewrite(body: tuple, rules: dict) -> tuple:
     """Each statement of `body` that is a key of `rules` replaced by that rule's statements."""
     return tuple(out for s in body for out in rules.get(s, (s,)))
@@ -319,7 +340,8 @@ def _expect_remote_load(tp: TileProgram) -> None:
         raise ValueError(f"{tp.name}: staging rewrites a direct program with a remote LoadA, got mode {tp.mode}")
 
 
-STAGING = {"pull": stage_pull, "push": stage_push}
+STAGING = {"pull": stage_pull, "push": stage_push, "copy_engine": stage_copy_engine}
+AG_MODES = ("push", "pull", "copy_engine", "direct")
 SCATTER_MODES = ("push", "pull", "direct")  # GEMM+RS / GEMM+AR: a STAGING rewrite, or the direct program
 
 

@@ -48,8 +48,9 @@ class Decision:
 
 @dataclass(frozen=True)
 class Options:
-    """What the user can force. mode: auto | pull | push | direct | off (per fusion), plus device and tuning
-    knobs. direct: AG+GEMM loads remote rows in place; GEMM+RS/AR store partials from the GEMM epilogue."""
+    """What the user can force. mode: auto | pull | push | direct | copy_engine | off (per fusion), plus device
+    and tuning knobs. direct: AG+GEMM loads remote rows in place; GEMM+RS/AR store partials from the GEMM
+    epilogue. copy_engine (AG+GEMM; elsewhere the cost model decides): the host's copy stream moves the rows."""
 
     mode: str = "auto"
     device: str = "H200"

@@ -44,10 +44,15 @@ class DeviceModel:
     direct_exposed_bytes: float = 0.445e12
     direct_hop_s: float = 5e-6
     comm_program_bytes: float = 9e9
-    # A fused schedule must be estimated this much faster than BSP to be chosen: the same kernel's time
-    # spreads more than that between runs where the two are close, and the unfused fallback is never
-    # slower than the baseline.
-    min_gain: float = 0.05
+    # AG+GEMM copy_engine: the side stream's copies and flag writes start after the host enqueues them and
+    # the stream wait resolves; they move at the peer copy rate and leave every SM to the GEMM.
+    copy_engine_start_s: float = 10e-6
+    # the AG+GEMM schedules auto chooses among (the others are estimated and shown)
+    ag_auto_modes: tuple = ("push", "pull")
+    # A fused schedule must be estimated this much faster than BSP to be chosen: the same fused kernel's
+    # back-to-back time moved up to 2.9% between two machine starts (gemm_bench, 14 shapes, 2026-11-22),
+    # and the unfused fallback is never slower than the baseline.
+    min_gain: float = 0.03
 
 
 H200 = DeviceModel()
@@ -92,6 +97,12 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         est["push"] = t_gemm + exposed + device.flag_round_trip_s
         copy_in = 0.0 if a_on_heap else M / W * K * item * 2 / device.hbm_bytes
         est["pull"] = est["push"] + copy_in + 2 * device.flag_round_trip_s  # entry and exit handshakes
+        # copy_engine: all SMs multiply; the copies (a quarter of the rows first) run beside them
+        local_part = t_mm / W
+        first_chunk = device.copy_engine_start_s + moved / (W - 1) / 4 / device.link_bytes
+        exposed = max(0.0, device.copy_engine_start_s + moved / device.link_bytes - (t_mm - local_part)) \
+            + max(0.0, first_chunk - local_part)
+        est["copy_engine"] = t_mm + exposed + device.flag_round_trip_s
     else:
         # Both interleave own and peer tiles, so traffic spreads over the GEMM. direct stores from the
         # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,
@@ -107,7 +118,8 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         t_move = moved / (cfg.comm_programs * device.comm_program_bytes)
         est["push"] = max(t_gemm, first_wave + t_move) + hops * device.direct_hop_s
     us = {k: round(v * 1e6, 1) for k, v in est.items()}
-    best = min(est, key=est.get)
+    chosen = {k: v for k, v in est.items() if kind != "ag_matmul" or k == "bsp" or k in device.ag_auto_modes}
+    best = min(chosen, key=chosen.get)
     if best == "bsp":
         return Choice("off", "the unfused schedule is estimated faster", us)
     if est[best] > est["bsp"] * (1 - device.min_gain):
@@ -115,7 +127,8 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
                              "schedule, within the spread between runs", us)
     why = {"push": "push: peers' rows/partials move once, written by the producer, no handshake",
            "pull": "pull: A is already on the heap and reads are consumer-paced",
-           "direct": "direct: partials go to their owner from the GEMM's epilogue, spread over the GEMM"}[best]
+           "direct": "direct: partials go to their owner from the GEMM's epilogue, spread over the GEMM",
+           "copy_engine": "copy_engine: the copy engines put the rows into every peer, so every SM multiplies"}[best]
     return Choice(best, why, us)
 
 
@@ -241,6 +254,9 @@ def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N:
         return auto, estimate
     if forced == "off":
         return Choice("off", "fusion turned off by the user", auto.estimates_us), estimate
+    if forced == "copy_engine" and kind != "ag_matmul":
+        return Choice(auto.mode, f"copy_engine moves AG+GEMM's rows only (partials exist only inside the kernel); "
+                                 f"{auto.reason}", auto.estimates_us), estimate
     return Choice(forced, f"{forced} forced by the user", auto.estimates_us), estimate
 
 
@@ -287,33 +303,54 @@ def _run_allgather_matmul(p: Program, options: Options):
         if not candidates:
             say(False, "B depends on the gathered A: fusing would form a cycle")
             continue
-        # With several consumers, the widest matmul hides the gather; the others read the gathered A the
-        # fused kernel leaves behind (a second result, copied out of its staging buffer).
-        mm = max(candidates, key=lambda m: _shape(p, m.inputs[1])[1])
-        site = _site(ag, w, mm)
-        (M, K), (_, N) = _shape(p, gathered), _shape(p, mm.inputs[1])
+        # Matmuls of the gathered A with other weights (wq/wk/wv, w1/w3) join the kernel: their column tiles
+        # extend its N range, so the rows move once for all and no copy of the gathered A is needed. The widest
+        # comes first (its epilogue fuses when it is alone). Any other user reads the gathered A the kernel
+        # leaves behind (a last result, copied out of its staging buffer).
+        candidates.sort(key=lambda m: -_shape(p, m.inputs[1])[1])
+        mm = candidates[0]
+        joined = [m for m in candidates[1:] if _joins(p, mm, m)]
+        site = _site(ag, w, mm, *joined)
+        (M, K) = _shape(p, gathered)
+        N = sum(_shape(p, m.inputs[1])[1] for m in [mm, *joined])
         dtype = gathered.type.dtype
         opts = _hint_mode(mm, _hint_mode(ag, options))
         choice, estimate = _decide(p, opts, mm.outputs[0].name, "ag_matmul", M, N, K, dtype)
         if choice.mode == "off":
             say(False, choice.reason, estimate)
             continue
-        others = len(us) - 1
+        others = len(us) - 1 - len(joined)
         if others and choice.mode == "direct":
             say(False, f"the gathered tensor has {others} more users and direct mode keeps no gathered copy",
                 estimate)
             continue
-        chain, fns, extra = _absorb_epilogue(users, mm.outputs[0], p.outputs)
+        chain, fns, extra = _absorb_epilogue(users, mm.outputs[0], p.outputs)  # the widest's own chain
         last = (chain[-1] if chain else mm).outputs[0]
-        results = [last, gathered] if others else [last]
-        fused = _fused("fused_allgather_matmul", [ag.inputs[0], mm.inputs[1], *extra],
-                       {"mode": choice.mode, "epilogue": fns, "dim": 0, "gathered_out": bool(others)},
+        results = [last, *(m.outputs[0] for m in joined)] + ([gathered] if others else [])
+        fused = _fused("fused_allgather_matmul", [ag.inputs[0], mm.inputs[1], *(m.inputs[1] for m in joined), *extra],
+                       {"mode": choice.mode, "epilogue": fns, "dim": 0, "gathered_out": bool(others),
+                        **({"weights": 1 + len(joined)} if joined else {})},
                        results, mm.origin or ag.origin)
-        _replace(p, [ag, w, mm, *chain], fused, results)
+        _replace(p, sorted([ag, w, mm, *chain, *joined], key=p.ops.index), fused, results)
         users = p.users()
+        names = ", ".join(_name(m) for m in joined)
         say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else "")
+            + (f"; {names} join{'s' if len(joined) == 1 else ''} it: {1 + len(joined)} weights share the "
+               "gathered A" if joined else "")
             + (f"; the gathered A also feeds {others} other op{'s' if others > 1 else ''}" if others else ""), estimate)
     return p, decisions
+
+
+def _joins(p: Program, mm: Op, other: Op) -> bool:
+    """Whether `other` (a matmul of the same gathered A) can share mm's kernel: same dtypes, a 2-D B of known
+    width whose rows the kernel can load (16-byte aligned)."""
+    b, shape = other.inputs[1], _shape(p, other.inputs[1])
+    return (other.outputs[0].type.dtype == mm.outputs[0].type.dtype and b.type.dtype == mm.inputs[1].type.dtype
+            and shape is not None and len(shape) == 2 and (shape[1] * DTYPE_BYTES[b.type.dtype]) % 16 == 0)
+
+
+def _name(op: Op) -> str:
+    return f"%{op.outputs[0].name}" + (f" ({op.origin})" if op.origin else "")
 
 
 def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: str):

@@ -39,9 +39,10 @@ def _block(cfg):
 def test_explain_finds_the_four_sites_of_a_70b_layer():
     cfg = llama.LlamaConfig(hidden=8192, heads=64, kv_heads=8, ffn=28672, max_seq=8192)
     text = explain(_block(cfg), (1, 8192 // 2, 8192), world_size=2)
-    # the attention input feeds wq, wk and wv: the widest (wq) hides the gather, the other two read its copy
-    assert text.count("[fuse_allgather_matmul] fused") == 2, text
-    assert "the gathered A also feeds 2 other ops" in text and "the gathered A also feeds 1 other op" in text
+    # the attention input feeds wq, wk and wv, the MLP's feeds w1 and w3: each set shares one kernel
+    assert text.count("[fuse_allgather_matmul] fused") == 2 and "4 of 4 sites fused" in text, text
+    assert "%mm_1 (mm_1 in attention.wk), %mm_2 (mm_2 in attention.wv) join it: 3 weights share" in text, text
+    assert "(mm_5 in feed_forward.w3) joins it: 2 weights share" in text and "also feeds" not in text, text
     # wo and w2 -> reduce_scatter: both candidates found; whether each fuses is the cost model's call
     assert text.count("[fuse_matmul_reduce_scatter]") == 2 and "cost model on H200" in text
     for module in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2"):  # what the user wrote
@@ -73,12 +74,14 @@ def _bf16(*shape):
 
 
 def _sp_mlp(x, w1, w3, w2):
-    # one rank of a sequence-parallel MLP; the gathered rows also feed a narrower matmul, ahead of w1's
+    # one rank of a sequence-parallel MLP; the gathered rows also feed a narrower matmul and a row sum, ahead
+    # of w1's matmul
     group = torch.distributed.group.WORLD.group_name
     xg = c10d.wait_tensor(c10d.all_gather_into_tensor(x, 2, group))
     narrow = xg @ w3
+    total = xg.sum(dim=1)
     h = torch.relu(xg @ w1)
-    return narrow, c10d.wait_tensor(c10d.reduce_scatter_tensor(h @ w2, "sum", 2, group))
+    return narrow, total, c10d.wait_tensor(c10d.reduce_scatter_tensor(h @ w2, "sum", 2, group))
 
 
 def test_rewrite_calls_the_fused_ops_with_the_decided_modes_in_a_valid_order():
@@ -91,14 +94,17 @@ def test_rewrite_calls_the_fused_ops_with_the_decided_modes_in_a_valid_order():
              and str(n.target).startswith("bspfuse.")}
     assert not [n for n in gm.graph.nodes if "c10d" in str(n.target)], gm.code  # no collective is left
     ag, rs = calls["bspfuse::all_gather_matmul"], calls["bspfuse::matmul_reduce_scatter"]
-    assert ag.args[2:] == (None, ag.args[3], "push", "relu", True)  # relu in the epilogue, gathered A kept
+    # w1's matmul (the widest) with relu in its epilogue; w3's joins the kernel; the row sum keeps the gathered A
+    assert ag.args[2:] == (None, ag.args[3], "push", "relu", True)
+    assert [list(b.meta["val"].shape) for b in ag.args[1]] == [[32, 64], [32, 16]]
     assert rs.args[4:] == ("push", "")  # the mode the pass decided reaches the kernel
-    c, gathered = sorted(ag.users, key=lambda n: n.args[1])
-    assert [list(n.meta["val"].shape) for n in (c, gathered, rs)] == [[32, 64], [32, 32], [16, 32]]
+    c, narrow, gathered = sorted(ag.users, key=lambda n: n.args[1])
+    assert [list(n.meta["val"].shape) for n in (c, narrow, gathered, rs)] == [[32, 64], [32, 16], [32, 32], [16, 32]]
     assert rs.args[0] is c  # the reduce-scatter's A is the fused all-gather's result, not a recomputed one
-    mms = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]
-    assert len(mms) == 1 and mms[0].args[0] is gathered, gm.code  # only the narrow matmul stays unfused
-    gm.graph.lint()  # the matmul with w3 read the gathered A ahead of the fused call: moved after it
+    assert not [n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default], gm.code  # every matmul fused
+    (total,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList]
+    assert total.args[0] is gathered, gm.code
+    gm.graph.lint()  # the row sum read the gathered A ahead of the fused call: moved after it
 
 
 def _two_gathers(x1, x2, w1, w2):  # two layers of the same shapes
@@ -194,7 +200,7 @@ def test_unknown_option_is_named():
     assert "unknown bspfuse option(s) ['mod']" in str(e.value)
     with pytest.raises(Exception) as e:
         _compile_fake(TINY, 16, {"mode": "pusj"})
-    assert "options['mode'] must be one of auto, push, pull, off, got 'pusj'" in str(e.value)
+    assert "options['mode'] must be one of auto, push, pull, copy_engine, off, got 'pusj'" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ runs in the simulator

@@ -27,8 +27,8 @@ def test_run_example_fuses_every_collective(capsys, example):
     assert "fused: %" in out and "fallback" not in out and "simulator" in out
 
 
-# A gather into a wide matmul: the GEMM dominates, and push is estimated within 5% of BSP on H200.
-WIDE_GATHER = """program wide_gather(world = 2) sizes (T = 4096, H = 8192, F = 57344) {
+# A gather into a wide matmul: the GEMM dominates, and push is estimated within 3% of BSP on H200.
+WIDE_GATHER = """program wide_gather(world = 2) sizes (T = 4096, H = 8192, F = 114688) {
   input x : bf16[T/world, H] sharded(0)
   input w : bf16[H, F/world] sharded(1)
   let y = matmul(all_gather(x, dim=0), w)
@@ -42,25 +42,26 @@ def test_simulator_fusion_keeps_what_the_cost_model_would_do():
     program = parse(WIDE_GATHER)
     (on_gpu,) = run_passes(program).decisions
     (in_sim,) = run_passes(program, options=Options(fuse_unprofitable=True)).decisions
-    assert not on_gpu.applied and "less than 5% faster than the unfused schedule" in on_gpu.reason
+    assert not on_gpu.applied and "less than 3% faster than the unfused schedule" in on_gpu.reason
     assert in_sim.applied and in_sim.reason == "push, to check the kernel: the cost model keeps BSP on H200"
-    model = choose_mode("ag_matmul", 4096, 28672, 8192, 2)
+    model = choose_mode("ag_matmul", 4096, 57344, 8192, 2)
     assert in_sim.estimate == on_gpu.estimate and in_sim.estimate.us == model.estimates_us
     assert in_sim.estimate.mode == model.mode == "off"
 
 
 def test_a_near_tie_keeps_the_unfused_schedule():
-    # AG+GEMM 4096x28672x8192 on H200: push is estimated under 5% faster than BSP; runs spread more than
-    # that, so the model keeps BSP and says why. Asking for no margin takes the estimate as is.
+    # AG+GEMM 4096x57344x8192 on H200: push is estimated under 3% faster than BSP; the same kernel's time
+    # moved up to 2.9% between runs, so the model keeps BSP and says why. Asking for no margin takes the
+    # estimate as is.
     from dataclasses import replace
 
     from bspfuse.passes.fuse_gemm import H200
 
-    tie = choose_mode("ag_matmul", 4096, 28672, 8192, 2)
-    assert tie.mode == "off" and "less than 5% faster" in tie.reason
+    tie = choose_mode("ag_matmul", 4096, 57344, 8192, 2)
+    assert tie.mode == "off" and "less than 3% faster" in tie.reason
     assert tie.estimates_us["push"] < tie.estimates_us["bsp"]
-    assert choose_mode("ag_matmul", 4096, 28672, 8192, 2, device=replace(H200, min_gain=0.0)).mode == "push"
-    assert choose_mode("ag_matmul", 4096, 8192, 8192, 2).mode == "push"  # a clear gain still fuses
+    assert choose_mode("ag_matmul", 4096, 57344, 8192, 2, device=replace(H200, min_gain=0.0)).mode == "push"
+    assert choose_mode("ag_matmul", 4096, 28672, 8192, 2).mode == "push"  # a 4.7% gain fuses
 
 
 def test_small_rows_fuse_where_the_collectives_latency_dominates():

@@ -44,6 +44,34 @@ def _check_ag(ctx, M_local, N, K, dtype, modes, epilogue, calls):
     return errors
 
 
+def _check_ag_weights(ctx, M_local, Ns, K, dtype, modes, calls, epilogue=()):
+    """Several weights sharing the gathered A, given as nn.Linear weights ([N, K] storage, read as .t()) but
+    for the last, row-major [K, N] (the kernel reads it after a copy into the others' layout). The epilogue
+    (bias, relu) is the first weight's only."""
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul
+
+    r, W = ctx.rank, ctx.world_size
+    errors = {}
+    for mode in modes:
+        op = FusedAllGatherMatmul(ctx.heap, M_local, Ns, K, dtype, mode=mode, epilogue=epilogue, config=SMALL,
+                                  debug=True, b_layout="nk")
+        worst = 0.0
+        for call in range(calls):
+            shards = _inputs(100 * call + 9, *[(M_local, K)] * W, dtype=dtype)
+            weights = _inputs(100 * call + 10, *[(n, K) for n in Ns], dtype=dtype)
+            (bias,) = _inputs(100 * call + 11, (Ns[0],), dtype=dtype)
+            bs = [w.t() for w in weights[:-1]] + [weights[-1].t().contiguous()]
+            cs = op(shards[r], bs, bias if "bias" in epilogue else None)
+            assert len(cs) == len(Ns)
+            full = torch.cat(shards).double()
+            refs = [full @ w.double().t() for w in weights]
+            if epilogue:
+                refs[0] = (refs[0] + bias.double()).clamp_min(0)
+            worst = max([worst] + [_rel(c, ref) for c, ref in zip(cs, refs)])
+        errors[mode] = worst
+    return errors
+
+
 def _check_scatter(ctx, kind, M, N, K, dtype, modes, epilogue, calls):
     from bspfuse.kernels.gemm import FusedMatmulAllReduce, FusedMatmulReduceScatter
 
@@ -69,9 +97,17 @@ def _check_scatter(ctx, kind, M, N, K, dtype, modes, epilogue, calls):
 
 def _ag_world(ctx):
     return {
-        "bf16 push/pull/direct": _check_ag(ctx, 37, 40, 40, torch.bfloat16, ("push", "pull", "direct"), (), 3),
+        "bf16 push/pull/direct/copy_engine": _check_ag(ctx, 37, 40, 40, torch.bfloat16,
+                                                       ("push", "pull", "direct", "copy_engine"), (), 3),
+        # 7 row blocks a rank: the copy engine moves (and flags) chunks of 2
+        "bf16 copy_engine chunks": _check_ag(ctx, 100, 32, 24, torch.bfloat16, ("copy_engine",), (), 2),
         "f32 push gelu+bias": _check_ag(ctx, 16, 32, 24, torch.float32, ("push",), ("bias", "gelu"), 2),
         "f16 pull": _check_ag(ctx, 20, 56, 24, torch.float16, ("pull",), (), 2),
+        "bf16 three weights": _check_ag_weights(ctx, 21, (40, 16, 24), 32, torch.bfloat16,
+                                                ("push", "pull", "direct", "copy_engine") if ctx.world_size == 2
+                                                else ("copy_engine",), 2),
+        "f32 two weights bias+relu": _check_ag_weights(ctx, 12, (24, 8), 16, torch.float32, ("push",), 1,
+                                                       ("bias", "relu")),
     }
 
 

@@ -108,7 +108,7 @@ COMPILE = textwrap.dedent('''
         cfg, ty = tp.config, TY[tp.dtype]
         b_block = [cfg.BK, cfg.BN] if tp.b_layout == "kn" else [cfg.BN, cfg.BK]
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16)
+                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16, FLAG_BLOCKS=8)
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in ks.constexprs:
@@ -136,14 +136,18 @@ COMPILE = textwrap.dedent('''
            compile_one(STAGING["push"](lower_allgather_matmul("ag", "bf16", ("bias",),
                                                               choose_config("ag_matmul", **shape), "nk"))),
            compile_one(STAGING["pull"](lower_matmul_reduce_scatter("rs", "f32", (), TileConfig(64, 64, 32, 8, 4, 3),
-                                                                   "nk")))]
+                                                                   "nk"))),
+           compile_one(STAGING["push"](lower_allgather_matmul("ag3", "bf16", (), choose_config("ag_matmul", **shape),
+                                                              "nk", weights=3))),
+           compile_one(STAGING["copy_engine"](lower_allgather_matmul("agce", "bf16", (),
+                                                                     choose_config("ag_matmul", **shape), "nk")))]
     print(json.dumps(out))
 ''')
 
 
 def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     kernels = run_script(COMPILE)
-    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs"]
+    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs", "ag_matmul", "ag_matmul"]
     for k in kernels:
         assert any(o.startswith("cp.async.bulk.tensor.2d") for o in k["ops"]), k  # B (and A) through TMA
         if k["dtype"] == "bf16":
@@ -154,7 +158,7 @@ def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     # flag (AR push moves its finished tiles on: those stay ordinary stores, ordered before the flag).
     tma_store = [any(o.startswith("cp.async.bulk.tensor") and ".global.shared" in o for o in k["ops"])
                  for k in kernels]
-    assert tma_store == [True, False, True, True], kernels
+    assert tma_store == [True, False, True, True, True, True], kernels
 
 
 def _weight_reuse(ctx):

@@ -110,26 +110,42 @@ def _epilogue_lines(fns: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _b_tile(tp: TileProgram, tma: bool) -> str:
+@dataclass(frozen=True)
+class _BNames:
+    """The kernel's names for the B a tile reads and the C it writes (one weight: the parameters; several:
+    the per-tile selection `_select_weight` emits)."""
+    desc: str = "b_desc"
+    ptr: str = "b_ptr"
+    stride: str = "stride_b"
+    n: str = "N"
+    c_ptr: str = "c_ptr"
+    c_stride: str = "stride_cm"
+
+
+_PARAMS = _BNames()
+_SELECTED = _BNames("b_tile_desc", "b_sel", "stride_b_sel", "n_sel", "c_sel", "stride_c_sel")
+
+
+def _b_tile(tp: TileProgram, tma: bool, b: _BNames = _PARAMS) -> str:
     """B's [BK, BN] tile for K-block k (offsets kk) and columns rn, read as tp.b_layout says (tile.B_LAYOUTS)."""
     if tma:
         if tp.b_layout == "nk":
-            return "b_desc.load([pid_n * BN, k * BK]).T"
-        return "b_desc.load([k * BK, pid_n * BN])"
-    mask = "mask=(kk < K)[:, None] & (rn < N)[None, :], other=0.0"
+            return f"{b.desc}.load([pid_n * BN, k * BK]).T"
+        return f"{b.desc}.load([k * BK, pid_n * BN])"
+    mask = f"mask=(kk < K)[:, None] & (rn < {b.n})[None, :], other=0.0"
     if tp.b_layout == "nk":
-        return f"tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_b + kk[:, None], {mask})"
-    return f"tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_b + rn[None, :], {mask})"
+        return f"tl.load({b.ptr} + rn[None, :].to(tl.int64) * {b.stride} + kk[:, None], {mask})"
+    return f"tl.load({b.ptr} + kk[:, None].to(tl.int64) * {b.stride} + rn[None, :], {mask})"
 
 
 def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, a_ptr: str, a_rows: str,
-            a_stride: str) -> None:
+            a_stride: str, b: _BNames = _PARAMS) -> None:
     prec = _dot_precision(tp)
     e("acc = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if tma:
         e("for k in range(0, tl.cdiv(K, BK)):", stmt)
         with e.block():
-            e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma)}, acc{prec})", stmt)
+            e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma, b)}, acc{prec})", stmt)
         return
     # Pointer loads: the same tiles, for the CPU simulator (Triton's interpreter misreads bf16 through
     # tensor descriptors) and for any target without TMA.
@@ -140,7 +156,7 @@ def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, 
         e("kk = k * BK + rk", stmt)
         e(f"a = tl.load({a_ptr} + a_rows[:, None] * {a_stride} + kk[None, :], mask=(a_rows < {a_rows})[:, None] & "
           "(kk < K)[None, :], other=0.0)", stmt)
-        e(f"b = {_b_tile(tp, tma)}", stmt)
+        e(f"b = {_b_tile(tp, tma, b)}", stmt)
         e(f"acc = tl.dot(a, b, acc{prec})", stmt)
 
 
@@ -171,8 +187,11 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     out_ty = TL_DTYPE[tp.dtype]
     params = ["a_ptr", "b_desc", "b_ptr", "c_ptr", "bias_ptr", "stage_ptr", "flag_ptr", "err_ptr",
               "heap_bases", "rank", "epoch", "M_LOCAL", "N", "K", "stride_am", "stride_b", "stride_cm"]
+    params += [p.format(j) for j in range(1, tp.weights) for p in _WEIGHT_PARAMS]
     constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "NUM_PROGRAMS", "CHUNK_K", "MAX_SPINS", "PROXY_FENCE",
                   "VEC"]
+    if tp.host_per_chunk:
+        constexprs.append("FLAG_BLOCKS")  # row blocks per flag: the host copies (and flags) larger chunks
     e(JIT)
     e(f"def {tp.name}({', '.join(params)},")
     e(f"        {', '.join(c + ': tl.constexpr' for c in constexprs)}):")
@@ -183,7 +202,7 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
         e("nb = tl.cdiv(M_LOCAL, BM)  # row-blocks (chunks) per rank")
         e("slot = epoch % 2  # staging buffers alternate between calls, so no call waits for the previous")
         e("flags = flag_ptr  # flag layout: " + ", ".join(f"{f}" for f in tp.flags))
-        if tp.mode != "direct":
+        if tp.per_chunk:
             e("if pid < COMM:")
             with e.block():
                 _gen_comm(e, tp)
@@ -274,15 +293,23 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
     offs = _flag_offsets(tp)
     prec = _dot_precision(tp)
     first = "pid - COMM" if tp.mode != "direct" else "pid"
+    b = _PARAMS if tp.weights == 1 else _SELECTED
     e("num_pid_m = WORLD * nb")
-    e("num_pid_n = tl.cdiv(N, BN)")
+    if tp.weights == 1:
+        e("num_pid_n = tl.cdiv(N, BN)")
+    else:
+        e(f"# {tp.weights} weights share the gathered A: their column tiles form one range, B_0's first")
+        for j in range(tp.weights):
+            e(f"first_n{j + 1} = {f'first_n{j} + ' if j else ''}tl.cdiv(N{j or ''}, BN)")
+        e(f"num_pid_n = first_n{tp.weights}")
     if tma:
         e("# C as [WORLD, M_LOCAL, N]: a TMA store clips at each rank's last row, as a mask would")
-        e("c_desc = tl.make_tensor_descriptor(c_ptr, shape=[WORLD, M_LOCAL, N], strides=[M_LOCAL * stride_cm, "
-          "stride_cm, 1], block_shape=[1, BM, BN])")
+        e(_c_desc(b) if tp.weights == 1 else "# (one descriptor per tile: the weight a tile falls in names its C)")
     e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
     with e.block():
         e("v, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
+        if tp.weights > 1:
+            _select_weight(e, tp, tma)
         e("src = (rank + v // nb) % WORLD  # local rows first, then each peer's")
         e("c = v % nb")
         e("rm = c * BM + tl.arange(0, BM)")
@@ -299,13 +326,15 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("kk = k * BK + rk", s)
                 e("a = iris.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :], rank, src, heap_bases, "
                   "mask=(rm < M_LOCAL)[:, None] & (kk < K)[None, :])", s)
-                e(f"acc = tl.dot(a, {_b_tile(tp, tma)}, acc{prec})", s)
+                e(f"acc = tl.dot(a, {_b_tile(tp, tma, b)}, acc{prec})", s)
         else:
             for s in waits:
                 e(f"# {s}", s)
                 e("if src != rank:", s)
                 with e.block():
-                    e(f"iris.wait_until(flags + {offs[s.flag]} + src * nb + c, epoch, rank, err_ptr, MAX_SPINS)", s)
+                    chunk = "c // FLAG_BLOCKS" if tp.host_per_chunk else "c"
+                    e(f"iris.wait_until(flags + {offs[s.flag]} + src * nb + {chunk}, epoch, rank, err_ptr, MAX_SPINS)",
+                      s)
                     e("_proxy_fence(epoch, PROXY_FENCE)", s)
             s = loads[0]
             e(f"# {s}; own rows come from A itself", s)
@@ -317,20 +346,56 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
             if tma:
                 e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
                   "block_shape=[BM, BK])", s)
-            _k_loop(e, tp, "a_tile_desc", "c * BM", s, tma, "a_base", "M_LOCAL", "a_stride")
+            _k_loop(e, tp, "a_tile_desc", "c * BM", s, tma, "a_base", "M_LOCAL", "a_stride", b)
         for s in tp.per_tile:
             if isinstance(s, Epilogue):
                 e(f"# {s}", s)
-                for line in _epilogue_lines(s.fns):
-                    e(line, s)
+                lines = _epilogue_lines(s.fns)
+                if lines and tp.weights > 1:
+                    e("if first_weight:  # the epilogue is the first weight's", s)
+                    with e.block():
+                        for line in lines:
+                            e(line, s)
+                else:
+                    for line in lines:
+                        e(line, s)
             elif isinstance(s, StoreTile):
                 e(f"# {s}", s)
                 if tma:
                     e(f"c_desc.store([src, c * BM, pid_n * BN], acc.to({out_ty}).reshape(1, BM, BN))", s)
                 else:
                     e("out_rows = (src * M_LOCAL + rm).to(tl.int64)", s)
-                    e(f"tl.store(c_ptr + out_rows[:, None] * stride_cm + rn[None, :], acc.to({out_ty}), "
-                      "mask=(rm < M_LOCAL)[:, None] & (rn < N)[None, :])", s)
+                    e(f"tl.store({b.c_ptr} + out_rows[:, None] * {b.c_stride} + rn[None, :], acc.to({out_ty}), "
+                      f"mask=(rm < M_LOCAL)[:, None] & (rn < {b.n})[None, :])", s)
+
+
+# Weight j >= 1 of an AG+GEMM with several (weight 0 uses b_desc/b_ptr, c_ptr, N, stride_b, stride_cm).
+_WEIGHT_PARAMS = ("b{}_ptr", "c{}_ptr", "N{}", "stride_b{}", "stride_cm{}")
+
+
+def _c_desc(b: _BNames) -> str:
+    return (f"c_desc = tl.make_tensor_descriptor({b.c_ptr}, shape=[WORLD, M_LOCAL, {b.n}], strides=[M_LOCAL * "
+            f"{b.c_stride}, {b.c_stride}, 1], block_shape=[1, BM, BN])")
+
+
+def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
+    """The weight column tile pid_n falls in: its B, its C and its own column index (pid_n from 0 again)."""
+    def pick(values: list[str]) -> str:  # values[j] where first_n{j} <= pid_n < first_n{j+1}
+        expr = values[0]
+        for j in range(1, len(values)):
+            expr = f"tl.where(pid_n >= first_n{j}, {values[j]}, {expr})"
+        return expr
+
+    e("# the weight this column tile belongs to")
+    for name, param in zip(("b_sel", "c_sel", "n_sel", "stride_b_sel", "stride_c_sel"), _WEIGHT_PARAMS):
+        e(f"{name} = {pick([param.format(j or '') for j in range(tp.weights)])}")
+    e("first_weight = pid_n < first_n1")
+    e(f"pid_n = pid_n - {pick(['0'] + [f'first_n{j}' for j in range(1, tp.weights)])}")
+    if tma:
+        shape, block = ("[n_sel, K]", "[BN, BK]") if tp.b_layout == "nk" else ("[K, n_sel]", "[BK, BN]")
+        e(f"b_tile_desc = tl.make_tensor_descriptor(b_sel, shape={shape}, strides=[stride_b_sel, 1], "
+          f"block_shape={block})")
+        e(_c_desc(_SELECTED))
 
 
 # ----------------------------------------------------------------------------------------------- GEMM + RS / AR

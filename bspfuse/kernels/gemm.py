@@ -31,7 +31,7 @@ from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (SCATTER_MODES, STAGING, TileConfig, choose_config, lower_allgather_matmul,
+from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, lower_allgather_matmul,
                           lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -206,16 +206,29 @@ class _Fused:
 class FusedAllGatherMatmul(_Fused):
     """C[M, N] = all_gather(A, dim 0) @ B, as one kernel. mode: push | pull | direct (naive remote loads).
 
+    N may list several widths: then the call takes one B per width and returns [A @ B_0, A @ B_1, ...] from
+    the same kernel, the gathered rows moving once for all (projections of one input: wq/wk/wv, w1/w3); the
+    epilogue (and bias) applies to B_0's C only::
+
+        op = FusedAllGatherMatmul(heap, M_local=4096, N=(4096, 512, 512), K=8192, b_layout="nk")
+        q, k, v = op(x_shard, [wq.weight.t(), wk.weight.t(), wv.weight.t()])
+
     Constructing one is collective (every rank, same arguments): it allocates heap buffers and barriers."""
 
     kind = "ag_matmul"
 
-    def __init__(self, heap, M_local: int, N: int, K: int, dtype=torch.bfloat16, mode: str = "push", epilogue=(),
+    def __init__(self, heap, M_local: int, N, K: int, dtype=torch.bfloat16, mode: str = "push", epilogue=(),
                  config: TileConfig | None = None, debug: bool = False, name: str | None = None, b_layout: str = "kn"):
-        super().__init__(heap, M_local * heap.world_size, N, K, dtype, epilogue, config, debug, name)
+        self.Ns = (N,) if isinstance(N, int) else tuple(N)
+        super().__init__(heap, M_local * heap.world_size, sum(self.Ns), K, dtype, epilogue, config, debug, name)
+        why = tma_unsupported(dtype, **{f"N{j}": n for j, n in enumerate(self.Ns)}) if len(self.Ns) > 1 else None
+        if why:
+            raise ValueError(f"{self.name}: {why}")
         self.M_local, self.mode = M_local, mode
         cfg = self.config
-        if mode == "direct":
+        if mode not in AG_MODES:
+            raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(AG_MODES)}")
+        if mode in ("direct", "copy_engine"):  # no comm programs: every SM runs the GEMM
             cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 0)
         elif cfg.comm_programs < 1:
             cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
@@ -231,40 +244,61 @@ class FusedAllGatherMatmul(_Fused):
                         if mode != "direct" else None)
         # pull and direct read A from the owner's heap: it must live there (copied in if it does not).
         self.a_heap = heap.empty(M_local, K, dtype=dtype, name=f"{self.name}.a") if mode in ("pull", "direct") else None
+        if mode == "copy_engine":
+            self._copies = _CopyEngineRows(self, nb)
         self._ready()
 
     def _lower(self, b_layout: str):
         tp = lower_allgather_matmul(f"{self.name}_{self.mode}", IR_DTYPE[self.dtype], self.epilogue, self.config,
-                                    b_layout)
+                                    b_layout, weights=len(self.Ns))
         return STAGING[self.mode](tp) if self.mode != "direct" else tp
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, b, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None):
+        """C = all_gather(a) @ b; `b` a list of one B per width in N gives the list of their Cs."""
         cfg, W = self.config, self.world
-        if tuple(a.shape) != (self.M_local, self.K) or tuple(b.shape) != (self.K, self.N):
-            raise ValueError(f"{self.name}: expected A[{self.M_local}, {self.K}] and B[{self.K}, {self.N}], "
-                             f"got A{list(a.shape)} and B{list(b.shape)}")
+        single = isinstance(b, torch.Tensor)
+        bs = [b] if single else list(b)
+        if tuple(a.shape) != (self.M_local, self.K) or [tuple(x.shape) for x in bs] != [(self.K, n) for n in self.Ns]:
+            want = ", ".join(f"B[{self.K}, {n}]" for n in self.Ns)
+            raise ValueError(f"{self.name}: expected A[{self.M_local}, {self.K}] and {want}, "
+                             f"got A{list(a.shape)} and {', '.join(f'B{list(x.shape)}' for x in bs)}")
+        if out is not None and len(bs) > 1:
+            raise ValueError(f"{self.name}: out= takes a single weight's C")
         if self.a_heap is not None and a.data_ptr() != self.a_heap.data_ptr():
             self.a_heap.copy_(a)
             a = self.a_heap
-        a, b_layout, b, b_desc = self._operands(a, b)
-        c = self._out(out, a.device) if out is not None else torch.empty(W * self.M_local, self.N, dtype=self.dtype,
+        a, b_layout, b, b_desc = self._operands(a, bs[0])
+        rows = W * self.M_local
+        c = self._out(out, a.device) if out is not None else torch.empty(rows, self.Ns[0], dtype=self.dtype,
                                                                          device=a.device)
+        more, more_c = [], []
+        for bj, n in zip(bs[1:], self.Ns[1:]):
+            layout, storage = b_operand(bj)
+            if layout != b_layout:  # the kernel reads every B in B_0's layout: this one is copied into it
+                storage = (bj.t() if b_layout == "nk" else bj).contiguous()
+            more_c.append(torch.empty(rows, n, dtype=self.dtype, device=a.device))
+            more += [storage, more_c[-1], n, storage.stride(0), n]
         staging = self.staging if self.staging is not None else a
         programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
         epoch = self.epoch.next()
+        if self.mode == "copy_engine":
+            self._copies.enqueue(a, epoch)
         launch = self._launcher(b_layout, b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
-            VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
         launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-               self.rank, epoch, self.M_local, self.N, self.K, a.stride(0), b.stride(0), c.stride(0))
+               self.rank, epoch, self.M_local, self.Ns[0], self.K, a.stride(0), b.stride(0), c.stride(0), *more)
         if self.mode == "direct":
             self.heap.barrier()
+        if self.mode == "copy_engine":
+            self._copies.join()
         self._check()
-        return c
+        return c if single else [c, *more_c]
 
     def _out(self, out: torch.Tensor, device) -> torch.Tensor:
         """A caller's C: the kernel stores whole tiles into it (through TMA on a GPU), so its rows must be
@@ -291,6 +325,73 @@ class FusedAllGatherMatmul(_Fused):
         out[r * M:(r + 1) * M].copy_(a)
         out[(r + 1) * M:].copy_(slot[(r + 1) * M:])
         return out
+
+
+class _CopyEngineRows:
+    """AG+GEMM's copy_engine mode, on the host: this rank's rows go into every peer's staging slot as a few
+    large copies on a side stream (the GPU's copy engines move them; no SM does), each followed by a stream
+    memory write of the chunk's flag to this call's epoch, ordered after the copy. The kernel's tiles of a
+    peer's rows wait on that flag. The side stream starts after the main stream's earlier work (A is ready,
+    and the kernel that read this slot two calls ago is done) and the main stream waits for it after the
+    kernel (A may be freed or overwritten after the call)."""
+
+    CHUNKS = 4  # per peer: the first rows arrive after a quarter of the copy
+
+    def __init__(self, op: "FusedAllGatherMatmul", nb: int):
+        heap, W, r = op.heap, op.world, op.rank
+        self.op, self.sim = op, _sim(heap)
+        self.blocks_per_flag = max(1, -(-nb // self.CHUNKS))
+        self.rows_per_flag = self.blocks_per_flag * op.config.BM
+        assert op.tile_program.flags == ("arrived",), op.tile_program.flags
+        # The peers that need these rows soonest come first: peer p multiplies its own rows, then p+1's, ...
+        self.peers = [(heap.peer_tensor(op.staging, p), heap.peer_tensor(op.flags, p))
+                      for p in ((r - s) % W for s in range(1, W))]
+        self.offset = r * nb  # this rank's flags in a peer's "arrived" array [WORLD, nb]
+        self.stream = None if self.sim else _copy_stream(heap.device)
+        self._write = None if self.sim else _stream_write_value32()
+
+    def enqueue(self, a: torch.Tensor, epoch: int) -> None:
+        op, M = self.op, self.op.M_local
+        rows = (epoch % 2 * op.world + op.rank) * M  # the slot's rows of this rank in a peer's staging
+        if self.sim:  # the simulator's host: plain copies, then the flag (stores stay in order on the CPU)
+            for staging, flags in self.peers:
+                for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
+                    r1 = min(M, r0 + self.rows_per_flag)
+                    staging[rows + r0:rows + r1].copy_(a[r0:r1])
+                    flags[self.offset + i] = epoch
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for staging, flags in self.peers:
+                for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
+                    r1 = min(M, r0 + self.rows_per_flag)
+                    staging[rows + r0:rows + r1].copy_(a[r0:r1])
+                    self._write(flags, self.offset + i, epoch)
+
+    def join(self) -> None:
+        if not self.sim:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+
+_copy_streams: dict = {}
+
+
+def _copy_stream(device):
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device=device)
+    return _copy_streams[device]
+
+
+def _stream_write_value32():
+    """flags[i] = value as a stream operation (cuStreamWriteValue32, through torch's symmetric memory): the copy
+    engines' front end writes it after the stream's earlier copies, so no SM is needed (the GEMM holds them
+    all, spinning on these very flags)."""
+    from torch._C._distributed_c10d import _SymmetricMemory
+
+    def write(flags: torch.Tensor, i: int, value: int) -> None:
+        _SymmetricMemory.stream_write_value32(flags.view(torch.uint32), i, value)
+
+    return write
 
 
 class _FusedScatter(_Fused):

@@ -1,6 +1,7 @@
 """The fused kernels as PyTorch operators, so a compiled fx graph (Inductor's or plain) can call them.
 
-    torch.ops.bspfuse.all_gather_matmul(a, b, bias, group, mode, epilogue, return_gathered) -> (c, gathered)
+    torch.ops.bspfuse.all_gather_matmul(a, bs, bias, group, mode, epilogue, return_gathered)
+        -> [c for each b in bs] + [gathered]          (one kernel; several bs share the gathered A)
     torch.ops.bspfuse.matmul_reduce_scatter(a, b, bias, group, mode, epilogue) -> out
     torch.ops.bspfuse.matmul_all_reduce(a, b, bias, group, mode, epilogue) -> out
 
@@ -73,18 +74,18 @@ def size_heap(group_name: str, nbytes: int) -> int:
     return nbytes
 
 
-def host_object_key(op: str, group_name: str, a_shape, b_shape, dtype: torch.dtype, mode: str,
+def host_object_key(op: str, group_name: str, a_shape, b_shapes, dtype: torch.dtype, mode: str,
                     epilogue: str) -> tuple:
     """What makes calls of torch.ops.bspfuse.<op> share one host object (and its heap buffers)."""
-    (M, K), N = a_shape, b_shape[1]
-    return op, group_name, M, N, K, dtype, mode, epilogue
+    (M, K), widths = a_shape, tuple(b[1] for b in b_shapes)
+    return op, group_name, M, widths, K, dtype, mode, epilogue
 
 
-def _host_object(op: str, group_name: str, a: torch.Tensor, b: torch.Tensor, mode: str, epilogue: str):
+def _host_object(op: str, group_name: str, a: torch.Tensor, bs: list[torch.Tensor], mode: str, epilogue: str):
     from bspfuse.kernels import gemm
 
     heap = heap_for(group_name, a.device)
-    key = host_object_key(op, group_name, a.shape, b.shape, a.dtype, mode, epilogue)
+    key = host_object_key(op, group_name, a.shape, [b.shape for b in bs], a.dtype, mode, epilogue)
     if key not in _OPS:
         config = None
         if heap.device.type == "cpu":
@@ -92,31 +93,31 @@ def _host_object(op: str, group_name: str, a: torch.Tensor, b: torch.Tensor, mod
             config = sim_config()
         cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
                "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
-        (M, K), N = a.shape, b.shape[1]
+        (M, K), N = a.shape, key[3] if len(bs) > 1 else bs[0].shape[1]
         _OPS[key] = cls(heap, M, N, K, a.dtype, mode=mode, epilogue=tuple(f for f in epilogue.split("+") if f),
-                        config=config, name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(b)[0])
+                        config=config, name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(bs[0])[0])
     return _OPS[key]
 
 
 @torch.library.custom_op("bspfuse::all_gather_matmul", mutates_args=(), tags=_TAGS)
-def all_gather_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
-                      epilogue: str, return_gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    op = _host_object("all_gather_matmul", group, a, b, mode, epilogue)
-    c = op(a, b, bias)
-    return c, (op.gathered(a) if return_gathered else a.new_empty(0))
+def all_gather_matmul(a: torch.Tensor, bs: list[torch.Tensor], bias: Optional[torch.Tensor], group: str, mode: str,
+                      epilogue: str, return_gathered: bool) -> list[torch.Tensor]:
+    op = _host_object("all_gather_matmul", group, a, bs, mode, epilogue)
+    cs = op(a, bs, bias)
+    return [*cs, op.gathered(a) if return_gathered else a.new_empty(0)]
 
 
 @all_gather_matmul.register_fake
-def _(a, b, bias, group, mode, epilogue, return_gathered):
-    world = _group_size(group)
-    c = a.new_empty(a.shape[0] * world, b.shape[1])
-    return c, (a.new_empty(a.shape[0] * world, a.shape[1]) if return_gathered else a.new_empty(0))
+def _(a, bs, bias, group, mode, epilogue, return_gathered):
+    rows = a.shape[0] * _group_size(group)
+    return [*(a.new_empty(rows, b.shape[1]) for b in bs), a.new_empty(rows, a.shape[1]) if return_gathered
+            else a.new_empty(0)]
 
 
 @torch.library.custom_op("bspfuse::matmul_reduce_scatter", mutates_args=(), tags=_TAGS)
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
                           epilogue: str) -> torch.Tensor:
-    return _host_object("matmul_reduce_scatter", group, a, b, mode, epilogue)(a, b, bias)
+    return _host_object("matmul_reduce_scatter", group, a, [b], mode, epilogue)(a, b, bias)
 
 
 @matmul_reduce_scatter.register_fake
@@ -127,7 +128,7 @@ def _(a, b, bias, group, mode, epilogue):
 @torch.library.custom_op("bspfuse::matmul_all_reduce", mutates_args=(), tags=_TAGS)
 def matmul_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], group: str, mode: str,
                       epilogue: str) -> torch.Tensor:
-    return _host_object("matmul_all_reduce", group, a, b, mode, epilogue)(a, b, bias).clone()  # the heap slot is reused
+    return _host_object("matmul_all_reduce", group, a, [b], mode, epilogue)(a, b, bias).clone()  # the heap slot is reused
 
 
 @matmul_all_reduce.register_fake
