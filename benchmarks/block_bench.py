@@ -109,6 +109,9 @@ def main() -> None:
                 kernels = _profile(lambda: fn(x)) if seq == args.profile_seq else None
                 if args.profile_host and seq == args.profile_seq:
                     _profile_host(lambda: fn(x), name, rank, W)
+                if kernels:
+                    kernels["timeline by rank"] = [None] * W
+                    dist.all_gather_object(kernels["timeline by rank"], kernels.pop("timeline"))
                 if kernels and "bspfuse sites" in kernels:  # every rank's: a rank that waits for its peer shows it
                     per_rank = [None] * W
                     dist.all_gather_object(per_rank, kernels["bspfuse sites"])
@@ -119,7 +122,9 @@ def main() -> None:
                     f"(compile {compile_s:.0f} s)")
                 if kernels:
                     say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()
-                                                           if not k.startswith("bspfuse sites")))
+                                                           if not k.startswith(("bspfuse sites", "timeline"))))
+                    for r, line in enumerate(kernels["timeline by rank"]):
+                        say(f"    main stream, rank {r}: {line}")
                     for r, per_site in enumerate(kernels.get("bspfuse sites by rank", [])):
                         say(f"    fused kernels, rank {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_site.items()))
                 for line in fused:
@@ -179,7 +184,32 @@ def _profile(step, steps: int = 3) -> dict:
     result = {k: round(v, 4) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
     if sites:
         result["bspfuse sites"] = dict(sorted(sites.items()))
+    result["timeline"] = _idle(prof, steps)
     return result
+
+
+def _idle(prof, steps: int) -> dict:
+    """Where the main stream (the one with the most kernel time) sits idle in the profiled steps: the span
+    from its first kernel to its last, the idle time in it per step, and the longest gaps with the kernels
+    around them (a gap is host latency, a wait on another stream, or a peer's lateness outside our kernels)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name)).get("traceEvents", [])
+    kernels: dict = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            kernels.setdefault(e.get("tid"), []).append((float(e["ts"]), float(e["dur"]), e.get("name", "?")))
+    if not kernels:
+        return {}
+    stream = max(kernels.values(), key=lambda ks: sum(k[1] for k in ks))
+    stream.sort()
+    gaps = [(nxt[0] - (cur[0] + cur[1]), cur[2][:40], nxt[2][:40]) for cur, nxt in zip(stream, stream[1:])]
+    span = stream[-1][0] + stream[-1][1] - stream[0][0]
+    idle = sum(g for g, _, _ in gaps if g > 0)
+    return {"span_ms_per_step": round(span / 1000 / steps, 3), "idle_ms_per_step": round(idle / 1000 / steps, 3),
+            "longest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:6]]}
 
 
 def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> None:

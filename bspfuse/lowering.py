@@ -1,6 +1,6 @@
 """Fused graph op -> tile program: the step between `passes/` and `codegen/`.
 
-    fused_allgather_matmul {mode=push|pull}               ->  lower_allgather_matmul, then STAGING[mode]
+    fused_allgather_matmul {mode=push|pull|copy_engine}   ->  lower_allgather_matmul, then STAGING[mode]
     fused_matmul_reduce_scatter {mode=direct|push|pull}  ->  lower_matmul_reduce_scatter, then STAGING[mode]
     fused_matmul_allreduce {mode=direct|push|pull}       ->  lower_matmul_allreduce, then STAGING[mode]
 
@@ -46,12 +46,15 @@ def weights_of(op: Op) -> tuple:
 
 
 def gemm_config(op: Op, program: Program) -> TileConfig:
-    """The tile config the host object would choose for `op` on a GPU (one comm program at least for AG)."""
+    """The tile config the host object would choose for `op` on a GPU (AG push/pull: one comm program at least;
+    copy_engine and direct: none)."""
     kind = GEMM_KINDS[op.opcode]
     W = program.world_size
     m, n, k = gemm_shape(op, program)
     cfg = choose_config(kind, m * W, n, k, W) if kind == "ag_matmul" else choose_config(kind, m, n, k, W)
-    if kind == "ag_matmul" and op.attrs.get("mode") != "direct" and cfg.comm_programs < 1:
+    if kind == "ag_matmul" and op.attrs.get("mode") in ("direct", "copy_engine"):
+        cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 0)
+    if kind == "ag_matmul" and op.attrs.get("mode") in ("push", "pull") and cfg.comm_programs < 1:
         cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
     return cfg
 

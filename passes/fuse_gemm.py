@@ -44,11 +44,12 @@ class DeviceModel:
     direct_exposed_bytes: float = 0.445e12
     direct_hop_s: float = 5e-6
     comm_program_bytes: float = 9e9
-    # AG+GEMM copy_engine: the side stream's copies and flag writes start after the host enqueues them and
-    # the stream wait resolves; they move at the peer copy rate and leave every SM to the GEMM.
-    copy_engine_start_s: float = 10e-6
-    # the AG+GEMM schedules auto chooses among (the others are estimated and shown)
-    ag_auto_modes: tuple = ("push", "pull")
+    # AG+GEMM copy_engine: the side stream's copies move at the peer copy rate and leave every SM to the GEMM;
+    # a fixed cost per call (stream waits, flag writes) fitted to gemm_bench on 2xH200 (2026-11-22, back to
+    # back): every shape took its matmul alone plus 15-45 us (1024-16384 rows, N 4096-28672).
+    copy_engine_fixed_s: float = 40e-6
+    # the AG+GEMM schedules auto chooses among (all are estimated and shown)
+    ag_auto_modes: tuple = ("push", "pull", "copy_engine")
     # A fused schedule must be estimated this much faster than BSP to be chosen: the same fused kernel's
     # back-to-back time moved up to 2.9% between two machine starts (gemm_bench, 14 shapes, 2026-11-22),
     # and the unfused fallback is never slower than the baseline.
@@ -99,10 +100,9 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         est["pull"] = est["push"] + copy_in + 2 * device.flag_round_trip_s  # entry and exit handshakes
         # copy_engine: all SMs multiply; the copies (a quarter of the rows first) run beside them
         local_part = t_mm / W
-        first_chunk = device.copy_engine_start_s + moved / (W - 1) / 4 / device.link_bytes
-        exposed = max(0.0, device.copy_engine_start_s + moved / device.link_bytes - (t_mm - local_part)) \
-            + max(0.0, first_chunk - local_part)
-        est["copy_engine"] = t_mm + exposed + device.flag_round_trip_s
+        exposed = max(0.0, moved / device.link_bytes - (t_mm - local_part)) \
+            + max(0.0, moved / (W - 1) / 4 / device.link_bytes - local_part)
+        est["copy_engine"] = t_mm + exposed + device.copy_engine_fixed_s
     else:
         # Both interleave own and peer tiles, so traffic spreads over the GEMM. direct stores from the
         # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,

@@ -292,6 +292,7 @@ def test_heap_budget_formula_covers_what_the_kernels_allocate():
     from bspfuse.kernels.gemm import heap_bytes
 
     cases = [("fused_allgather_matmul", "push", (24, 40, 32)), ("fused_allgather_matmul", "pull", (17, 48, 16)),
+             ("fused_allgather_matmul", "copy_engine", (20, 32, 16)),
              ("fused_matmul_reduce_scatter", "push", (48, 40, 16)), ("fused_matmul_allreduce", "push", (34, 24, 32))]
     used = launch(_heap_use, 2, backend="sim", heap_bytes=8 << 20, args=(cases,), timeout_s=300)[0]
     for (opcode, mode, (M, N, K)), got in zip(cases, used):

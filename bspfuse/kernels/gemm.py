@@ -284,8 +284,9 @@ class FusedAllGatherMatmul(_Fused):
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
         epoch = self.epoch.next()
-        if self.mode == "copy_engine":
-            self._copies.enqueue(a, epoch)
+        copies = self._copies if self.mode == "copy_engine" else None
+        if copies is not None:
+            copies.before_launch(a, epoch)
         launch = self._launcher(b_layout, b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
@@ -295,8 +296,8 @@ class FusedAllGatherMatmul(_Fused):
                self.rank, epoch, self.M_local, self.Ns[0], self.K, a.stride(0), b.stride(0), c.stride(0), *more)
         if self.mode == "direct":
             self.heap.barrier()
-        if self.mode == "copy_engine":
-            self._copies.join()
+        if copies is not None:
+            copies.after_launch(a, epoch)
         self._check()
         return c if single else [c, *more_c]
 
@@ -331,16 +332,21 @@ class _CopyEngineRows:
     """AG+GEMM's copy_engine mode, on the host: this rank's rows go into every peer's staging slot as a few
     large copies on a side stream (the GPU's copy engines move them; no SM does), each followed by a stream
     memory write of the chunk's flag to this call's epoch, ordered after the copy. The kernel's tiles of a
-    peer's rows wait on that flag. The side stream starts after the main stream's earlier work (A is ready,
-    and the kernel that read this slot two calls ago is done) and the main stream waits for it after the
-    kernel (A may be freed or overwritten after the call)."""
+    peer's rows wait on that flag. The side stream starts after the main stream's work before the kernel (A
+    is ready, and the kernel that read this slot two calls ago is done); the copies are enqueued after the
+    kernel's launch, so they add nothing to the host's path to it, and the main stream waits for them after
+    the kernel (A may be freed or overwritten after the call). The simulator runs a kernel to completion at
+    its launch: there the copies come first."""
 
-    CHUNKS = 4  # per peer: the first rows arrive after a quarter of the copy
+    CHUNK_BYTES = 16 << 20  # per copy and flag: the first rows arrive early, the host enqueues few operations
 
     def __init__(self, op: "FusedAllGatherMatmul", nb: int):
         heap, W, r = op.heap, op.world, op.rank
         self.op, self.sim = op, _sim(heap)
-        self.blocks_per_flag = max(1, -(-nb // self.CHUNKS))
+        # the simulator's sizes are tiny: there up to 4 chunks, so that chunked flags are exercised
+        rows_bytes = op.M_local * op.K * op.staging.element_size()
+        chunks = min(nb, 4, max(1, round(rows_bytes / self.CHUNK_BYTES)) if not self.sim else 4)
+        self.blocks_per_flag = -(-nb // chunks)
         self.rows_per_flag = self.blocks_per_flag * op.config.BM
         assert op.tile_program.flags == ("arrived",), op.tile_program.flags
         # The peers that need these rows soonest come first: peer p multiplies its own rows, then p+1's, ...
@@ -350,27 +356,26 @@ class _CopyEngineRows:
         self.stream = None if self.sim else _copy_stream(heap.device)
         self._write = None if self.sim else _stream_write_value32()
 
-    def enqueue(self, a: torch.Tensor, epoch: int) -> None:
+    def before_launch(self, a: torch.Tensor, epoch: int) -> None:
+        if self.sim:  # plain copies, then the flag (stores stay in order on the CPU)
+            self._copy(a, epoch, lambda flags, i, value: flags.__setitem__(i, value))
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream())
+
+    def after_launch(self, a: torch.Tensor, epoch: int) -> None:
+        if not self.sim:
+            with torch.cuda.stream(self.stream):
+                self._copy(a, epoch, self._write)
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _copy(self, a: torch.Tensor, epoch: int, write_flag) -> None:
         op, M = self.op, self.op.M_local
         rows = (epoch % 2 * op.world + op.rank) * M  # the slot's rows of this rank in a peer's staging
-        if self.sim:  # the simulator's host: plain copies, then the flag (stores stay in order on the CPU)
-            for staging, flags in self.peers:
-                for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
-                    r1 = min(M, r0 + self.rows_per_flag)
-                    staging[rows + r0:rows + r1].copy_(a[r0:r1])
-                    flags[self.offset + i] = epoch
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for staging, flags in self.peers:
-                for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
-                    r1 = min(M, r0 + self.rows_per_flag)
-                    staging[rows + r0:rows + r1].copy_(a[r0:r1])
-                    self._write(flags, self.offset + i, epoch)
-
-    def join(self) -> None:
-        if not self.sim:
-            torch.cuda.current_stream().wait_stream(self.stream)
+        for staging, flags in self.peers:
+            for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
+                r1 = min(M, r0 + self.rows_per_flag)
+                staging[rows + r0:rows + r1].copy_(a[r0:r1])
+                write_flag(flags, self.offset + i, epoch)
 
 
 _copy_streams: dict = {}
