@@ -201,12 +201,53 @@ def _fold_reshapes(graph: torch.fx.Graph) -> None:
     graph.eliminate_dead_code()
 
 
+def _fold_silu(graph: torch.fx.Graph) -> None:
+    # Inductor decomposes silu before this pass runs: x / (1 + exp(-x)) (or x * sigmoid(x)) -> aten.silu(x), so
+    # the passes see a SwiGLU gate. _expand_silu decomposes the ones no fused kernel took back again.
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        x = None
+        if _is(node, "aten.div") and len(node.args) == 2 and not node.kwargs:  # no rounding mode
+            x, den = node.args
+            one_plus = _is(den, "aten.add") and len(den.args) == 2 and not den.kwargs and 1 in den.args
+            e = next((a for a in den.args if a != 1), None) if one_plus else None
+            if not (_is(e, "aten.exp") and _is(e.args[0], "aten.neg") and e.args[0].args[0] is x):
+                x = None
+        elif _is(node, "aten.mul") and len(node.args) == 2:
+            a, b = node.args
+            x = next((u for u, v in ((a, b), (b, a)) if _is(v, "aten.sigmoid") and v.args[0] is u), None)
+        if isinstance(x, torch.fx.Node):
+            with graph.inserting_before(node):
+                silu = graph.call_function(aten.silu.default, (x,))
+            silu.meta["val"] = _val(node)
+            node.replace_all_uses_with(silu)
+    graph.eliminate_dead_code()
+
+
+def _expand_silu(graph: torch.fx.Graph) -> None:
+    """aten.silu left in a post-grad graph as x / (1 + exp(-x)), Inductor's own decomposition."""
+    aten = torch.ops.aten
+    for node in list(graph.find_nodes(op="call_function", target=aten.silu.default)):
+        (x,) = node.args
+        with graph.inserting_before(node):
+            out = x
+            for target, args in ((aten.neg.default, ()), (aten.exp.default, ()), (aten.add.Tensor, (1,))):
+                out = graph.call_function(target, (out, *args))
+                out.meta["val"] = _val(node)
+            out = graph.call_function(aten.div.Tensor, (x, out))
+            out.meta["val"] = _val(node)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
 def normalize_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Rewrite a graph so collectives and matmuls meet as the fusion passes expect (in place; returns gm)."""
+    """Rewrite a graph so collectives and matmuls meet as the fusion passes expect (in place; returns gm).
+    A fused graph that keeps a silu must get _expand_silu before Inductor lowers it."""
     _drop_noop_slices(gm.graph)
     _fold_split_cat(gm.graph)
     _flatten_collectives(gm.graph)
     _fold_reshapes(gm.graph)
+    _fold_silu(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -358,12 +399,15 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
                 want = bool(s.attrs.get("gathered_out"))
                 call = graph.call_function(target, (a, bs, bias, s.group, s.attrs["mode"], s.epilogue, want))
                 vals = [_val(r[0]) for r in s.results] + ([] if want else [_val(a).new_empty(0)])
+                shapes = [v.shape for v in vals]
+                if "swiglu" in s.attrs.get("epilogue", ()):  # the kernel's [M, N], reshaped as the product was
+                    vals[0] = vals[0].reshape(-1, vals[0].shape[-1])
                 call.meta["val"] = vals
                 outs = []
                 for i, v in enumerate(vals):
                     item = graph.call_function(operator.getitem, (call, i))
                     item.meta["val"] = v
-                    outs.append(item)
+                    outs.append(item if v.shape == shapes[i] else _reshape(graph, item, shapes[i]))
             else:
                 b = bs[0]
                 call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue))
@@ -412,9 +456,13 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
         report, sites = plan(gm, options, graph_name)
     except CaptureError as e:  # e.g. collectives over two process groups (TP inside FSDP)
         report, sites = Report(graph_name, fallback=f"not captured: {e}"), []
-    check_plan(sites, _group_name(collectives[0]), heap_limit, graph_name)
-    if sites:
-        rewrite(gm, sites)
+    try:
+        check_plan(sites, _group_name(collectives[0]), heap_limit, graph_name)
+        if sites:
+            rewrite(gm, sites)
+    finally:
+        _expand_silu(gm.graph)
+        gm.recompile()
     return _record(report)
 
 

@@ -136,8 +136,13 @@ def reference(program: Program, inputs_by_rank: list[dict[str, torch.Tensor]]) -
             outs = _collective_reference(code, a, [x[0] for x in xs])
         elif code == "fused_allgather_matmul":
             full, n = torch.cat([x[0] for x in xs], dim=0), a.get("weights", 1)
-            outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[1 + n:]), *(full @ b for b in x[2:1 + n]))
-                    + ((full,) if a.get("gathered_out") else ()) for x in xs]
+            if "swiglu" in a.get("epilogue", ()):  # silu(A @ W_gate) * (A @ W_up), shaped as the product it replaced
+                outs = [(torch.nn.functional.silu(full @ x[1]) * (full @ x[2])).reshape(_shape(program, op.outputs[0]))
+                        for x in xs]
+            else:
+                outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[1 + n:]), *(full @ b for b in x[2:1 + n]))
+                        for x in xs]
+            outs = [tuple(o if isinstance(o, tuple) else (o,)) + ((full,) if a.get("gathered_out") else ()) for o in outs]
         elif code in ("fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             total = sum(x[0] @ x[1] for x in xs)
             parts = total.chunk(W, dim=0) if code == "fused_matmul_reduce_scatter" else [total] * W
@@ -280,6 +285,7 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
             res = cache[key](xs[0], xs[1] if n == 1 else list(xs[1:1 + n]), bias)
             res = res.clone() if code == "fused_matmul_allreduce" else res  # the heap slot is reused
             res = tuple(res) if isinstance(res, list) else (res,)  # one result per weight
+            res = (res[0].reshape(_shape(program, op.outputs[0])), *res[1:])  # swiglu: shaped as the product was
             if a.get("gathered_out"):  # the gathered A feeds other ops too
                 res = (*res, cache[key].gathered(xs[0]))
             ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})")
@@ -457,7 +463,10 @@ def compile_module(program: Program, source: str = "<program>") -> str:
             bias = ins[1 + n_w] if "bias" in epi else "None"
             weights = ins[1] if n_w == 1 else f"[{', '.join(ins[1:1 + n_w])}]"
             call = f"_op(ctx, {name!r}, _make_{name})({ins[0]}, {weights}, {bias})"
-            call = f"*{call}" if n_w > 1 else call  # one result per weight
+            if "swiglu" in epi:  # one product, shaped as the op it replaced
+                call = f"{call}[0].reshape({list(_shape(program, op.outputs[0]))})"
+            elif n_w > 1:  # one result per weight
+                call = f"*{call}"
             if a.get("gathered_out"):  # the gathered A feeds other ops too: the last result
                 call = f"{call}, _op(ctx, {name!r}, _make_{name}).gathered({ins[0]})"
             body.append(f"    {outs} = {call}" + (".clone()," if code == "fused_matmul_allreduce" else ","))

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from bspfuse.ir import Op, Program, concrete
-from bspfuse.tile import (STAGING, TileConfig, TileProgram, choose_config, lower_allgather_matmul,
+from bspfuse.tile import (STAGING, TileConfig, TileProgram, choose_config, gated_config, lower_allgather_matmul,
                           lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 GEMM_KINDS = {
@@ -54,6 +54,8 @@ def gemm_config(op: Op, program: Program) -> TileConfig:
     cfg = choose_config(kind, m * W, n, k, W) if kind == "ag_matmul" else choose_config(kind, m, n, k, W)
     if kind == "ag_matmul" and op.attrs.get("mode") in ("direct", "copy_engine"):
         cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 0)
+    if "swiglu" in op.attrs.get("epilogue", ()):
+        cfg = gated_config(cfg)
     if kind == "ag_matmul" and op.attrs.get("mode") in ("push", "pull") and cfg.comm_programs < 1:
         cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
     return cfg

@@ -148,9 +148,23 @@ class TileProgram:
             raise ValueError(f"{self.name}: b_layout {self.b_layout!r} is not one of {', '.join(B_LAYOUTS)}")
         if self.weights > 1 and self.kind != "ag_matmul":
             raise ValueError(f"{self.name}: only AG+GEMM programs take several weights")
+        if is_gated(self) and self.weights != 2:
+            raise ValueError(f"{self.name}: the swiglu epilogue multiplies two weights' tiles, got {self.weights}")
 
     def with_(self, **kw) -> "TileProgram":
         return dataclasses.replace(self, **kw)
+
+
+def gated_config(cfg: TileConfig) -> TileConfig:
+    """A gated program keeps two accumulators: half the columns per tile (128x256 -> 128x128) holds the same
+    registers and does the same MMA work per tile as the single-weight tile."""
+    return dataclasses.replace(cfg, BN=min(cfg.BN, 128))
+
+
+def is_gated(tp: TileProgram) -> bool:
+    """AG+GEMM whose epilogue is swiglu: each tile accumulates A @ B_0 and A @ B_1 over the same columns and
+    stores silu(first) * second, one [M, N] result for the two weights."""
+    return any(isinstance(s, Epilogue) and "swiglu" in s.fns for s in tp.per_tile)
 
 
 def _fmt(s) -> str:

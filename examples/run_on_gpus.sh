@@ -25,6 +25,10 @@ done
 for example in sp_mlp swiglu_mlp row_parallel_allreduce attn_out_reduce_scatter; do
     check "$example push" bspfuse run "examples/$example.bsp" --world 2 --backend cuda --mode push
 done
+check "sp_mlp copy_engine" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode copy_engine
+# the SwiGLU epilogue (both weights' tiles per program) with the copy engine moving the rows, at a size that fuses
+check "swiglu_mlp copy_engine large" bspfuse run examples/swiglu_mlp.bsp --world 2 --backend cuda --mode copy_engine \
+    --size T=4096 --size H=4096 --size F=8192
 check "sp_mlp off" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --mode off
 check "row_parallel_allreduce off" bspfuse run examples/row_parallel_allreduce.bsp --world 2 --backend cuda --mode off
 check "sp_mlp large" bspfuse run examples/sp_mlp.bsp --world 2 --backend cuda --size T=4096 --size H=4096 --size F=8192

@@ -324,9 +324,14 @@ def _run_allgather_matmul(p: Program, options: Options):
             say(False, f"the gathered tensor has {others} more users and direct mode keeps no gathered copy",
                 estimate)
             continue
-        chain, fns, extra = _absorb_epilogue(users, mm.outputs[0], p.outputs)  # the widest's own chain
-        last = (chain[-1] if chain else mm).outputs[0]
-        results = [last, *(m.outputs[0] for m in joined)] + ([gathered] if others else [])
+        gate = _swiglu(p, users, mm, joined[0]) if len(joined) == 1 else None
+        if gate:  # silu(A @ W_gate) * (A @ W_up): one kernel computes both tiles and stores their product
+            (mm, up), chain, product = gate
+            joined, fns, extra, results = [up], ["swiglu"], [], [product]
+        else:
+            chain, fns, extra = _absorb_epilogue(users, mm.outputs[0], p.outputs)  # the widest's own chain
+            results = [(chain[-1] if chain else mm).outputs[0], *(m.outputs[0] for m in joined)]
+        results += [gathered] if others else []
         fused = _fused("fused_allgather_matmul", [ag.inputs[0], mm.inputs[1], *(m.inputs[1] for m in joined), *extra],
                        {"mode": choice.mode, "epilogue": fns, "dim": 0, "gathered_out": bool(others),
                         **({"weights": 1 + len(joined)} if joined else {})},
@@ -334,11 +339,51 @@ def _run_allgather_matmul(p: Program, options: Options):
         _replace(p, sorted([ag, w, mm, *chain, *joined], key=p.ops.index), fused, results)
         users = p.users()
         names = ", ".join(_name(m) for m in joined)
-        say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else "")
+        say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns and not gate else "")
             + (f"; {names} join{'s' if len(joined) == 1 else ''} it: {1 + len(joined)} weights share the "
                "gathered A" if joined else "")
+            + (f"; silu({_name(mm)}) * {_name(up)} in the epilogue (SwiGLU): one [M, N] product is stored "
+               "instead of two" if gate else "")
             + (f"; the gathered A also feeds {others} other op{'s' if others > 1 else ''}" if others else ""), estimate)
     return p, decisions
+
+
+# Ops a SwiGLU gate may pass through between the matmuls and their product: reshapes, and dtype casts
+# around the silu (Inductor computes it in float32).
+_TRANSPARENT = ("reshape",)
+_CASTS = ("prims.convert_element_type.default",)
+
+
+def _through(users, v: Value, outputs) -> tuple[Value, list[Op]]:
+    """Follow `v` through sole-user reshapes and casts: the value reached and the ops passed."""
+    passed = []
+    while v not in outputs:
+        nxt = _sole_user(users, v)
+        if nxt is None or not (nxt.opcode in _TRANSPARENT or nxt.attrs.get("target") in _CASTS):
+            break
+        passed.append(nxt)
+        v = nxt.outputs[0]
+    return v, passed
+
+
+def _swiglu(p: Program, users, a: Op, b: Op):
+    """((gate matmul, up matmul), ops replaced, the product's value) when silu(gate) * up is all that reads
+    the two matmuls of the same gathered A (of equal widths), else None."""
+    if _shape(p, a.outputs[0]) != _shape(p, b.outputs[0]):
+        return None
+    for gate, up in ((a, b), (b, a)):
+        g, g_ops = _through(users, gate.outputs[0], p.outputs)
+        silu = _sole_user(users, g) if g not in p.outputs else None
+        if silu is None or silu.opcode != "pointwise" or silu.attrs.get("fn") != "silu":
+            continue
+        s, s_ops = _through(users, silu.outputs[0], p.outputs)
+        u, u_ops = _through(users, up.outputs[0], p.outputs)
+        mul = _sole_user(users, s) if s not in p.outputs else None
+        if (mul is None or mul.opcode != "pointwise" or mul.attrs.get("fn") != "mul" or set(mul.inputs) != {s, u}
+                or _sole_user(users, u) is not mul or mul.outputs[0].type.dtype != gate.outputs[0].type.dtype):
+            continue
+        return (gate, up), [*g_ops, silu, *s_ops, *u_ops, mul], mul.outputs[0]
+    return None
 
 
 def _joins(p: Program, mm: Op, other: Op) -> bool:

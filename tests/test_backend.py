@@ -43,6 +43,7 @@ def test_explain_finds_the_four_sites_of_a_70b_layer():
     assert text.count("[fuse_allgather_matmul] fused") == 2 and "4 of 4 sites fused" in text, text
     assert "%mm_1 (mm_1 in attention.wk), %mm_2 (mm_2 in attention.wv) join it: 3 weights share" in text, text
     assert "(mm_5 in feed_forward.w3) joins it: 2 weights share" in text and "also feeds" not in text, text
+    assert "* %mm_5 (mm_5 in feed_forward.w3) in the epilogue (SwiGLU)" in text, text
     # wo and w2 -> reduce_scatter: both candidates found; whether each fuses is the cost model's call
     assert text.count("[fuse_matmul_reduce_scatter]") == 2 and "cost model on H200" in text
     for module in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2"):  # what the user wrote
@@ -236,7 +237,8 @@ def _run_block(ctx, init_file, sizes, seq_by_rank, mode, inner="eager", rank0_ag
                     compiled(torch.randn(1, rank0_again, cfg.hidden, dtype=torch.bfloat16))
             except Exception as e:  # noqa: BLE001 - the error is the result under test
                 return {"error": str(e)}
-        return {"out": out.float(), "ref": ref[:, rows], "fused": [len(r.fused) for r in reports()]}
+        return {"out": out.float(), "ref": ref[:, rows], "fused": [len(r.fused) for r in reports()],
+                "report": "\n".join(map(str, reports()))}
     finally:
         dist.destroy_process_group()
 
@@ -251,6 +253,8 @@ def test_compiled_block_matches_the_unparallelized_block_in_the_simulator(tmp_pa
     for rank, r in enumerate(results):
         assert "error" not in r, f"rank {rank}: {r.get('error')}"
         assert r["fused"] == [4], f"rank {rank}: fused sites per graph {r['fused']}"
+        # the MLP's silu(w1 x) * w3 x is the w1/w3 kernel's epilogue (Inductor decomposes silu first)
+        assert "in the epilogue (SwiGLU)" in r["report"], r["report"]
         err = ((r["out"] - r["ref"]).norm() / r["ref"].norm()).item()
         assert err < 3e-2, f"rank {rank}: relative error {err:.3g} against the unparallelized block"
 
@@ -311,3 +315,22 @@ def test_backend_is_registered_by_name_and_by_entry_point():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     module, _, name = meta["project"]["entry-points"]["torch_dynamo_backends"]["bspfuse"].partition(":")
     assert getattr(importlib.import_module(module), name) is bspfuse_backend  # what `pip install` registers
+
+
+def test_a_decomposed_silu_is_seen_as_silu_and_decomposed_again_where_no_kernel_takes_it():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from bspfuse.backend import _expand_silu, _fold_silu
+
+    def inductors_silu(x, y):  # Inductor's exact-eager form, and the core decomposition's
+        return x / (1 + torch.exp(-x)) + y * torch.sigmoid(y)
+
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    gm = make_fx(inductors_silu, tracing_mode="fake")(x, y)
+    _fold_silu(gm.graph)
+    silus = list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.silu.default))
+    assert len(silus) == 2 and not [n for n in gm.graph.nodes if "exp" in str(n.target) or "sigmoid" in str(n.target)]
+    _expand_silu(gm.graph)
+    gm.recompile()
+    assert not list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.silu.default))
+    torch.testing.assert_close(gm(x, y), torch.nn.functional.silu(x) + torch.nn.functional.silu(y))

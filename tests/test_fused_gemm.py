@@ -62,11 +62,13 @@ def _check_ag_weights(ctx, M_local, Ns, K, dtype, modes, calls, epilogue=()):
             (bias,) = _inputs(100 * call + 11, (Ns[0],), dtype=dtype)
             bs = [w.t() for w in weights[:-1]] + [weights[-1].t().contiguous()]
             cs = op(shards[r], bs, bias if "bias" in epilogue else None)
-            assert len(cs) == len(Ns)
             full = torch.cat(shards).double()
             refs = [full @ w.double().t() for w in weights]
-            if epilogue:
+            if epilogue == ("swiglu",):  # one product: silu(A @ W_0) * (A @ W_1)
+                refs = [torch.nn.functional.silu(refs[0]) * refs[1]]
+            elif epilogue:
                 refs[0] = (refs[0] + bias.double()).clamp_min(0)
+            assert len(cs) == len(refs)
             worst = max([worst] + [_rel(c, ref) for c, ref in zip(cs, refs)])
         errors[mode] = worst
     return errors
@@ -108,6 +110,8 @@ def _ag_world(ctx):
                                                 else ("copy_engine",), 2),
         "f32 two weights bias+relu": _check_ag_weights(ctx, 12, (24, 8), 16, torch.float32, ("push",), 1,
                                                        ("bias", "relu")),
+        "bf16 swiglu": _check_ag_weights(ctx, 19, (40, 40), 24, torch.bfloat16,
+                                         ("copy_engine", "direct") if ctx.world_size == 2 else ("push",), 2, ("swiglu",)),
     }
 
 

@@ -97,8 +97,8 @@ COMPILE = textwrap.dedent('''
     from triton.compiler import ASTSource
     from bspfuse.codegen.load import load_kernel
     from bspfuse.codegen.triton import generate
-    from bspfuse.tile import (STAGING, TileConfig, choose_config, lower_allgather_matmul, lower_matmul_allreduce,
-                              lower_matmul_reduce_scatter)
+    from bspfuse.tile import (STAGING, TileConfig, choose_config, gated_config, lower_allgather_matmul,
+                              lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
     TY = {"bf16": "bf16", "f32": "fp32"}
 
@@ -140,14 +140,16 @@ COMPILE = textwrap.dedent('''
            compile_one(STAGING["push"](lower_allgather_matmul("ag3", "bf16", (), choose_config("ag_matmul", **shape),
                                                               "nk", weights=3))),
            compile_one(STAGING["copy_engine"](lower_allgather_matmul("agce", "bf16", (),
-                                                                     choose_config("ag_matmul", **shape), "nk")))]
+                                                                     choose_config("ag_matmul", **shape), "nk"))),
+           compile_one(STAGING["copy_engine"](lower_allgather_matmul(
+               "swiglu", "bf16", ("swiglu",), gated_config(choose_config("ag_matmul", **shape)), "nk", weights=2)))]
     print(json.dumps(out))
 ''')
 
 
 def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     kernels = run_script(COMPILE)
-    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs", "ag_matmul", "ag_matmul"]
+    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs"] + ["ag_matmul"] * 3
     for k in kernels:
         assert any(o.startswith("cp.async.bulk.tensor.2d") for o in k["ops"]), k  # B (and A) through TMA
         if k["dtype"] == "bf16":
@@ -158,7 +160,7 @@ def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     # flag (AR push moves its finished tiles on: those stay ordinary stores, ordered before the flag).
     tma_store = [any(o.startswith("cp.async.bulk.tensor") and ".global.shared" in o for o in k["ops"])
                  for k in kernels]
-    assert tma_store == [True, False, True, True, True, True], kernels
+    assert tma_store == [True, False, True, True, True, True, True], kernels
 
 
 def _weight_reuse(ctx):

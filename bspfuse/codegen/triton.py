@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bspfuse.tile import (AddPeerPartials, Dot, Epilogue, LoadA, MoveChunk, Signal, StoreTile, TileProgram, Wait,
-                          print_tile_program)
+                          is_gated, print_tile_program)
 
 TL_DTYPE = {"bf16": "tl.bfloat16", "f16": "tl.float16", "f32": "tl.float32"}
 
@@ -105,6 +105,8 @@ def _epilogue_lines(fns: tuple[str, ...]) -> list[str]:
             out.append("acc = -acc")
         elif fn == "identity":
             pass
+        elif fn == "swiglu":  # a gated program: the second weight's tile multiplies silu of the first's
+            out.append("acc = acc * tl.sigmoid(acc) * acc_up")
         else:
             raise ValueError(f"no Triton epilogue for pointwise '{fn}'")
     return out
@@ -124,6 +126,7 @@ class _BNames:
 
 _PARAMS = _BNames()
 _SELECTED = _BNames("b_tile_desc", "b_sel", "stride_b_sel", "n_sel", "c_sel", "stride_c_sel")
+_UP = _BNames("b_up_desc", "b1_ptr", "stride_b1", "N1")  # a gated program's second weight
 
 
 def _b_tile(tp: TileProgram, tma: bool, b: _BNames = _PARAMS) -> str:
@@ -140,12 +143,21 @@ def _b_tile(tp: TileProgram, tma: bool, b: _BNames = _PARAMS) -> str:
 
 def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, a_ptr: str, a_rows: str,
             a_stride: str, b: _BNames = _PARAMS) -> None:
+    """acc = A tile @ B tile over K; a gated program (tile.is_gated) also accumulates acc_up with the second
+    weight, from the same A tiles."""
     prec = _dot_precision(tp)
     e("acc = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
+    if is_gated(tp):
+        e("acc_up = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if tma:
         e("for k in range(0, tl.cdiv(K, BK)):", stmt)
         with e.block():
-            e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma, b)}, acc{prec})", stmt)
+            if is_gated(tp):
+                e(f"a = {desc}.load([{row}, k * BK])", stmt)
+                e(f"acc = tl.dot(a, {_b_tile(tp, tma, b)}, acc{prec})", stmt)
+                e(f"acc_up = tl.dot(a, {_b_tile(tp, tma, _UP)}, acc_up{prec})", stmt)
+            else:
+                e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma, b)}, acc{prec})", stmt)
         return
     # Pointer loads: the same tiles, for the CPU simulator (Triton's interpreter misreads bf16 through
     # tensor descriptors) and for any target without TMA.
@@ -158,6 +170,8 @@ def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, 
           "(kk < K)[None, :], other=0.0)", stmt)
         e(f"b = {_b_tile(tp, tma, b)}", stmt)
         e(f"acc = tl.dot(a, b, acc{prec})", stmt)
+        if is_gated(tp):
+            e(f"acc_up = tl.dot(a, {_b_tile(tp, tma, _UP)}, acc_up{prec})", stmt)
 
 
 def generate(tp: TileProgram, tma: bool = True) -> KernelSource:
@@ -293,10 +307,15 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
     offs = _flag_offsets(tp)
     prec = _dot_precision(tp)
     first = "pid - COMM" if tp.mode != "direct" else "pid"
-    b = _PARAMS if tp.weights == 1 else _SELECTED
+    gated = is_gated(tp)
+    b = _PARAMS if tp.weights == 1 or gated else _SELECTED
     e("num_pid_m = WORLD * nb")
-    if tp.weights == 1:
-        e("num_pid_n = tl.cdiv(N, BN)")
+    if tp.weights == 1 or gated:
+        e("num_pid_n = tl.cdiv(N, BN)" + ("  # both weights' tiles of these columns, in one program" if gated else ""))
+        if gated and tma:
+            shape, block = ("[N1, K]", "[BN, BK]") if tp.b_layout == "nk" else ("[K, N1]", "[BK, BN]")
+            e(f"b_up_desc = tl.make_tensor_descriptor(b1_ptr, shape={shape}, strides=[stride_b1, 1], "
+              f"block_shape={block})")
     else:
         e(f"# {tp.weights} weights share the gathered A: their column tiles form one range, B_0's first")
         for j in range(tp.weights):
@@ -304,11 +323,11 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
         e(f"num_pid_n = first_n{tp.weights}")
     if tma:
         e("# C as [WORLD, M_LOCAL, N]: a TMA store clips at each rank's last row, as a mask would")
-        e(_c_desc(b) if tp.weights == 1 else "# (one descriptor per tile: the weight a tile falls in names its C)")
+        e(_c_desc(b) if b is _PARAMS else "# (one descriptor per tile: the weight a tile falls in names its C)")
     e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
     with e.block():
         e("v, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
-        if tp.weights > 1:
+        if b is _SELECTED:
             _select_weight(e, tp, tma)
         e("src = (rank + v // nb) % WORLD  # local rows first, then each peer's")
         e("c = v % nb")
@@ -320,6 +339,8 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
             s = loads[0]
             e(f"# {s}", s)
             e("acc = tl.zeros((BM, BN), dtype=tl.float32)", s)
+            if gated:
+                e("acc_up = tl.zeros((BM, BN), dtype=tl.float32)", s)
             e("rk = tl.arange(0, BK)", s)
             e("for k in range(0, tl.cdiv(K, BK)):", s)
             with e.block():
@@ -327,6 +348,8 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("a = iris.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :], rank, src, heap_bases, "
                   "mask=(rm < M_LOCAL)[:, None] & (kk < K)[None, :])", s)
                 e(f"acc = tl.dot(a, {_b_tile(tp, tma, b)}, acc{prec})", s)
+                if gated:
+                    e(f"acc_up = tl.dot(a, {_b_tile(tp, tma, _UP)}, acc_up{prec})", s)
         else:
             for s in waits:
                 e(f"# {s}", s)
@@ -351,7 +374,7 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
             if isinstance(s, Epilogue):
                 e(f"# {s}", s)
                 lines = _epilogue_lines(s.fns)
-                if lines and tp.weights > 1:
+                if lines and b is _SELECTED:
                     e("if first_weight:  # the epilogue is the first weight's", s)
                     with e.block():
                         for line in lines:

@@ -31,7 +31,7 @@ from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, lower_allgather_matmul,
+from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, gated_config, lower_allgather_matmul,
                           lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -208,7 +208,8 @@ class FusedAllGatherMatmul(_Fused):
 
     N may list several widths: then the call takes one B per width and returns [A @ B_0, A @ B_1, ...] from
     the same kernel, the gathered rows moving once for all (projections of one input: wq/wk/wv, w1/w3); the
-    epilogue (and bias) applies to B_0's C only::
+    epilogue (and bias) applies to B_0's C only. epilogue=("swiglu",) with two weights of one width returns
+    the one product [silu(A @ B_0) * (A @ B_1)] (an MLP's gate and up projections)::
 
         op = FusedAllGatherMatmul(heap, M_local=4096, N=(4096, 512, 512), K=8192, b_layout="nk")
         q, k, v = op(x_shard, [wq.weight.t(), wk.weight.t(), wv.weight.t()])
@@ -222,10 +223,13 @@ class FusedAllGatherMatmul(_Fused):
         self.Ns = (N,) if isinstance(N, int) else tuple(N)
         super().__init__(heap, M_local * heap.world_size, sum(self.Ns), K, dtype, epilogue, config, debug, name)
         why = tma_unsupported(dtype, **{f"N{j}": n for j, n in enumerate(self.Ns)}) if len(self.Ns) > 1 else None
+        self.gated = "swiglu" in self.epilogue
+        if self.gated and (len(self.Ns) != 2 or self.Ns[0] != self.Ns[1]):
+            why = f"the swiglu epilogue multiplies two weights of one width, got widths {self.Ns}"
         if why:
             raise ValueError(f"{self.name}: {why}")
         self.M_local, self.mode = M_local, mode
-        cfg = self.config
+        cfg = gated_config(self.config) if self.gated and config is None else self.config
         if mode not in AG_MODES:
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(AG_MODES)}")
         if mode in ("direct", "copy_engine"):  # no comm programs: every SM runs the GEMM
@@ -277,8 +281,9 @@ class FusedAllGatherMatmul(_Fused):
             layout, storage = b_operand(bj)
             if layout != b_layout:  # the kernel reads every B in B_0's layout: this one is copied into it
                 storage = (bj.t() if b_layout == "nk" else bj).contiguous()
-            more_c.append(torch.empty(rows, n, dtype=self.dtype, device=a.device))
-            more += [storage, more_c[-1], n, storage.stride(0), n]
+            if not self.gated:  # gated: the one C holds silu(A @ B_0) * (A @ B_1)
+                more_c.append(torch.empty(rows, n, dtype=self.dtype, device=a.device))
+            more += [storage, more_c[-1] if more_c else c, n, storage.stride(0), n]
         staging = self.staging if self.staging is not None else a
         programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers

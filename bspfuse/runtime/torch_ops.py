@@ -1,7 +1,8 @@
 """The fused kernels as PyTorch operators, so a compiled fx graph (Inductor's or plain) can call them.
 
     torch.ops.bspfuse.all_gather_matmul(a, bs, bias, group, mode, epilogue, return_gathered)
-        -> [c for each b in bs] + [gathered]          (one kernel; several bs share the gathered A)
+        -> [c for each b in bs] + [gathered]          (one kernel; several bs share the gathered A;
+                                                       epilogue "swiglu": [silu(a @ bs[0]) * (a @ bs[1])])
     torch.ops.bspfuse.matmul_reduce_scatter(a, b, bias, group, mode, epilogue) -> out
     torch.ops.bspfuse.matmul_all_reduce(a, b, bias, group, mode, epilogue) -> out
 
@@ -110,7 +111,8 @@ def all_gather_matmul(a: torch.Tensor, bs: list[torch.Tensor], bias: Optional[to
 @all_gather_matmul.register_fake
 def _(a, bs, bias, group, mode, epilogue, return_gathered):
     rows = a.shape[0] * _group_size(group)
-    return [*(a.new_empty(rows, b.shape[1]) for b in bs), a.new_empty(rows, a.shape[1]) if return_gathered
+    cs = bs[:1] if "swiglu" in epilogue.split("+") else bs  # swiglu: one product of the two weights
+    return [*(a.new_empty(rows, b.shape[1]) for b in cs), a.new_empty(rows, a.shape[1]) if return_gathered
             else a.new_empty(0)]
 
 
