@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -139,6 +140,37 @@ def run_ag(ctx, args, time_it):
             ctx.heap.free(buf)
 
 
+def run_swiglu(ctx, args, time_it):
+    """The MLP's gate and up projections at the layer's per-rank shape: cuBLAS's two matmuls and the pointwise
+    silu(gate) * up, our kernel with both weights joined (then the same pointwise), and our swiglu epilogue
+    (one product stored) at several tiles, all as a world of one (copy_engine mode: no comm programs)."""
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul
+    from bspfuse.tile import TileConfig
+
+    M, N, K = 8192, 14336, 8192
+    bf = dict(device=ctx.device, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    a = torch.randn(M, K, **bf)
+    w_gate, w_up = (torch.randn(N, K, **bf) / 64 for _ in range(2))
+    bs = [w_gate.t(), w_up.t()]
+    ref = torch.nn.functional.silu(a @ bs[0]) * (a @ bs[1])
+    flops, shape = 4 * M * N * K, f"swiglu {M}x{N}x{K} x2 B=w.t()"
+    time_it(shape, "cublas x2 + pointwise", lambda: torch.nn.functional.silu(a @ bs[0]) * (a @ bs[1]), ref, flops)
+    joined = FusedAllGatherMatmul(ctx.heap, M, (N, N), K, torch.bfloat16, mode="copy_engine", b_layout="nk",
+                                  config=TileConfig(128, 256, 64, 8, 8, 3, 0))
+
+    def two_then_pointwise():
+        g, u = joined(a, bs)
+        return torch.nn.functional.silu(g) * u
+    time_it(shape, "ours 2 weights + pointwise", two_then_pointwise, ref, flops)
+    for BM, BN, BK, warps, stages in args.swiglu_tiles:
+        op = FusedAllGatherMatmul(ctx.heap, M, (N, N), K, torch.bfloat16, mode="copy_engine", b_layout="nk",
+                                  epilogue=("swiglu",), config=TileConfig(BM, BN, BK, 8, warps, stages, 0))
+        time_it(shape, f"ours swiglu {BM}x{BN}x{BK}w{warps}s{stages}", lambda: op(a, bs)[0], ref, flops)
+        ctx.heap.free(op.flags)
+        ctx.heap.free(op.staging)
+
+
 def run(ctx, args):
     from triton.testing import do_bench
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -167,6 +199,9 @@ def run(ctx, args):
 
     if args.ag:
         run_ag(ctx, args, time_it)
+        return rows
+    if args.swiglu_tiles:
+        run_swiglu(ctx, args, time_it)
         return rows
     for M, N, K, layout in SHAPES:
         shape, a, b, ref, flops = problem(ctx, time_it, "", M, N, K, layout)
@@ -218,7 +253,11 @@ def main():
     p.add_argument("--json", default="benchmarks/results/core_h100.json")
     p.add_argument("--rep", type=int, default=200, help="milliseconds do_bench times each variant")
     p.add_argument("--ag", action="store_true", help="the AG+GEMM kernel's store and A-descriptor variants instead")
+    p.add_argument("--swiglu", default="", help="the SwiGLU epilogue against cuBLAS instead, at these tiles, e.g. "
+                   "128x128x64w8s3,128x128x64w8s4")
     args = p.parse_args()
+    args.swiglu_tiles = [tuple(map(int, re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", t).groups()))
+                         for t in args.swiglu.split(",") if t]
     from bspfuse.runtime import launch
     t0 = time.time()
     rows = launch(run, 1, backend="cuda", heap_bytes=1 << 30, args=(args,), timeout_s=900)[0]
