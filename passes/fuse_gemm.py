@@ -120,6 +120,11 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     us = {k: round(v * 1e6, 1) for k, v in est.items()}
     chosen = {k: v for k, v in est.items() if kind != "ag_matmul" or k == "bsp" or k in device.ag_auto_modes}
     best = min(chosen, key=chosen.get)
+    sm_modes = [m for m in ("push", "pull") if m in chosen]
+    if best == "copy_engine" and sm_modes and est[best] > (1 - device.min_gain) * min(est[m] for m in sm_modes):
+        # copy_engine and push measured within 3% of each other, either way, at N >= 8192 (gemm_bench, three
+        # machine starts); it clearly wins where push's comm programs take a larger share (N <= 5120)
+        best = min(sm_modes, key=est.get)
     if best == "bsp":
         return Choice("off", "the unfused schedule is estimated faster", us)
     if est[best] > est["bsp"] * (1 - device.min_gain):
