@@ -31,8 +31,8 @@ from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, gated_config, lower_allgather_matmul,
-                          lower_matmul_allreduce, lower_matmul_reduce_scatter)
+from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, gated_config,
+                          lower_allgather_matmul, lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
