@@ -142,7 +142,8 @@ def reference(program: Program, inputs_by_rank: list[dict[str, torch.Tensor]]) -
             else:
                 outs = [(_epilogue(full @ x[1], a.get("epilogue", ()), x[1 + n:]), *(full @ b for b in x[2:1 + n]))
                         for x in xs]
-            outs = [tuple(o if isinstance(o, tuple) else (o,)) + ((full,) if a.get("gathered_out") else ()) for o in outs]
+            kept = (full,) if a.get("gathered_out") else ()
+            outs = [(o if isinstance(o, tuple) else (o,)) + kept for o in outs]
         elif code in ("fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             total = sum(x[0] @ x[1] for x in xs)
             parts = total.chunk(W, dim=0) if code == "fused_matmul_reduce_scatter" else [total] * W
@@ -250,8 +251,9 @@ def make_fused_gemm(heap, op: Op, program: Program, config=None, debug: bool = F
     epilogue = tuple(op.attrs.get("epilogue", ()))
     name = op.outputs[0].name
     if op.opcode == "fused_allgather_matmul":
-        return gemm.FusedAllGatherMatmul(heap, m, weight_widths(op, program), k, dtype, mode=op.attrs.get("mode", "push"),
-                                         epilogue=epilogue, config=config, debug=debug, name=name)
+        return gemm.FusedAllGatherMatmul(heap, m, weight_widths(op, program), k, dtype,
+                                         mode=op.attrs.get("mode", "push"), epilogue=epilogue, config=config,
+                                         debug=debug, name=name)
     cls = gemm.FusedMatmulReduceScatter if op.opcode == "fused_matmul_reduce_scatter" else gemm.FusedMatmulAllReduce
     return cls(heap, m, n, k, dtype, epilogue=epilogue, config=config, debug=debug, name=name,
                mode=op.attrs.get("mode", "push"))

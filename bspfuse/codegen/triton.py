@@ -313,9 +313,7 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
     if tp.weights == 1 or gated:
         e("num_pid_n = tl.cdiv(N, BN)" + ("  # both weights' tiles of these columns, in one program" if gated else ""))
         if gated and tma:
-            shape, block = ("[N1, K]", "[BN, BK]") if tp.b_layout == "nk" else ("[K, N1]", "[BK, BN]")
-            e(f"b_up_desc = tl.make_tensor_descriptor(b1_ptr, shape={shape}, strides=[stride_b1, 1], "
-              f"block_shape={block})")
+            e(_b_desc(tp, _UP))
     else:
         e(f"# {tp.weights} weights share the gathered A: their column tiles form one range, B_0's first")
         for j in range(tp.weights):
@@ -396,6 +394,13 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
 _WEIGHT_PARAMS = ("b{}_ptr", "c{}_ptr", "N{}", "stride_b{}", "stride_cm{}")
 
 
+def _b_desc(tp: TileProgram, b: _BNames) -> str:
+    """A B descriptor made on the device (a weight the host passed as a pointer), in tp.b_layout's tiles."""
+    shape, block = (f"[{b.n}, K]", "[BN, BK]") if tp.b_layout == "nk" else (f"[K, {b.n}]", "[BK, BN]")
+    return (f"{b.desc} = tl.make_tensor_descriptor({b.ptr}, shape={shape}, strides=[{b.stride}, 1], "
+            f"block_shape={block})")
+
+
 def _c_desc(b: _BNames) -> str:
     return (f"c_desc = tl.make_tensor_descriptor({b.c_ptr}, shape=[WORLD, M_LOCAL, {b.n}], strides=[M_LOCAL * "
             f"{b.c_stride}, {b.c_stride}, 1], block_shape=[1, BM, BN])")
@@ -415,9 +420,7 @@ def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
     e("first_weight = pid_n < first_n1")
     e(f"pid_n = pid_n - {pick(['0'] + [f'first_n{j}' for j in range(1, tp.weights)])}")
     if tma:
-        shape, block = ("[n_sel, K]", "[BN, BK]") if tp.b_layout == "nk" else ("[K, n_sel]", "[BK, BN]")
-        e(f"b_tile_desc = tl.make_tensor_descriptor(b_sel, shape={shape}, strides=[stride_b_sel, 1], "
-          f"block_shape={block})")
+        e(_b_desc(tp, _SELECTED))
         e(_c_desc(_SELECTED))
 
 

@@ -204,7 +204,8 @@ class _Fused:
 
 
 class FusedAllGatherMatmul(_Fused):
-    """C[M, N] = all_gather(A, dim 0) @ B, as one kernel. mode: push | pull | direct (naive remote loads).
+    """C[M, N] = all_gather(A, dim 0) @ B, as one kernel. mode: push | pull | copy_engine (the host's copy stream
+    moves the rows) | direct (naive remote loads).
 
     N may list several widths: then the call takes one B per width and returns [A @ B_0, A @ B_1, ...] from
     the same kernel, the gathered rows moving once for all (projections of one input: wq/wk/wv, w1/w3); the
@@ -348,9 +349,9 @@ class _CopyEngineRows:
     def __init__(self, op: "FusedAllGatherMatmul", nb: int):
         heap, W, r = op.heap, op.world, op.rank
         self.op, self.sim = op, _sim(heap)
-        # the simulator's sizes are tiny: there up to 4 chunks, so that chunked flags are exercised
+        # the simulator's sizes are tiny: there 4 chunks (as row blocks allow), so chunked flags are exercised
         rows_bytes = op.M_local * op.K * op.staging.element_size()
-        chunks = min(nb, 4, max(1, round(rows_bytes / self.CHUNK_BYTES)) if not self.sim else 4)
+        chunks = min(nb, 4, 4 if self.sim else max(1, round(rows_bytes / self.CHUNK_BYTES)))
         self.blocks_per_flag = -(-nb // chunks)
         self.rows_per_flag = self.blocks_per_flag * op.config.BM
         assert op.tile_program.flags == ("arrived",), op.tile_program.flags
