@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from bspfuse.ir import Op, Program, concrete
-from bspfuse.tile import (STAGING, TileConfig, TileProgram, choose_config, gated_config, lower_allgather_matmul,
+from bspfuse.tile import (STAGING, TileConfig, TileProgram, ag_config, choose_config, lower_allgather_matmul,
                           lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 GEMM_KINDS = {
@@ -51,14 +51,10 @@ def gemm_config(op: Op, program: Program) -> TileConfig:
     kind = GEMM_KINDS[op.opcode]
     W = program.world_size
     m, n, k = gemm_shape(op, program)
-    cfg = choose_config(kind, m * W, n, k, W) if kind == "ag_matmul" else choose_config(kind, m, n, k, W)
-    if kind == "ag_matmul" and op.attrs.get("mode") in ("direct", "copy_engine"):
-        cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 0)
-    if "swiglu" in op.attrs.get("epilogue", ()):
-        cfg = gated_config(cfg)
-    if kind == "ag_matmul" and op.attrs.get("mode") in ("push", "pull") and cfg.comm_programs < 1:
-        cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
-    return cfg
+    if kind != "ag_matmul":
+        return choose_config(kind, m, n, k, W)
+    gated = "swiglu" in op.attrs.get("epilogue", ())
+    return ag_config(choose_config(kind, m * W, n, k, W), op.attrs.get("mode"), gated)
 
 
 def lower_fused(op: Op, program: Program, config: TileConfig | None = None) -> TileProgram | None:

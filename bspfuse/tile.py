@@ -161,6 +161,13 @@ def gated_config(cfg: TileConfig) -> TileConfig:
     return dataclasses.replace(cfg, BN=min(cfg.BN, 128))
 
 
+def ag_config(cfg: TileConfig, mode: str | None, gated: bool = False) -> TileConfig:
+    """AG+GEMM's config for its mode: direct and copy_engine run no comm programs (every SM multiplies), push
+    and pull at least one; a gated (swiglu) program takes gated_config's tile."""
+    comm = 0 if mode in ("direct", "copy_engine") else max(1, cfg.comm_programs)
+    return dataclasses.replace(gated_config(cfg) if gated else cfg, comm_programs=comm)
+
+
 def is_gated(tp: TileProgram) -> bool:
     """AG+GEMM whose epilogue is swiglu: each tile accumulates A @ B_0 and A @ B_1 over the same columns and
     stores silu(first) * second, one [M, N] result for the two weights."""

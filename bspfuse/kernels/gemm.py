@@ -31,7 +31,7 @@ from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, choose_config, gated_config,
+from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, ag_config, choose_config,
                           lower_allgather_matmul, lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -230,13 +230,9 @@ class FusedAllGatherMatmul(_Fused):
         if why:
             raise ValueError(f"{self.name}: {why}")
         self.M_local, self.mode = M_local, mode
-        cfg = gated_config(self.config) if self.gated and config is None else self.config
         if mode not in AG_MODES:
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(AG_MODES)}")
-        if mode in ("direct", "copy_engine"):  # no comm programs: every SM runs the GEMM
-            cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 0)
-        elif cfg.comm_programs < 1:
-            cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
+        cfg = ag_config(self.config, mode, gated=self.gated and config is None)  # a given config keeps its tile
         if _sim(heap) and cfg.comm_programs > 1:
             cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
         self.config = cfg
@@ -360,7 +356,6 @@ class _CopyEngineRows:
                       for p in ((r - s) % W for s in range(1, W))]
         self.offset = r * nb  # this rank's flags in a peer's "arrived" array [WORLD, nb]
         self.stream = None if self.sim else _copy_stream(heap.device)
-        self._write = None if self.sim else _stream_write_value32()
 
     def before_launch(self, a: torch.Tensor, epoch: int) -> None:
         if self.sim:  # plain copies, then the flag (stores stay in order on the CPU)
@@ -371,7 +366,7 @@ class _CopyEngineRows:
     def after_launch(self, a: torch.Tensor, epoch: int) -> None:
         if not self.sim:
             with torch.cuda.stream(self.stream):
-                self._copy(a, epoch, self._write)
+                self._copy(a, epoch, _write_flag)
             torch.cuda.current_stream().wait_stream(self.stream)
 
     def _copy(self, a: torch.Tensor, epoch: int, write_flag) -> None:
@@ -393,16 +388,13 @@ def _copy_stream(device):
     return _copy_streams[device]
 
 
-def _stream_write_value32():
+def _write_flag(flags: torch.Tensor, i: int, value: int) -> None:
     """flags[i] = value as a stream operation (cuStreamWriteValue32, through torch's symmetric memory): the copy
     engines' front end writes it after the stream's earlier copies, so no SM is needed (the GEMM holds them
     all, spinning on these very flags)."""
     from torch._C._distributed_c10d import _SymmetricMemory
 
-    def write(flags: torch.Tensor, i: int, value: int) -> None:
-        _SymmetricMemory.stream_write_value32(flags.view(torch.uint32), i, value)
-
-    return write
+    _SymmetricMemory.stream_write_value32(flags.view(torch.uint32), i, value)
 
 
 class _FusedScatter(_Fused):

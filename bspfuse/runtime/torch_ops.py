@@ -94,8 +94,8 @@ def _host_object(op: str, group_name: str, a: torch.Tensor, bs: list[torch.Tenso
             config = sim_config()
         cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
                "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
-        (M, K), N = a.shape, key[3] if len(bs) > 1 else bs[0].shape[1]
-        _OPS[key] = cls(heap, M, N, K, a.dtype, mode=mode, epilogue=tuple(f for f in epilogue.split("+") if f),
+        (M, K), widths = a.shape, tuple(b.shape[1] for b in bs)
+        _OPS[key] = cls(heap, M, widths if len(widths) > 1 else widths[0], K, a.dtype, mode=mode, epilogue=tuple(f for f in epilogue.split("+") if f),
                         config=config, name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(bs[0])[0])
     return _OPS[key]
 
