@@ -25,7 +25,8 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "examples")]
 
-from gemm_bench import bench, bench_back_to_back, rel_err  # noqa: E402
+from gemm_bench import bench, bench_back_to_back, calls_in, rel_err  # noqa: E402
+from gpu_clock import ClockSampler  # noqa: E402
 
 SEQS = (4096, 8192, 2048)  # the targets first, should the time budget run out
 
@@ -35,22 +36,29 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--seqs", type=int, nargs="*", default=list(SEQS))
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup-s", type=float, default=1.0,
+                        help="seconds of forwards before the back-to-back timing and the profile: the GPU then runs "
+                             "at the clock its power limit allows under sustained load (steady state)")
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--profile-seq", type=int, default=8192,
                         help="profile every variant at this length: device time per kernel class (0: off)")
     parser.add_argument("--variants", default="", help="only these variants, comma-separated (default: all)")
     parser.add_argument("--profile-host", action="store_true",
                         help="at --profile-seq, every rank's host: its slowest ops and CUDA runtime calls per step")
+    parser.add_argument("--group-m", type=int, default=0,
+                        help="our kernels' GROUP_M instead of the rule's (bspfuse.tile.group_rows): an A/B of the rule")
     args = parser.parse_args()
 
     import torch._dynamo
-    import torch._inductor.config as inductor_config
     import torch.distributed._symmetric_memory as symm_mem
     from torch.distributed.device_mesh import init_device_mesh
 
     import bspfuse.backend
+    import bspfuse.tile
     from llama_block import LlamaBlock, LlamaConfig, parallelize
 
+    if args.group_m:
+        bspfuse.tile.group_rows = lambda *_: args.group_m
     rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
@@ -104,9 +112,11 @@ def main() -> None:
                     compile_s = time.time() - t0
                     err = rel_err(out, ref)
                     ms = bench(lambda: fn(x), iters=args.iters)
-                    ms_b2b = bench_back_to_back(lambda: fn(x), calls=args.iters)
+                    with ClockSampler() as clock:
+                        ms_b2b = bench_back_to_back(lambda: fn(x), calls=2 * args.iters, warmup_s=args.warmup_s)
                 fused = [str(r) for r in bspfuse.backend.reports()] if name.startswith("bspfuse") else []
-                kernels = _profile(lambda: fn(x)) if seq == args.profile_seq else None
+                kernels = (_profile(lambda: fn(x), warm=calls_in(args.warmup_s, ms_b2b / 1e3))
+                           if seq == args.profile_seq else None)
                 if args.profile_host and seq == args.profile_seq:
                     _profile_host(lambda: fn(x), name, rank, W)
                 if kernels:
@@ -116,10 +126,13 @@ def main() -> None:
                     per_rank = [None] * W
                     dist.all_gather_object(per_rank, kernels["bspfuse sites"])
                     kernels["bspfuse sites by rank"] = per_rank
-                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, rel_err=err, compile_s=round(compile_s, 1),
+                clocks = [None] * W
+                dist.all_gather_object(clocks, str(clock))
+                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, b2b_clock_by_rank=clocks, rel_err=err,
+                                 compile_s=round(compile_s, 1),
                                  bspfuse=fused, kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  back to back {ms_b2b:8.3f} ms  rel err {err:.2e}  "
-                    f"(compile {compile_s:.0f} s)")
+                    f"(compile {compile_s:.0f} s)  back to back at " + " / ".join(clocks))
                 if kernels:
                     say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()
                                                            if not k.startswith(("bspfuse sites", "timeline"))))
@@ -159,13 +172,17 @@ KERNEL_CLASSES = (  # first match wins: (class, substrings of the kernel name, l
 )
 
 
-def _profile(step, steps: int = 3) -> dict:
+def _profile(step, steps: int = 3, warm: int = 0) -> dict:
     """Device time per step by kernel class (cuBLAS GEMMs, attention, NCCL, our fused kernels, copies, the
-    rest: Inductor's pointwise/norm kernels). Kernels of one step overlap only where streams do, so the
-    classes' sum can exceed the step."""
+    rest: Inductor's pointwise/norm kernels), over `steps` steps that follow `warm` unprofiled ones back to
+    back (the steady state). Kernels of one step overlap only where streams do, so the classes' sum can
+    exceed the step."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    with torch.no_grad():
+        for _ in range(warm):
+            step()
+    torch.cuda.synchronize()  # the profile holds whole steps; a moment's idle does not undo the warm clock
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -208,8 +225,10 @@ def _idle(prof, steps: int) -> dict:
     gaps = [(nxt[0] - (cur[0] + cur[1]), cur[2][:40], nxt[2][:40]) for cur, nxt in zip(stream, stream[1:])]
     span = stream[-1][0] + stream[-1][1] - stream[0][0]
     idle = sum(g for g, _, _ in gaps if g > 0)
+    last = [k for k in stream if k[0] >= stream[0][0] + (steps - 1) * span / steps]  # about the last step
     return {"span_ms_per_step": round(span / 1000 / steps, 3), "idle_ms_per_step": round(idle / 1000 / steps, 3),
-            "longest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:6]]}
+            "longest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:6]],
+            "last_step_kernels_over_20us": [(name[:48], round(dur, 1)) for _, dur, name in last if dur > 20]}
 
 
 def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> None:

@@ -13,7 +13,7 @@ run() { local name=$1 limit=$2; shift 2
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
   echo "=== $name"; timeout "$limit" python3 -m torch.distributed.run --nproc_per_node=2 "$@" > "$out/$name.log" 2>&1
   echo "exit $?"; grep -v "^\[rank\|Warning\|warn" "$out/$name.log" | tail -n "${TAIL:-40}"; }
-run block "${BLOCK_LIMIT:-200}" benchmarks/block_bench.py --time-budget-s 150 --json "$out/block_h200x2.json"
+run block "${BLOCK_LIMIT:-280}" benchmarks/block_bench.py --time-budget-s 220 --json "$out/block_h200x2.json"
 run gemm "${GEMM_LIMIT:-300}" benchmarks/gemm_bench.py --json "$out/gemm_h200x2.json" "$@"
 run decode "${DECODE_LIMIT:-270}" benchmarks/decode_bench.py --time-budget-s 170 --json "$out/decode_h200x2.json" \
   --plot "$out/decode_h200x2.png"
