@@ -238,6 +238,14 @@ def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> Non
     behind leaves its GPU idle and makes its peers wait inside their fused kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    enqueue = []  # without the profiler: the host's time to enqueue a forward on an idle GPU
+    for _ in range(5):
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            step()
+        enqueue.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     dist.barrier()
     t0 = time.perf_counter()
@@ -247,12 +255,38 @@ def _profile_host(step, name: str, rank: int, world: int, steps: int = 3) -> Non
         host_ms = (time.perf_counter() - t0) * 1e3 / steps
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    lines = [f"rank {rank}, {name}: host {host_ms:.2f} ms per step (enqueue), top CPU self time per step:"]
+    lines = [f"rank {rank}, {name}: host {host_ms:.2f} ms per step (enqueue) under the profiler, "
+             f"{sorted(enqueue)[2]:.2f} ms without it; top CPU self time per step:"]
     lines += [f"    {e.self_cpu_time_total / 1000 / steps:8.3f} ms  x{e.count // steps:<4d} {e.key[:80]}" for e in rows]
     gathered = [None] * world
     dist.all_gather_object(gathered, "\n".join(lines))
     if rank == 0:
         print("\n".join(gathered), flush=True)
+        print(f"rank 0, {name}: the first step's lead-in, host ops (>= 15 us), launches and kernels until the first "
+              "kernel of 200 us or more (us from the step's first host op)\n" + _lead_in(prof), flush=True)
+
+
+def _lead_in(prof) -> str:
+    """The host's path from a step's start to its first large kernel: each CPU op of 15 us or more, every
+    kernel launch and every kernel, in time order. A per-forward timing pays all of it; back to back hides it."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name)).get("traceEvents", [])
+    keep = [e for e in events if "ts" in e and "dur" in e and (
+        e.get("cat") == "kernel" or (e.get("cat") == "cuda_runtime" and "aunch" in e.get("name", ""))
+        or (e.get("cat") == "cpu_op" and float(e["dur"]) >= 15))]
+    keep.sort(key=lambda e: float(e["ts"]))
+    host = [e for e in keep if e.get("cat") != "kernel"]
+    if not host:
+        return "    (no host events)"
+    t0, lines = float(host[0]["ts"]), []
+    for e in keep:
+        lines.append(f"    +{float(e['ts']) - t0:8.1f} {float(e['dur']):8.1f}  {e['cat'][:8]:8s} {e['name'][:70]}")
+        if e.get("cat") == "kernel" and float(e["dur"]) >= 200:
+            break
+    return "\n".join(lines[:80])
 
 
 def _write(path, rows):
