@@ -7,7 +7,8 @@ amount of overlap wins it back (BENCHMARKS.md, issue 4). This runs the GEMM+RS k
 (`local_matmul`: all tiles own, no flags) for the layer's shapes, with variants of the generated source
 that change only how the loop is scheduled and how a tile is stored, next to cuBLAS and a plain persistent
 TMA kernel written by hand (the form BASELINES.md measured at cuBLAS speed). Every variant's output is
-checked against cuBLAS on random inputs in the same run.
+checked against cuBLAS on random inputs in the same run. --layer instead times the layer's GEMMs one after
+another, sustained, with the SM clock they ran at (the steady state of a model's forward).
 """
 from __future__ import annotations
 
@@ -232,9 +233,9 @@ def run_layer(ctx, args):
                 e.record()
                 torch.cuda.synchronize()
             alone[name] = (s.elapsed_time(e) / n, alone_clock.mean_mhz)
-        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz, in_layer_ms=per_step,
-                   alone_ms={k: v[0] for k, v in alone.items()}, alone_clock_mhz={k: v[1] for k, v in alone.items()},
-                   rel_err=errs)
+        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz,
+                   in_layer_ms=per_step, alone_ms={k: v[0] for k, v in alone.items()},
+                   alone_clock_mhz={k: v[1] for k, v in alone.items()}, rel_err=errs)
         rows.append(row)
         print(f"  {variant:34s} layer {layer:7.3f} ms at {clock.mean_mhz} MHz (low {clock.low_mhz}); in layer / alone: "
               + ", ".join(f"{k} {per_step[k]:.3f}/{alone[k][0]:.3f}" for k in steps)
@@ -244,14 +245,18 @@ def run_layer(ctx, args):
     for BM, BN, BK, G, warps, stages in args.layer_tiles:
         cfg, ops = TileConfig(BM, BN, BK, G, warps, stages, 0), []
         try:
-            ops.append(qkv := FusedAllGatherMatmul(ctx.heap, M, (NQ, NKV, NKV), H, mode="copy_engine", b_layout="nk", config=cfg))
+            ops.append(qkv := FusedAllGatherMatmul(ctx.heap, M, (NQ, NKV, NKV), H, mode="copy_engine", b_layout="nk",
+                                                   config=cfg))
             ops.append(mlp := FusedAllGatherMatmul(ctx.heap, M, (F, F), H, mode="copy_engine", b_layout="nk",
                                                    epilogue=("swiglu",),
                                                    config=dataclasses.replace(gated_config(cfg), BM=min(BM, 128))))
-            ops.append(out_proj := FusedMatmulReduceScatter(ctx.heap, M, H, NQ, b_layout="nk", mode="direct", config=cfg))
-            ops.append(down := FusedMatmulReduceScatter(ctx.heap, M, H, F, b_layout="nk", mode="direct", config=cfg))
-            steps = {"wq+wk+wv": lambda: qkv(x, [wq.t(), wk.t(), wv.t()]), "wo": lambda: out_proj.local_matmul(attn, wo.t()),
-                     "w1+w3 swiglu": lambda: mlp(x, [w1.t(), w3.t()])[0], "w2": lambda: down.local_matmul(act, w2.t())}
+            for K_local in (NQ, F):  # wo, w2: GEMM+RS direct, timed through its world-of-one local_matmul
+                ops.append(FusedMatmulReduceScatter(ctx.heap, M, H, K_local, b_layout="nk", mode="direct", config=cfg))
+            out_proj, down = ops[2:]
+            steps = {"wq+wk+wv": lambda: qkv(x, [wq.t(), wk.t(), wv.t()]),
+                     "wo": lambda: out_proj.local_matmul(attn, wo.t()),
+                     "w1+w3 swiglu": lambda: mlp(x, [w1.t(), w3.t()])[0],
+                     "w2": lambda: down.local_matmul(act, w2.t())}
             measure(f"ours {BM}x{BN}x{BK} g{G} w{warps} s{stages}", steps,
                     lambda name, out: torch.cat(out, 1) if isinstance(out, list) else out)
         except Exception as e:  # a config that does not fit must not hide the others
@@ -360,7 +365,8 @@ def main():
                          for t in args.swiglu.split(",") if t]
     from bspfuse.runtime import launch
     t0 = time.time()
-    rows = launch(run, 1, backend="cuda", heap_bytes=(6 << 30) if args.layer_tiles else (1 << 30), args=(args,), timeout_s=900)[0]
+    heap_bytes = (6 << 30) if args.layer_tiles else (1 << 30)  # the layer's GEMM+RS objects hold 2 x M x N inboxes
+    rows = launch(run, 1, backend="cuda", heap_bytes=heap_bytes, args=(args,), timeout_s=900)[0]
     results_file.save(args.json, rows, seconds=round(time.time() - t0, 1))
     if not args.layer_tiles:
         print(summarize(rows), flush=True)

@@ -15,8 +15,8 @@ import torch
 
 class ClockSampler:
     """`with ClockSampler() as s: ...` then s.mean_mhz, s.low_mhz, s.mean_w (None where nvidia-smi or a GPU is
-    missing, e.g. on the CPU). Samples every 10 ms the current device (nvidia-smi's index: under torchrun
-    each rank's own GPU)."""
+    missing, e.g. on the CPU). Samples the current device every 10 ms, by its CUDA index, which is nvidia-smi's
+    where CUDA_VISIBLE_DEVICES does not renumber the GPUs (under torchrun on this machine: each rank's own)."""
 
     def __enter__(self):
         self.proc = None
