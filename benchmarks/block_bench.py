@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "examples")]
 
 from gemm_bench import bench, bench_back_to_back, calls_in, rel_err  # noqa: E402
-from gpu_clock import ClockSampler  # noqa: E402
+from gpu_timing import ClockSampler  # noqa: E402
 
 SEQS = (4096, 8192, 2048)  # the targets first, should the time budget run out
 

@@ -27,7 +27,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import results_file  # noqa: E402  (benchmarks/, the script's own folder)
-from gpu_clock import ClockSampler  # noqa: E402
+from gpu_timing import ClockSampler, ms_per_call  # noqa: E402
 
 # (M, N, K, B layout): GEMMs of benchmarks/block_bench.py's layer at seq 8192 on 2 ranks, and BASELINES.md's.
 SHAPES = [(4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 5120, 8192, "nk"), (8192, 8192, 4096, "nk"),
@@ -226,13 +226,8 @@ def run_layer(ctx, args):
         alone = {}
         for name, fn in steps.items():
             with ClockSampler() as alone_clock:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(n):
-                    fn()
-                e.record()
-                torch.cuda.synchronize()
-            alone[name] = (s.elapsed_time(e) / n, alone_clock.mean_mhz)
+                ms = ms_per_call(fn, n)
+            alone[name] = (ms, alone_clock.mean_mhz)
         row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz,
                    in_layer_ms=per_step, alone_ms={k: v[0] for k, v in alone.items()},
                    alone_clock_mhz={k: v[1] for k, v in alone.items()}, rel_err=errs)

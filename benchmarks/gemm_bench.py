@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import results_file  # noqa: E402  (benchmarks/, the script's own folder)
+from gpu_timing import ms_per_call  # noqa: E402
 
 # (M, N, K, B's layout): "kn" B is row-major [K, N]; "nk" B is weight.t() of an nn.Linear weight [N, K], which
 # every variant takes as it is (cuBLAS and ours without a copy).
@@ -73,13 +74,7 @@ def bench_back_to_back(fn, calls=20, warmup=3, warmup_s=0.0):
     else:  # after a warm-up the calls keep the ranks in step; a barrier here would let the GPU idle
         dist.barrier()
         torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(calls):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    t = torch.tensor([s.elapsed_time(e) / calls], device="cuda")
+    t = torch.tensor([ms_per_call(fn, calls)], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 

@@ -1,4 +1,5 @@
-"""The SM clock and board power while a block of GPU work runs, sampled with nvidia-smi in the background.
+"""How long GPU work takes (CUDA events around calls issued back to back) and at which SM clock and board
+power it ran (nvidia-smi sampled in the background).
 
 An H200 or H100 running GEMMs back to back reaches its 700 W limit and lowers its clock (nvidia-smi's
 clock event reason "SW power cap"), so a kernel's time depends on how much power it and its neighbours
@@ -46,3 +47,14 @@ class ClockSampler:
 
     def __str__(self) -> str:
         return f"{self.mean_mhz} MHz (low {self.low_mhz}), {self.mean_w} W" if self.mean_mhz else "clock not sampled"
+
+
+def ms_per_call(fn, calls: int) -> float:
+    """Device time per call of `calls` calls issued back to back between two CUDA events (this GPU only)."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(calls):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / calls
