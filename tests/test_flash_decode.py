@@ -266,3 +266,12 @@ def _cache_reuse(ctx):
 def test_steps_that_reuse_the_kv_cache_are_checked_once_and_follow_its_changes():
     errors = launch(_cache_reuse, 1, backend="sim", heap_bytes=1 << 20, timeout_s=300)[0]
     assert len(errors) == 4 and max(errors) < TOL_O[torch.float32], errors
+
+
+def test_the_timeline_diagnostic_says_it_needs_stage_3_on_a_gpu():
+    from bspfuse.kernels.flash_decode import FlashDecode
+    from bspfuse.runtime import SymmetricHeap
+
+    heap = SymmetricHeap(1 << 20)  # one rank, host memory: the simulator's device
+    with pytest.raises(ValueError, match="timeline=True needs stage 3 on a GPU"):
+        FlashDecode(heap, 1, 0, 1, 4, 2, 16, torch.float32, stage=3, timeline=True)

@@ -29,14 +29,16 @@ COMPILE = textwrap.dedent('''
                 attrs[(i,)] = [["tt.divisibility", 16]]
         k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                            options=options)
-        ops = re.findall(r"\\b(ld\\.global[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+)", k.asm["ptx"])
-        return {"name": fn.__name__, "shared": k.metadata.shared, "ops": sorted(set(ops))}
+        ops = re.findall(r"\\b(ld\\.global[.\\w]*|ld\\.volatile[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+|nanosleep)",
+                         k.asm["ptx"])
+        return {"name": fn.__name__, "shared": k.metadata.shared, "ops": sorted(set(ops)),
+                "timeline": constexprs.get("TIMELINE", False), "timer_reads": k.asm["ptx"].count("%globaltimer")}
 
     out = []
     ptr = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "lens_ptr": "*i32", "bt_ptr": "*i32",
            "mid_o": "*fp32", "mid_lse": "*fp32", "gather_o": "*fp32", "gather_lse": "*fp32", "o_ptr": "*fp32",
            "lse_ptr": "*fp32", "out_o": "*bf16", "out_lse": "*fp32", "flags": "*i32", "tile_count": "*i32",
-           "ticket": "*i64", "heap_bases": "*i64", "err_ptr": "*i64"}
+           "ticket": "*i64", "heap_bases": "*i64", "err_ptr": "*i64", "timeline": "*i64"}
     for (Hq, Hkv, page, one_split) in [(96, 12, 0, False), (32, 8, 16, True)]:
         t = decode_tiling(1, Hq, Hkv, 128, device="cuda")
         chunk = merge_chunk(choose_num_splits(t, 1 << 17, 132), t)  # the merge of splits at batch 1, 128K keys
@@ -45,13 +47,13 @@ COMPILE = textwrap.dedent('''
         out.append(compile_one(K.decode_split_kernel, ptr, attend, **opts))
         out.append(compile_one(K.merge_states_kernel, ptr,
                                dict(t.constexprs(), BLOCK_H=merge_h(t), CHUNK=1 if page else chunk, WAIT=bool(page),
-                                    MAX_SPINS=0),
+                                    MAX_SPINS=0, SLEEP_NS=256 if page else 0),
                                num_warps=t.num_warps))
         out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
         out.append(compile_one(K.fused_decode_kernel, ptr,
-                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0,
+                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256, TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
                                **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))
@@ -71,6 +73,8 @@ def test_kernels_compile_for_sm90(run_script):
             assert 2 * k["shared"] <= 232448, k["shared"]  # two programs an SM, even with 4 stages
             assert "atom.global.sys.release.exch.b32" in ops, k  # the per-tile flag (iris.signal)
             assert any(o.startswith("atom.global.sys.acquire") or o.startswith("ld.global.sys.acquire")
-                       for o in ops), k  # the wait
+                       for o in ops), k  # the wait's acquire
+            assert "nanosleep" in ops and any(o.startswith("ld.volatile.global") for o in ops), k  # its backoff
+            assert (k["timer_reads"] > 0) == k["timeline"], k  # the diagnostic timeline only where asked for
         if k["name"] == "put_states_kernel":
             assert any(".v4." in o for o in ops), k  # 16-byte remote stores/loads

@@ -63,14 +63,13 @@ def _tile_heads(tile, Hkv, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_
 
 @triton.jit
 def _merge_step(m, l, acc, lse, o):
-    """Fold a chunk of states (o [CHUNK, BLOCK_H, BLOCK_D], lse [CHUNK, BLOCK_H]) into the running
-    (max, weight sum, acc) of each head."""
-    m_new = tl.maximum(m, tl.max(lse, 0))
+    """Fold one state (o [BLOCK_H, BLOCK_D], lse [BLOCK_H]) into the running (max, weight sum, acc) of each head."""
+    m_new = tl.maximum(m, lse)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0
     alpha = tl.exp(m - m_safe)
-    w = tl.exp(lse - m_safe[None, :])
-    o = tl.where(w[:, :, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
-    return m_new, l * alpha + tl.sum(w, 0), acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+    w = tl.exp(lse - m_safe)
+    o = tl.where(w[:, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
+    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
 
 
 @triton.jit
@@ -137,15 +136,18 @@ def _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, 
 @triton.jit
 def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags, flag_stride, epoch, cur_rank,
                 err_ptr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                WAIT: tl.constexpr, MAX_SPINS: tl.constexpr):
+                WAIT: tl.constexpr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr):
     """Merge n_states states of a tile's heads (rows `row` = b * Hq + head): state i is
     o_ptr[i * stride_on + row * D + :D] and lse_ptr[i * stride_ln + row]. WAIT: first wait until
-    flags[i * flag_stride] reaches `epoch` (the tile's flag from source i).
+    flags[i * flag_stride] reaches `epoch` (the tile's flag from source i), polling every SLEEP_NS (iris.wait_until).
 
-    CHUNK states are loaded at once ([CHUNK, BLOCK_H, BLOCK_D]) and folded in one step, so the merge of
-    n splits costs n / CHUNK memory round trips rather than n (it is the tail of every decode step)."""
+    The loop body is unrolled CHUNK times: CHUNK states' loads are in flight at once (none depends on the
+    merges), so the merge of n splits costs about n / CHUNK memory round trips rather than n (it is the tail
+    of every decode step). Each state is its own [BLOCK_H, BLOCK_D] load in the layout of the running sum;
+    a [CHUNK, BLOCK_H, BLOCK_D] block folded with reductions across warps took 3-6 us per chunk of 8 states on
+    an H100 (the fused kernel's merge of 22 splits at 96/12 heads: 11.6 us then, 3.3 now;
+    benchmarks/decode_core_bench.py)."""
     offs_d = tl.arange(0, BLOCK_D)
-    offs_c = tl.arange(0, CHUNK)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -154,16 +156,41 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
         if WAIT:
             for j in tl.static_range(CHUNK):
                 if i0 + j < n_states:
-                    iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS)
-        state = i0 + offs_c
-        smask = state < n_states
-        # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
-        lse = tl.load(lse_ptr + state[:, None] * stride_ln + row[None, :], mask=smask[:, None] & hmask[None, :],
-                      other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(o_ptr + state[:, None, None] * stride_on + (row[:, None] * D + offs_d[None, :])[None, :, :],
-                    mask=smask[:, None, None] & omask[None, :, :], other=0.0, cache_modifier=".cg")
-        m, l, acc = _merge_step(m, l, acc, lse, o)
+                    iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS, SLEEP_NS)
+        for j in tl.static_range(CHUNK):
+            i = i0 + j
+            live = i < n_states
+            # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
+            lse = tl.load(lse_ptr + i * stride_ln + row, mask=hmask & live, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(o_ptr + i * stride_on + row[:, None] * D + offs_d[None, :], mask=omask & live, other=0.0,
+                        cache_modifier=".cg")
+            m, l, acc = _merge_step(m, l, acc, lse, o)
     return _merge_finish(m, l, acc)
+
+
+TIMELINE_FIELDS = tl.constexpr(8)  # per program: start, SM, attended, counted / merged, splits merged, pushed / stored, last
+
+
+@triton.jit
+def _read_timer(x, WHAT: tl.constexpr):
+    """The GPU's global timer in ns (WHAT "time") or this program's SM ("sm"); 0 when WHAT is "" (the
+    simulator runs no inline assembly). x: any scalar (inline assembly takes an operand)."""
+    if WHAT == "time":
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+    elif WHAT == "sm":
+        return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=tl.int32, is_pure=False,
+                                         pack=1).to(tl.int64)
+    else:
+        return tl.zeros([], tl.int64)
+
+
+@triton.jit
+def _stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr):
+    """TIMELINE (GPU only): timeline[t, k] = the global timer (ns); k = 1 records the SM instead."""
+    if ENABLED:
+        tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + k, _read_timer(t, "sm" if k == 1 else "time"))
+
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -195,7 +222,8 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, S
 def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, stride_ln, Hq, Hkv,
                         flags, epoch, cur_rank, err_ptr,
                         GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr,
+                        SLEEP_NS: tl.constexpr):
     """Grid (tiles,): merge n_states states per head into out_o [B, Hq, D] (any float dtype) and
     out_lse [B, Hq] fp32. WAIT: wait for the tile's flag from each source, flags[i * tiles + tile] >= epoch,
     just before reading that source's state (per-tile waits, no barrier)."""
@@ -203,7 +231,8 @@ def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, str
     b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
     row = b.to(tl.int64) * Hq + heads
     o, lse = _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags + tile,
-                         tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, CHUNK, WAIT, MAX_SPINS)
+                         tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, CHUNK, WAIT, MAX_SPINS,
+                         SLEEP_NS)
     offs_d = tl.arange(0, BLOCK_D)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
@@ -252,7 +281,7 @@ def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, strid
 
 @triton.jit
 def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, gather_o, gather_lse,
-                        out_o, out_lse, flags, tile_count, ticket, rank, heap_bases, err_ptr,
+                        out_o, out_lse, flags, tile_count, ticket, rank, heap_bases, err_ptr, timeline,
                         S, B, Hq, Hkv, num_tiles, num_splits, stride_parity, stride_on, stride_ln,
                         stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                         stride_bt, qk_scale,
@@ -260,7 +289,8 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                         HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
                         SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr,
-                        MERGE_H: tl.constexpr, RANK_CHUNK: tl.constexpr):
+                        MERGE_H: tl.constexpr, RANK_CHUNK: tl.constexpr, SLEEP_NS: tl.constexpr,
+                        TIMELINE: tl.constexpr):
     """One launch per decode step. Grid (tiles * splits + tiles,).
 
     Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
@@ -277,12 +307,19 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
     stride_parity) and raises flags[rank * tiles + tile] to the epoch there, the peers' first. A merge
     program waits for its tile's flags RANK_CHUNK ranks at a time and merges each chunk as it arrives. Merges
     hold only the group's MERGE_H head rows (BLOCK_H pads them for tl.dot). No host work between steps.
+    A waiting merge program shares its SM with split programs still streaming K/V: it polls every SLEEP_NS.
+    TIMELINE (a diagnostic, GPU only): each program writes the global timer at its phases into
+    timeline [programs, TIMELINE_FIELDS] (by ticket; FlashDecode(timeline=True), FlashDecode.timeline()).
     """
     num_work = num_tiles * num_splits
     n = num_work + num_tiles
+    started = _read_timer(n, "time" if TIMELINE else "")
     ticket_all = tl.atomic_add(ticket, 1, sem="relaxed", scope="gpu")
     epoch = (ticket_all // n + 1).to(tl.int32)
     t = (ticket_all % n).to(tl.int32)
+    if TIMELINE:
+        tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS, started)
+        _stamp(timeline, t, 1, TIMELINE)
     parity = (epoch % 2).to(tl.int64)
     gather_o += parity * stride_parity
     gather_lse += parity * stride_parity
@@ -299,6 +336,7 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         o, lse = _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
                          stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                          stride_bt, qk_scale, BLOCK_H, D, BLOCK_D, BLOCK_N, PAGE, HAS_LENS, DOT_F32)
+        _stamp(timeline, t, 2, TIMELINE)
         omask = hmask[:, None] & dmask
         row = b.to(tl.int64) * Hq + heads
         if ONE_SPLIT:
@@ -310,23 +348,31 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
             tl.store(mid_lse + srow, lse, mask=hmask)
             tl.debug_barrier()  # every thread's stores come before the count that publishes them
             done = tl.atomic_add(tile_count + tile, 1, sem="acq_rel", scope="gpu")
+            _stamp(timeline, t, 3, TIMELINE)
             if done == num_splits - 1:
                 tl.atomic_xchg(tile_count + tile, 0, sem="relaxed", scope="gpu")
                 # the merge holds only the group's heads (MERGE_H <= BLOCK_H rows): a larger SPLIT_CHUNK fits
                 _, _, mheads, mmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
                 mrow = b.to(tl.int64) * Hq + mheads
                 mo, mlse = _merge_tile(mid_o, mid_lse, mrow, mmask, num_splits, B * Hq * D, B * Hq,
-                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0)
+                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0, 0)
+                _stamp(timeline, t, 4, TIMELINE)
                 _push_tile(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
                            stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D)
+                _stamp(timeline, t, 5, TIMELINE)
+                if TIMELINE:
+                    tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + 6, 1)
     else:
         tile = t - num_work
         rb, _, rheads, rmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
         rrow = rb.to(tl.int64) * Hq + rheads
         # RANK_CHUNK sources at once: every flag of the chunk is waited for, then one load of their states
         ro, rlse = _merge_tile(gather_o, gather_lse, rrow, rmask, WORLD, stride_on, stride_ln, flags + tile,
-                               num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS)
+                               num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS,
+                               SLEEP_NS)
+        _stamp(timeline, t, 3, TIMELINE)
         tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty),
                  mask=rmask[:, None] & dmask)
         tl.store(out_lse + rrow, rlse, mask=rmask)
+        _stamp(timeline, t, 5, TIMELINE)
 

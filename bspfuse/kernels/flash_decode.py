@@ -55,6 +55,8 @@ SPLIT_OVERHEAD_BLOCKS = 2  # a program's fixed cost: q, the pipeline's fill, the
 MERGE_STEP_BLOCKS = 1  # one step of the merge of splits (an L2 round trip for a chunk of states)
 PROGRAMS_TO_SATURATE = 2  # programs an SM needs at once to keep enough K/V bytes in flight
 MERGE_REGISTERS = 64  # fp32 registers a thread may spend on one chunk of states in a merge
+WAIT_SLEEP_NS = 0  # on GPUs, a waiting merge sleeps this long between polls (iris.wait_until's SLEEP_NS); 0, a
+# tight loop: 64-1024 ns changed no step time on one H100 (benchmarks/decode_core_bench.py)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -250,11 +252,12 @@ def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float,
             qk_scale)
 
 
-def _merge_launch(tiling: DecodeTiling, n_states: int, wait: bool = False, max_spins: int = 0) -> FastLaunch:
+def _merge_launch(tiling: DecodeTiling, n_states: int, wait: bool = False, max_spins: int = 0,
+                  sleep_ns: int = 0) -> FastLaunch:
     # a waiting merge takes its sources one at a time, as their tiles arrive
     chunk = 1 if wait else merge_chunk(n_states, tiling)
     return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **dict(tiling.constexprs(), BLOCK_H=merge_h(tiling)),
-                      CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, num_warps=tiling.num_warps)
+                      CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, SLEEP_NS=sleep_ns, num_warps=tiling.num_warps)
 
 
 def _merge_args(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags, epoch=0, rank=0,
@@ -350,14 +353,19 @@ class FlashDecode:
     Arguments beyond the shapes: ``scale`` (default D**-0.5), ``num_splits`` (default: ``choose_num_splits``
     for the first step's KV capacity and this GPU's SMs, then kept: any split count is correct for any length),
     ``block_n``, ``num_warps``, ``num_stages``; ``max_spins`` > 0 bounds every flag wait (debug: a wait
-    that gives up raises RemoteWaitTimeout naming rank, tile and flag); ``group`` the process group of
+    that gives up raises RemoteWaitTimeout naming rank, tile and flag); ``wait_sleep_ns``: how often a
+    waiting merge polls its flags on a GPU (default WAIT_SLEEP_NS; 0: a tight loop); ``timeline`` (stage 3 on
+    a GPU, a diagnostic): every step records when each program reached each phase, read by ``timeline()``;
+    ``merge_chunk``: splits' states the fused kernel's merge folds at once (default ``merge_chunk()``);
+    ``group`` the process group of
     stage 0's collective (default: the default group, if one is initialized).
     """
 
     def __init__(self, heap, world_size: int, rank: int, B: int, Hq: int, Hkv: int, D: int,
                  dtype: torch.dtype = torch.bfloat16, stage: int = 3, *, scale: float | None = None,
                  num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, max_spins: int = 0, group=None):
+                 num_stages: int | None = None, max_spins: int = 0, wait_sleep_ns: int | None = None,
+                 timeline: bool = False, merge_chunk: int | None = None, group=None):
         if stage not in STAGES:
             raise ValueError(f"FlashDecode: stage must be one of {STAGES}, got {stage!r}")
         if dtype not in DTYPES:
@@ -371,8 +379,15 @@ class FlashDecode:
         self.device = heap.device
         self.tiling = decode_tiling(B, Hq, Hkv, D, block_n, num_warps, num_stages, self.device)
         self.num_splits = num_splits
+        self.split_merge_chunk = merge_chunk
         self.num_stages = num_stages  # None: the tiling's, or a deeper pipeline for one wave (_prepare)
         self.max_spins = max_spins
+        gpu = self.device.type == "cuda"  # the simulator runs no inline assembly (iris.nanosleep)
+        self.wait_sleep_ns = (WAIT_SLEEP_NS if wait_sleep_ns is None else wait_sleep_ns) if gpu else 0
+        if timeline and not (gpu and stage == 3):
+            raise ValueError("FlashDecode: timeline=True needs stage 3 on a GPU (it reads the GPU's global timer)")
+        self._timeline = None  # [programs, K.TIMELINE_FIELDS] int64 once the split count is known, if asked for
+        self._want_timeline = timeline
         self.group = group
         self.epoch = Epoch()
         # One rank's state, packed: O [B, Hq, D] then LSE [B, Hq], padded to 16 floats (64 bytes), so a
@@ -493,18 +508,21 @@ class FlashDecode:
             flat = torch.empty(W * self.slot, dtype=torch.float32, device=self.device)  # gloo wants 1-D
             self._gathered = (flat, flat.view(W, self.slot), flat.view(W, self.slot)[:, self._o_numel:])
         if self.stage == 3:
+            if self._want_timeline and self._timeline is None:
+                self._timeline = torch.zeros(t.num_tiles * (splits + 1), K.TIMELINE_FIELDS.value, dtype=torch.int64,
+                                             device=self.device)
             launches = _StepLaunches(fused=FastLaunch(
                 K.fused_decode_kernel, (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout, stages),
                 WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
-                RANK_CHUNK=min(triton.next_power_of_2(W), 4), SPLIT_CHUNK=merge_chunk(splits, t),
-                MAX_SPINS=self.max_spins))
+                RANK_CHUNK=min(triton.next_power_of_2(W), 4), SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t),
+                MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, TIMELINE=self._want_timeline))
         else:
             fine = self.stage == 2
             launches = _StepLaunches(
                 split=_split_launch(t, splits, kv.layout, stages), merge_splits=_merge_launch(t, splits),
                 put=FastLaunch(K.put_states_kernel, (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=fine,
                                num_warps=t.num_warps),
-                merge_ranks=_merge_launch(t, W, wait=fine, max_spins=self.max_spins))
+                merge_ranks=_merge_launch(t, W, wait=fine, max_spins=self.max_spins, sleep_ns=self.wait_sleep_ns))
         self._launches[kv.layout] = launches
         return launches
 
@@ -554,10 +572,35 @@ class FlashDecode:
         t = self.tiling
         mid_o, mid_lse = self._mid
         gather_o, gather_lse = self._gather_views[0][:2]  # the kernel picks the epoch's parity itself
+        timeline = self.err  # never written without TIMELINE
+        if self._timeline is not None:
+            timeline = self._timeline
+            timeline.zero_()  # only this step's programs leave marks
         launches.fused(*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
-                       self.ticket, self.rank, self.heap.heap_bases, self.err, kv.capacity, self.B, self.Hq,
+                       self.ticket, self.rank, self.heap.heap_bases, self.err, timeline, kv.capacity, self.B, self.Hq,
                        self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot,
                        *kv.strides, self.qk_scale)
+
+    def timeline(self) -> dict:
+        """When the programs of the last step (``timeline=True``) reached each phase, in microseconds after the
+        first program started: the spread of the starts, the split programs' attention (median and last), the
+        last split of each tile (counted, its merge of the splits, its push), the merge programs (started,
+        merged once their flags were up, stored) and the most programs that ran on one SM."""
+        if self._timeline is None:
+            raise ValueError("FlashDecode.timeline(): build it with timeline=True and run a step first")
+        x = self._timeline.cpu()
+        work = self.tiling.num_tiles * self.num_splits
+        t0 = int(x[:, 0].min())
+        us = (x.double() - t0) / 1e3
+        split, merge, last = us[:work], us[work:], x[:work, 6] == 1
+
+        def stats(v):
+            return {"median": round(float(v.median()), 2), "max": round(float(v.max()), 2)}
+
+        return {"start": stats(us[:, 0]), "attended": stats(split[:, 2]), "last_split_counted": stats(split[last, 3]),
+                "splits_merged": stats(split[last, 4]), "pushed": stats(split[last, 5]),
+                "merge_started": stats(merge[:, 0]), "ranks_merged": stats(merge[:, 3]), "end": stats(merge[:, 5]),
+                "programs_per_sm_max": int(torch.bincount(x[:, 1]).max())}
 
 
 def reference_decode(q, k, v, kv_lens=None, block_table=None, scale: float | None = None):

@@ -193,7 +193,15 @@ def signal(flag_ptr, value, from_rank, to_rank, heap_bases):
 
 
 @triton.jit
-def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr):
+def nanosleep(ns):
+    """Suspend the calling threads for about ``ns`` nanoseconds (PTX ``nanosleep``; GPU only: the CPU
+    simulator runs no inline assembly, so callers pass a constexpr that is 0 there)."""
+    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, $1;", "=r,r", [tl.cast(ns, tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr = 0):
     """Spin (acquire, "sys" scope) until the local flag ``*flag_ptr >= value``; return what it read.
 
     ``MAX_SPINS == 0`` spins forever (release mode; ``err_ptr`` may be None).
@@ -202,6 +210,10 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr):
     int64 ``err_ptr`` (``errors.new_error_buffer``); the first timeout's record wins
     and later waits on a rank with a recorded timeout give up at once.
     ``errors.raise_if_wait_timed_out(err, heap)`` turns the record into an exception.
+
+    ``SLEEP_NS > 0`` (GPU only): a waiter that shares its SM with programs doing work polls with plain
+    ("relaxed", "sys") loads, sleeping about SLEEP_NS between them, and acquires once the flag is up; a tight
+    loop of acquire atomics takes issue slots and L2 atomic throughput from its neighbours. 0: the tight loop.
     """
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
     if MAX_SPINS > 0:
@@ -209,6 +221,8 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr):
         if tl.load(err_ptr, volatile=True) != 0:  # an earlier wait already timed out
             spins = MAX_SPINS
         while (seen < value) & (spins < MAX_SPINS):
+            if SLEEP_NS > 0:
+                nanosleep(SLEEP_NS)
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
             spins += 1
         if seen < value:  # record layout: errors.ERR_*
@@ -221,6 +235,12 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr):
                 tl.store(err_ptr + 5, tl.cast(tl.program_id(0), tl.int64))
                 tl.store(err_ptr + 6, tl.cast(tl.program_id(1), tl.int64))
                 tl.store(err_ptr + 7, tl.cast(MAX_SPINS, tl.int64))
+    elif SLEEP_NS > 0:
+        if seen < value:
+            while seen < value:
+                nanosleep(SLEEP_NS)
+                seen = tl.load(flag_ptr, volatile=True)  # ld.volatile: relaxed at "sys" scope, not cached in L1
+            seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")  # orders the reads that follow
     else:
         while seen < value:
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
