@@ -10,8 +10,9 @@ checks, buffers, argument lists, Triton's dispatch or the direct launch) except 
 ``cuLaunchKernel`` itself. Tensors live in host memory, so allocations cost what the CPU allocator
 costs, not the CUDA caching allocator. Per stage it prints microseconds per step with the fast launch
 path (``bspfuse.runtime.fastlaunch``) and through the JIT's dispatch (``BSPFUSE_FAST_LAUNCH=0``), with
-and without a preallocated ``out``. These are host-side estimates: on the GPU machine, add about 2-5 us
-per launch for the driver, and compare with decode_bench.py's per-step host times.
+and without a preallocated ``out``, and a step bound once to its tensors (``FlashDecode.bind``). These are
+host-side estimates: on the GPU machine, add about 2-5 us per launch for the driver, and compare with
+decode_bench.py's per-step host times.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def install_stub_driver() -> None:
 
 
 def time_steps(stage: int, B: int, Hq: int, Hkv: int, D: int, S: int, splits: int, steps: int,
-               preallocated: bool) -> float:
+               preallocated: bool, bound: bool = False) -> float:
     """Microseconds of host work per decode step of one FlashDecode: this process's CPU time (other
     processes on the machine do not count), the best of 5 rounds."""
     import torch
@@ -98,6 +99,8 @@ def time_steps(stage: int, B: int, Hq: int, Hkv: int, D: int, S: int, splits: in
     lens = torch.full((B,), S, dtype=torch.int32)
     kw = {"out": (torch.empty(B, Hq, D, dtype=torch.bfloat16), torch.empty(B, Hq))} if preallocated else {}
     step = (lambda: fd(q, k, v, kv_lens=lens, **kw)) if preallocated else (lambda: fd(q, k, v, kv_lens=lens))
+    if bound:
+        step = fd.bind(q, k, v, kv_lens=lens, **kw)
     for _ in range(3):  # compile, then settle
         step()
     rounds = []
@@ -122,13 +125,15 @@ def main(argv=None) -> None:
     install_stub_driver()
     print(f"host us per step, B={args.batch} {Hq}/{Hkv}/{D} S={args.kv} splits={args.splits} "
           f"(CPU, launches stubbed; the JIT column is BSPFUSE_FAST_LAUNCH=0)")
-    print(f"{'stage':>5} {'fast':>8} {'fast+out':>9} {'JIT':>8} {'JIT+out':>8}")
+    print(f"{'stage':>5} {'fast':>8} {'fast+out':>9} {'bound':>8} {'JIT':>8} {'JIT+out':>8}")
     for stage in (0, 1, 2, 3):
         row = []
         for fast in ("1", "0"):
             os.environ["BSPFUSE_FAST_LAUNCH"] = fast
             for preallocated in (False, True):
                 row.append(time_steps(stage, args.batch, Hq, Hkv, D, args.kv, args.splits, args.steps, preallocated))
+            if fast == "1":  # FlashDecode.bind: the step's tensors checked once
+                row.append(time_steps(stage, args.batch, Hq, Hkv, D, args.kv, args.splits, args.steps, True, True))
         print(f"{stage:>5} " + " ".join(f"{x:>8.1f}" for x in row))
 
 

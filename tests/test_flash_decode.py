@@ -275,3 +275,43 @@ def test_the_timeline_diagnostic_says_it_needs_stage_3_on_a_gpu():
     heap = SymmetricHeap(1 << 20)  # one rank, host memory: the simulator's device
     with pytest.raises(ValueError, match="timeline=True needs stage 3 on a GPU"):
         FlashDecode(heap, 1, 0, 1, 4, 2, 16, torch.float32, stage=3, timeline=True)
+
+
+def _bound_steps(ctx):
+    """Steps of FlashDecode.bind (stage 1, and stage 3's one-launch path) with new values written into the
+    bound tensors before each: every step against the reference; a q that bind would have to copy is refused."""
+    from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
+
+    g = torch.Generator().manual_seed(_seed())
+    B, Hq, Hkv, D, S = 2, 4, 2, 16, 24
+    errors, refused = [], []
+    for stage in (1, 3):
+        fd = FlashDecode(ctx.heap, 1, 0, B, Hq, Hkv, D, torch.float32, stage=stage, block_n=16, num_splits=2)
+        q, lens = torch.empty(B, Hq, D), torch.empty(B, dtype=torch.int32)
+        k, v = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+        out = (torch.empty(B, Hq, D), torch.empty(B, Hq))
+        step = fd.bind(q, k, v, kv_lens=lens, out=out)
+        for i in range(3):
+            q.copy_(torch.randn(B, Hq, D, generator=g))
+            lens.copy_(torch.randint(0 if i == 1 else 1, S + 1, (B,), generator=g))
+            if i == 2:
+                k.mul_(-1)
+            o, lse = step()
+            assert o is out[0] and lse is out[1]
+            ref_o, ref_lse = reference_decode(q, k, v, kv_lens=lens)
+            finite = torch.isfinite(ref_lse)
+            errors.append(max((o.double() - ref_o).abs().max().item(),
+                              (lse.double() - ref_lse)[finite].abs().max().item()))
+            assert torch.equal(torch.isfinite(lse), finite)
+        try:
+            fd.bind(torch.randn(B, D, Hq).transpose(1, 2), k, v, kv_lens=lens, out=out)
+        except ValueError as e:
+            refused.append(str(e))
+        fd.close()
+    return errors, refused
+
+
+def test_a_bound_step_reads_the_values_written_into_its_tensors():
+    errors, refused = launch(_bound_steps, 1, backend="sim", heap_bytes=1 << 20, timeout_s=300)[0]
+    assert len(errors) == 6 and max(errors) < TOL_O[torch.float32], errors
+    assert len(refused) == 2 and all("FlashDecode.bind: q would be copied" in r for r in refused), refused

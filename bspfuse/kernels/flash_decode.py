@@ -456,6 +456,47 @@ class FlashDecode:
             raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
         return out_o, out_lse
 
+    def bind(self, q, k, v, kv_lens=None, block_table=None, *, out):
+        """A decode step over these very tensors, checked and prepared once::
+
+            step = fd.bind(q, k, v, kv_lens=lens, out=(o, lse))
+            for _ in range(n):
+                ...  # write this step's query into q, its keys into the cache, lengths into lens (in place)
+                o, lse = step()
+
+        as an engine with static buffers (and a CUDA graph) runs: the host work of a step is then its
+        launches (stage 3: one kernel launch with an argument list made here; 5.9 against 17.5 us of host time
+        a step on a 2-core CPU with launches stubbed, benchmarks/decode_host_bench.py). The tensors must be
+        usable as they are (contiguous last dim, lengths int32 on this device, block table int32), since
+        a copy would not see the values written into them later."""
+        kv = _check_inputs(q, k, v, kv_lens, block_table, self.B, self.Hq, self.Hkv, self.D, self.dtype)
+        for name, given, used in (("q", q, kv.q), ("k", k, kv.k), ("v", v, kv.v), ("kv_lens", kv_lens, kv.lens),
+                                  ("block_table", block_table, kv.table)):
+            if given is not used:
+                raise ValueError(f"FlashDecode.bind: {name} would be copied to be used (a contiguous last dim, "
+                                 f"int32 lengths and block table on {self.device}), so later writes into it would "
+                                 f"not reach the kernels; pass it in that form")
+        launches = self._launches.get(kv.layout) or self._prepare(kv)
+        out_o, out_lse = self._outputs(out)
+        result = (out_o, out_lse)
+        if self.stage == 3 and self._timeline is None and not self.max_spins:
+            fused, args = launches.fused, self._fused_args(kv, out_o, out_lse)
+
+            def step():
+                fused(*args)
+                return result
+            return step
+
+        def checked_step():
+            if self.stage == 3:
+                self._fused_step(kv, launches, out_o, out_lse)
+            else:
+                self._bsp_step(kv, launches, out_o, out_lse)
+            if self.max_spins:
+                raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+            return result
+        return checked_step
+
     def _same_cache(self, q, k, v, kv_lens, block_table) -> _KV | None:
         """The checked inputs of this step without checking k, v and the block table again when they are the
         very tensors of the last step (a decoder's KV cache; written in place between steps), and q and
@@ -569,17 +610,19 @@ class FlashDecode:
                                           r, self.err))
 
     def _fused_step(self, kv, launches, out_o, out_lse):
+        if self._timeline is not None:
+            self._timeline.zero_()  # only this step's programs leave marks
+        launches.fused(*self._fused_args(kv, out_o, out_lse))
+
+    def _fused_args(self, kv, out_o, out_lse) -> tuple:
         t = self.tiling
         mid_o, mid_lse = self._mid
         gather_o, gather_lse = self._gather_views[0][:2]  # the kernel picks the epoch's parity itself
-        timeline = self.err  # never written without TIMELINE
-        if self._timeline is not None:
-            timeline = self._timeline
-            timeline.zero_()  # only this step's programs leave marks
-        launches.fused(*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
-                       self.ticket, self.rank, self.heap.heap_bases, self.err, timeline, kv.capacity, self.B, self.Hq,
-                       self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot,
-                       *kv.strides, self.qk_scale)
+        timeline = self._timeline if self._timeline is not None else self.err  # never written without TIMELINE
+        return (*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
+                self.ticket, self.rank, self.heap.heap_bases, self.err, timeline, kv.capacity, self.B, self.Hq,
+                self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot, *kv.strides,
+                self.qk_scale)
 
     def timeline(self) -> dict:
         """When the programs of the last step (``timeline=True``) reached each phase, in microseconds after the
