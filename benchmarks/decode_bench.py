@@ -437,7 +437,8 @@ def print_report(result: dict) -> None:
 
 
 def plot(result: dict, png: str) -> None:
-    """Speedup over the BSP baseline against per-rank KV length, one panel per (heads, batch), a line per stage."""
+    """Speedup over the BSP baseline against per-rank KV length, one panel per (heads, batch), a line per stage
+    (per step, a barrier before each), and stage 3 in the other two timings (the baseline in the same timing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -454,6 +455,10 @@ def plot(result: dict, png: str) -> None:
             sel = sorted((r for r in rows if (r["Hq"], r["Hkv"], r["D"]) == h and r["B"] == B), key=lambda r: r["S"])
             for name in ("bsp_graph", "stage1", "stage2", "stage3", "stage3_graph"):
                 ax.plot([r["S"] for r in sel], [r["speedup_vs_bsp"][name] for r in sel], marker="o", label=name)
+            for timing, label in (("loop_us", "stage3, decode loop"), ("b2b_us", "stage3, back to back")):
+                if all("stage3" in r.get(timing, {}) for r in sel):
+                    ax.plot([r["S"] for r in sel], [r[timing]["bsp"] / r[timing]["stage3"] for r in sel],
+                            linestyle=":", marker="x", label=label)
             ax.plot([r["S"] for r in sel], [r["us"]["bsp"] / r["floor_us"] for r in sel], "k--", label="floor")
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_xscale("log", base=2)
