@@ -63,13 +63,15 @@ def _tile_heads(tile, Hkv, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_
 
 @triton.jit
 def _merge_step(m, l, acc, lse, o):
-    """Fold one state (o [BLOCK_H, BLOCK_D], lse [BLOCK_H]) into the running (max, weight sum, acc) of each head."""
-    m_new = tl.maximum(m, lse)
+    """Fold a chunk of states (o [BLOCK_H, CHUNK, BLOCK_D], lse [BLOCK_H, CHUNK]) into the running
+    (max, weight sum, acc) of each head. Heads lead, so the warps split the heads and each thread holds its
+    elements of every state of the chunk: the sums over the chunk stay in registers."""
+    m_new = tl.maximum(m, tl.max(lse, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights stay 0
     alpha = tl.exp(m - m_safe)
-    w = tl.exp(lse - m_safe)
-    o = tl.where(w[:, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
-    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
+    w = tl.exp(lse - m_safe[:, None])
+    o = tl.where(w[:, :, None] > 0, o, 0.0)  # an empty state contributes nothing, whatever its O holds
+    return m_new, l * alpha + tl.sum(w, 1), acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
 
 
 @triton.jit
@@ -141,13 +143,13 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
     o_ptr[i * stride_on + row * D + :D] and lse_ptr[i * stride_ln + row]. WAIT: first wait until
     flags[i * flag_stride] reaches `epoch` (the tile's flag from source i), polling every SLEEP_NS (iris.wait_until).
 
-    The loop body is unrolled CHUNK times: CHUNK states' loads are in flight at once (none depends on the
-    merges), so the merge of n splits costs about n / CHUNK memory round trips rather than n (it is the tail
-    of every decode step). Each state is its own [BLOCK_H, BLOCK_D] load in the layout of the running sum;
-    a [CHUNK, BLOCK_H, BLOCK_D] block folded with reductions across warps took 3-6 us per chunk of 8 states on
-    an H100 (the fused kernel's merge of 22 splits at 96/12 heads: 11.6 us then, 3.3 now;
-    benchmarks/decode_core_bench.py)."""
+    CHUNK states are loaded at once, as one [BLOCK_H, CHUNK, BLOCK_D] block (heads first: _merge_step), so the
+    merge of n splits costs about n / CHUNK memory round trips rather than n (it is the tail of every decode
+    step). On an H100 the fused kernel's merge of 22 splits at 96/12 heads took 11.6 us with the chunk's
+    states leading (warps split the chunk, the sums crossed warps through shared memory), 3.3 us with one
+    [BLOCK_H, BLOCK_D] load per state (benchmarks/decode_core_bench.py)."""
     offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CHUNK)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -157,14 +159,14 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
             for j in tl.static_range(CHUNK):
                 if i0 + j < n_states:
                     iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS, SLEEP_NS)
-        for j in tl.static_range(CHUNK):
-            i = i0 + j
-            live = i < n_states
-            # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
-            lse = tl.load(lse_ptr + i * stride_ln + row, mask=hmask & live, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(o_ptr + i * stride_on + row[:, None] * D + offs_d[None, :], mask=omask & live, other=0.0,
-                        cache_modifier=".cg")
-            m, l, acc = _merge_step(m, l, acc, lse, o)
+        state = i0 + offs_c
+        smask = state < n_states
+        # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
+        lse = tl.load(lse_ptr + state[None, :] * stride_ln + row[:, None], mask=hmask[:, None] & smask[None, :],
+                      other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(o_ptr + state[None, :, None] * stride_on + (row[:, None] * D + offs_d[None, :])[:, None, :],
+                    mask=smask[None, :, None] & omask[:, None, :], other=0.0, cache_modifier=".cg")
+        m, l, acc = _merge_step(m, l, acc, lse, o)
     return _merge_finish(m, l, acc)
 
 
