@@ -146,7 +146,7 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
     CHUNK states are loaded at once, as one [BLOCK_H, CHUNK, BLOCK_D] block (heads first: _merge_step), so the
     merge of n splits costs about n / CHUNK memory round trips rather than n (it is the tail of every decode
     step). The fused kernel's merge of the splits on an H100 (benchmarks/decode_core_bench.py), 22 at 96/12
-    heads / 33 at 32/8: 11.6 / 7.2 us with the chunk's states leading (warps split the chunk, the sums
+    heads / 33 at 32/8: 11.6 / 8-10 us with the chunk's states leading (warps split the chunk, the sums
     crossed warps through shared memory), 3.3 / 7.2 us with one [BLOCK_H, BLOCK_D] load per state, 3.6 / 3.6
     us heads first."""
     offs_d = tl.arange(0, BLOCK_D)
