@@ -24,8 +24,8 @@ What it measures, bf16, the KV cache split along the sequence (every rank holds 
 Timing: CUDA events, warm-up first, a host barrier (NCCL barrier + device sync) before each timed step
 and the median over steps of the slower rank; plus ``b2b``: many steps back to back with no barrier, the
 mean per step (launch and sync overhead is what the fused stages remove); ``loop``: a decode loop whose
-host waits for every token (each step followed by a device synchronize, no barrier between steps), wall
-time per step on the slower rank; and ``host``: the CPU time of the step's call (what a step costs the
+host waits for every token (each step followed by a device synchronize, no barrier between steps), the
+median wall time per step on the slower rank; and ``host``: the CPU time of the step's call (what a step costs the
 host before the GPU has it all). Steps run as an engine's decode loop would: the same FlashDecode, its
 step bound once to static input and result tensors (``FlashDecode.bind``), for the baseline as for ours. Every stage is also checked against a
 float64 reference over the full KV on a few shapes with fresh random inputs, in the same run. The whole
@@ -93,15 +93,18 @@ def time_steps(step, iters: int) -> tuple[list[float], list[float]]:
 
 
 def time_loop(step, n: int) -> float:
-    """Mean microseconds per step of a decode loop whose host waits for every token: `n` steps, each followed
-    by a device synchronize, no barrier between them (the ranks keep each other in step through the data
-    they exchange); wall time on the host."""
+    """Median microseconds per step of a decode loop whose host waits for every token: `n` steps, each
+    followed by a device synchronize, no barrier between them (the ranks keep each other in step through the
+    data they exchange); wall time on the host, from one synchronize's return to the next."""
     _barrier()
-    t0 = time.perf_counter()
+    times, t0 = [], time.perf_counter()
     for _ in range(n):
         step()
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e6 / n
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e6)
+        t0 = t1
+    return statistics.median(times)
 
 
 def time_back_to_back(step, n: int) -> float:
@@ -277,6 +280,15 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
         if stage in ("bsp", "stage3"):
             replay, _ = capture_graph(step)
             run(f"{stage}_graph", replay)
+    timeline = None
+    if B == 1:  # where a fused step's time goes on this rank (FlashDecode(timeline=True)), the 5th of 5 steps
+        fd = _make(ctx, "stage3", B, Hq, Hkv, D, num_splits=splits, timeline=True)
+        step = fd.bind(q, k, v, kv_lens=lens, out=out)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        timeline = fd.timeline()
+        fd.close()
     run("local", lambda: decode_partial(q, k, v, kv_lens=lens, num_splits=splits))
     packed = torch.zeros(fds[0].slot, dtype=torch.float32, device=ctx.device)
     gathered = torch.empty(ctx.world_size * fds[0].slot, dtype=torch.float32, device=ctx.device)
@@ -287,7 +299,7 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
         fd.close()
     del q, k, v
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "splits": splits, "steps_us": steps, "host_us": host,
-            "b2b_us": b2b, "loop_us": loop}
+            "b2b_us": b2b, "loop_us": loop, "timeline": timeline}
 
 
 def run_rank(ctx, opts: dict) -> dict:
@@ -346,6 +358,8 @@ def combine(per_rank: list[dict]) -> dict:
             row["b2b_us"][name] = max(r["shapes"][i]["b2b_us"][name] for r in per_rank)
         for name in shape.get("loop_us", {}):
             row["loop_us"][name] = max(r["shapes"][i]["loop_us"][name] for r in per_rank)
+        if shape.get("timeline"):
+            row["timeline_by_rank"] = [r["shapes"][i]["timeline"] for r in per_rank]
         bsp = row["us"]["bsp"]
         row["speedup_vs_bsp"] = {n: bsp / row["us"][n] for n in ("bsp_graph", "stage1", "stage2", "stage3",
                                                                    "stage3_graph")}
@@ -427,6 +441,14 @@ def print_report(result: dict) -> None:
               + "".join(f" {r.get('loop_us', {}).get(n, nan):>{w}.1f}" for n, w in (("bsp", 8), ("stage3", 7),
                                                                                      ("stage3_graph", 8)))
               + f" {host.get('bsp', nan):>8.1f} {host.get('stage3', nan):>7.1f}")
+    timelines = [r for r in result["rows"] if r.get("timeline_by_rank")]
+    if timelines:
+        print("\nstage 3's timeline at batch 1, per rank (us after its first program started, the last program "
+              "of each phase; rank clocks are not compared)")
+        for r in timelines:
+            for rank, t in enumerate(r["timeline_by_rank"]):
+                print(f"{r['Hq']:>4}/{r['Hkv']:<4} {r['S'] // 1024:>6}K rank {rank}: " + ", ".join(
+                    f"{p} {v['max']:.1f}" for p, v in t.items() if isinstance(v, dict)))
     summary = summarize(result["rows"])
     for title, key in (("per step", "targets"), ("back to back", "targets_back_to_back"),
                        ("decode loop", "targets_loop")):

@@ -27,7 +27,10 @@ def _rank(bench, rank):
             shapes.append({"B": B, "Hq": 96, "Hkv": 12, "D": 128, "S": S, "splits": 16,
                            "steps_us": {k: [v, v + 1, v + 2] for k, v in steps.items()},
                            "host_us": {k: 20.0 + 10 * rank for k in steps},
-                           "b2b_us": {k: steps[k] for k in bench.B2B_VARIANTS}})
+                           "b2b_us": {k: steps[k] for k in bench.B2B_VARIANTS},
+                           "loop_us": {k: steps[k] + 10 + rank for k in bench.LOOP_VARIANTS},
+                           "timeline": {"attended": {"median": base, "max": base + 1}, "programs_per_sm_max": 2}
+                           if B == 1 else None})
     check = {"B": 1, "Hq": 96, "Hkv": 12, "D": 128, "S": 4096, "ragged": False, "seed": 1,
              "errors": {"stage3": {"rel_err_o": 1e-3, "max_err_lse": 1e-5, "ok": True}}}
     meta = {"device": "H200", "sms": 132, "world_size": 2, "torch": "x", "triton": "y", "hbm_bytes_per_s": 4.2e12,
@@ -43,9 +46,13 @@ def test_report(bench, tmp_path, capsys):
     assert row["host_us"]["stage3"] == 30.0  # the slower rank's host time
     short = result["summary"]["targets"]["stage3_vs_bsp_b1_short"]
     assert short["value"] == pytest.approx(row["us"]["bsp"] / row["us"]["stage3"]) and short["met"]
+    loop = result["summary"]["loop"]["stage3_vs_bsp_b1_short"]  # the slower rank's median in both
+    assert loop == pytest.approx((4.096 + 45 + 11) / (4.096 + 9 + 11)) and row["loop_us"]["stage3"] == 4.096 + 9 + 11
+    assert len(row["timeline_by_rank"]) == 2 and "timeline_by_rank" not in result["rows"][2]  # batch 1 only
     path = tmp_path / "decode.json"
     path.write_text(json.dumps(result))
     bench.main(["--from-json", str(path), "--plot", str(tmp_path / "decode.png")])
     text = capsys.readouterr().out
-    assert "stage3_vs_bsp_geomean" in text and "96/12" in text
+    assert "stage3_vs_bsp_geomean" in text and "96/12" in text and "targets, decode loop" in text
+    assert "stage 3's timeline at batch 1" in text and "attended 5.1" in text
     assert (tmp_path / "decode.png").stat().st_size > 10_000
