@@ -21,15 +21,15 @@ What it measures, bf16, the KV cache split along the sequence (every rank holds 
   plus one cross-GPU flag round trip measured in this run (rma_bench.py's ping-pong: many round trips
   inside one kernel launch, the launch's time divided by their number).
 
-Timing: CUDA events, warm-up first, a host barrier (NCCL barrier + device sync) before each timed step
-and the median over steps of the slower rank; plus ``b2b``: many steps back to back with no barrier, the
-mean per step (launch and sync overhead is what the fused stages remove); ``loop``: a decode loop whose
-host waits for every token (each step followed by a device synchronize, no barrier between steps), the
-median wall time per step on the slower rank; and ``host``: the CPU time of the step's call (what a step costs the
-host before the GPU has it all). Steps run as an engine's decode loop would: the same FlashDecode, its
-step bound once to static input and result tensors (``FlashDecode.bind``), for the baseline as for ours. Every stage is also checked against a
-float64 reference over the full KV on a few shapes with fresh random inputs, in the same run. The whole
-run is budgeted to finish in under 6 minutes (shapes past the budget are skipped, and said so).
+Timing: CUDA events, warm-up first, a host barrier (NCCL barrier + device sync) before each timed step and the
+median over steps of the slower rank; plus ``b2b``: many steps back to back with no barrier, the mean per step
+(launch and sync overhead is what the fused stages remove); ``loop``: a decode loop whose host waits for every
+token (each step followed by a device synchronize, no barrier between steps), the median wall time per step on
+the slower rank; and ``host``: the CPU time of the step's call (what a step costs the host before the GPU has
+it all). Steps run as an engine's decode loop would: the same FlashDecode, its step bound once to static input
+and result tensors (``FlashDecode.bind``), for the baseline as for ours. Every stage is also checked against a
+float64 reference over the full KV on a few shapes with fresh random inputs, in the same run. The whole run is
+budgeted to finish in under 6 minutes (shapes past the budget are skipped, and said so).
 """
 from __future__ import annotations
 

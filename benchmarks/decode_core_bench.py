@@ -3,22 +3,22 @@
     python3 -m torch.distributed.run --nproc_per_node=1 benchmarks/decode_core_bench.py \\
         --json benchmarks/results/decode_core_h100.json
 
-A decode step at short context is far above its floor (K+V bytes at HBM speed) even back to back
+A decode step at short context was far above its floor (K+V bytes at HBM speed) even back to back
 (decode_bench.py, BENCHMARKS.md). This times, back to back on one GPU with no peer, the pieces of a step and
 variants of their tuning, so the gap can be split into its parts:
 
 - ``split``: decode_split_kernel alone (every split's state to HBM);
-- ``split+merge``: decode_partial (the split kernel and the merge of the splits, two launches);
+- ``merge``: merge_states_kernel over the split kernel's states, CHUNK (1-16) states a load;
 - ``fused``: FlashDecode stage 3 at world size 1 (one launch: splits, the last split's merge, the push of
   the tile to its own gather slot with a flag, the merge program);
 - ``read``: a plain kernel that reads the same K and V bytes once, with as many programs as the split
   kernel (what streaming alone costs with this grid);
 
-for each (heads, KV length) at batch 1, with the default tuning (``choose_num_splits``, FlashDecode's
-pipeline depth and wait backoff) and variants (splits halved or doubled, FUSED_VARIANTS), and the timeline of a fused step (when its programs
-reached each phase, FlashDecode(timeline=True)). Every fused
-variant's result is checked against decode_partial's in the same run. The floor is K+V bytes over the copy
-rate measured in the run.
+for each (heads, KV length) at batch 1, with the default tuning (``choose_num_splits``, FlashDecode's pipeline
+depth and wait backoff) and variants (splits halved or doubled, FUSED_VARIANTS), and the timeline of a fused
+step (when its programs reached each phase, FlashDecode(timeline=True)). Every fused variant's result is
+checked against decode_partial's in the same run. The floor is K+V bytes over the copy rate measured in the
+run.
 """
 from __future__ import annotations
 
@@ -129,8 +129,9 @@ def run(ctx, opts) -> dict:
             args = F._split_args(kv, t, splits, D ** -0.5 * K.LOG2E, mid_o, mid_lse)
             row["us"][f"split s{splits}"] = us_per_call(lambda: launch(*args))
             partial = torch.empty(splits * Hkv * D, dtype=torch.float32, device=ctx.device)
-            read = lambda: read_kv_kernel[(Hkv, splits)](k, v, partial, S, splits, k.stride(1), k.stride(2), Hkv,  # noqa: E731
-                                                       D=D, BLOCK_N=t.block_n, num_warps=4, num_stages=4)
+            read = lambda: read_kv_kernel[(Hkv, splits)](  # noqa: E731
+                k, v, partial, S, splits, k.stride(1), k.stride(2), Hkv, D=D, BLOCK_N=t.block_n, num_warps=4,
+                num_stages=4)
             row["us"][f"read s{splits}"] = us_per_call(read)
             launch(*args)  # the states the merges below fold
             for chunk in (1, 2, 4, 8, 16):
@@ -138,7 +139,8 @@ def run(ctx, opts) -> dict:
                                    CHUNK=chunk, WAIT=False, MAX_SPINS=0, SLEEP_NS=0, num_warps=t.num_warps)
                 margs = F._merge_args(t, mid_o, mid_lse, splits, B * Hq * D, B * Hq, *out, out[1])
                 row["us"][f"merge s{splits} chunk{chunk}"] = us_per_call(lambda: merge(*margs))
-            variants = FUSED_VARIANTS + [{"merge_chunk": c} for c in (1, 2, 4, 16)] if splits == base else FUSED_VARIANTS[:2]
+            chunks = [{"merge_chunk": c} for c in (1, 2, 4, 16)]
+            variants = FUSED_VARIANTS + chunks if splits == base else FUSED_VARIANTS[:2]
             for kw in variants:
                 name = f"fused s{splits}" + "".join(f" {key}={x}" for key, x in kw.items())
                 try:
@@ -181,13 +183,15 @@ def main(argv=None) -> None:
         print(f"{r['Hq']}/{r['Hkv']} S={r['S'] // 1024}K splits {r['splits']} floor {r['floor_us']:.1f}")
         for name, us in r["us"].items():
             err = r["err"].get(name, "")
-            print(f"   {name:<28} {us:8.1f} {us / r['floor_us']:6.2f}x  {err if isinstance(err, str) else f'{err:.1e}'}")
+            err = err if isinstance(err, str) else f"{err:.1e}"
+            print(f"   {name:<28} {us:8.1f} {us / r['floor_us']:6.2f}x  {err}")
         for name, phases in r.get("timeline", {}).items():
             if isinstance(phases, str):
                 print(f"   timeline of {name}: {phases}")
                 continue
             print(f"   timeline of {name}, us after the first start (median / last): " + ", ".join(
-                f"{p} {v['median']:.1f}/{v['max']:.1f}" if isinstance(v, dict) else f"{p} {v}" for p, v in phases.items()))
+                f"{p} {v['median']:.1f}/{v['max']:.1f}" if isinstance(v, dict) else f"{p} {v}"
+                for p, v in phases.items()))
 
 
 if __name__ == "__main__":

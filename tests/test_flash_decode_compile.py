@@ -29,7 +29,8 @@ COMPILE = textwrap.dedent('''
                 attrs[(i,)] = [["tt.divisibility", 16]]
         k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                            options=options)
-        ops = re.findall(r"\\b(ld\\.global[.\\w]*|ld\\.volatile[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+|nanosleep)",
+        ops = re.findall(r"\\b(ld\\.global[.\\w]*|ld\\.volatile[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+"
+                         r"|nanosleep)",
                          k.asm["ptx"])
         return {"name": fn.__name__, "shared": k.metadata.shared, "ops": sorted(set(ops)),
                 "timeline": constexprs.get("TIMELINE", False), "timer_reads": k.asm["ptx"].count("%globaltimer")}
@@ -53,7 +54,8 @@ COMPILE = textwrap.dedent('''
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
         out.append(compile_one(K.fused_decode_kernel, ptr,
-                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256, TIMELINE=bool(page),
+                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
+                                    TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
                                **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))

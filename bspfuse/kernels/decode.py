@@ -171,7 +171,9 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
     return _merge_finish(m, l, acc)
 
 
-TIMELINE_FIELDS = tl.constexpr(8)  # per program: start, SM, attended, counted / merged, splits merged, pushed / stored, last
+# per program: start, SM, attended, then a split's count / a merge program's ranks merged, the last split's splits
+# merged and pushed / a merge program's stored result, 1 on the last split of a tile
+TIMELINE_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
