@@ -53,7 +53,7 @@ COMPILE = textwrap.dedent('''
         out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
-        out.append(compile_one(K.fused_decode_kernel, dict(ptr, gather_o="*i64", gather_lse="*i64"),
+        out.append(compile_one(K.fused_decode_kernel, ptr,
                                dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
                                     TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
@@ -73,9 +73,10 @@ def test_kernels_compile_for_sm90(run_script):
             assert any(o.startswith("cp.async.cg") for o in ops), k  # ... as 16-byte copies
         if k["name"] == "fused_decode_kernel":
             assert 2 * k["shared"] <= 232448, k["shared"]  # two programs an SM, even with 4 stages
-            # the push is LL words (no flag, no release); the merge programs read them until they carry the epoch
-            assert not any(".release" in o or ".acquire" in o for o in ops), k
-            assert "nanosleep" in ops and any(o.startswith("ld.volatile.global") for o in ops), k
+            assert "atom.global.sys.release.exch.b32" in ops, k  # the per-tile flag (iris.signal)
+            assert any(o.startswith("atom.global.sys.acquire") or o.startswith("ld.global.sys.acquire")
+                       for o in ops), k  # the wait's acquire
+            assert "nanosleep" in ops and any(o.startswith("ld.volatile.global") for o in ops), k  # its backoff
             assert (k["timer_reads"] > 0) == k["timeline"], k  # the diagnostic timeline only where asked for
         if k["name"] == "put_states_kernel":
             assert any(".v4." in o for o in ops), k  # 16-byte remote stores/loads

@@ -24,8 +24,8 @@ Kernels (the host side is ``bspfuse.kernels.flash_decode``):
 - ``put_states_kernel``: grid (tiles,); RMA all-gather: puts this rank's state tile into every
   rank's gather buffer, optionally raising a per-tile flag there.
 - ``fused_decode_kernel``: one launch per decode step: split attention, the intra-GPU merge by the last
-  split of a tile (an atomic counter), the push of the merged tile to every rank as words that carry their
-  own epoch (an LL protocol: no flag), and the cross-rank merge as the tiles arrive.
+  split of a tile (an atomic counter), the push of the merged tile to every rank with a per-tile flag,
+  and the cross-rank merge as the tiles arrive.
 """
 from __future__ import annotations
 
@@ -270,83 +270,23 @@ def put_states_kernel(gather_o, gather_lse, stride_on, stride_ln, Hq, Hkv, flags
 
 
 @triton.jit
-def _ll_pack(x, epoch):
-    """fp32 values -> int64 words (epoch << 32 | the value's bits): a word carries its own flag (LL protocol)."""
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    return (epoch.to(tl.int64) << 32) | bits
-
-
-@triton.jit
-def _ll_unpack(words):
-    return (words & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _push_tile_ll(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, rank, epoch, heap_bases,
-                  WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Put a merged tile into this rank's slot of every rank's gather buffer as LL words (_ll_pack): no flag
-    and no fence, a reader knows a word has arrived by its epoch. The peers first, this rank's own last."""
+def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile, num_tiles,
+               epoch, heap_bases, WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Put a merged tile into this rank's slot of every rank's gather buffer, then raise its flag there:
+    the peers' flags first (the long pole), this rank's own last."""
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
     l_ptrs = gather_lse + rank * stride_ln + row
-    o_words = _ll_pack(o, epoch)
-    l_words = _ll_pack(lse, epoch)
+    for peer in tl.static_range(WORLD):
+        iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
+        iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
     for i in tl.static_range(1, WORLD + 1):
-        peer = (rank + i) % WORLD
-        iris.store(o_ptrs, o_words, rank, peer, heap_bases, mask=omask)
-        iris.store(l_ptrs, l_words, rank, peer, heap_bases, mask=hmask)
-
-
-@triton.jit
-def _merge_ranks_ll(gather_o, gather_lse, row, hmask, stride_on, stride_ln, epoch, cur_rank, err_ptr,
-                    WORLD: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr):
-    """Merge every rank's state of a tile from the LL gather buffer, CHUNK ranks at a time: each chunk's words
-    are read (relaxed "sys" loads) until every one carries `epoch`, then unpacked and folded (_merge_step).
-    The words are the data, so no acquire is needed. MAX_SPINS > 0 (debug): a chunk still short after that
-    many reads is recorded as iris.wait_until records a flag (the first word's address)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_c = tl.arange(0, CHUNK)
-    omask = hmask[:, None] & (offs_d < D)[None, :]
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    ready = epoch.to(tl.int64) << 32  # what a masked-off word reads as
-    for i0 in tl.static_range(0, WORLD, CHUNK):
-        src = i0 + offs_c
-        smask = src < WORLD
-        l_ptrs = gather_lse + src[None, :] * stride_ln + row[:, None]
-        o_ptrs = gather_o + src[None, :, None] * stride_on + (row[:, None] * D + offs_d[None, :])[:, None, :]
-        lmask = hmask[:, None] & smask[None, :]
-        o_mask = smask[None, :, None] & omask[:, None, :]
-        lw = tl.load(l_ptrs, mask=lmask, other=ready, volatile=True)
-        ow = tl.load(o_ptrs, mask=o_mask, other=ready, volatile=True)
-        spins = 0
-        while ((tl.min(lw >> 32) < epoch) | (tl.min(ow >> 32) < epoch)) & ((MAX_SPINS == 0) | (spins < MAX_SPINS)):
-            if SLEEP_NS > 0:
-                iris.nanosleep(SLEEP_NS)
-            lw = tl.load(l_ptrs, mask=lmask, other=ready, volatile=True)
-            ow = tl.load(o_ptrs, mask=o_mask, other=ready, volatile=True)
-            spins += 1
-        if MAX_SPINS > 0:
-            if (tl.min(lw >> 32) < epoch) | (tl.min(ow >> 32) < epoch):  # record layout: errors.ERR_*
-                if tl.atomic_add(err_ptr, 1, sem="relaxed", scope="gpu") == 0:
-                    tl.store(err_ptr + 1, tl.cast(cur_rank, tl.int64))
-                    tl.store(err_ptr + 2, tl.min(tl.where(lw >> 32 < epoch, tl.cast(l_ptrs, tl.int64), 2**62)))
-                    tl.store(err_ptr + 3, tl.cast(epoch, tl.int64))
-                    tl.store(err_ptr + 4, tl.min(lw >> 32))
-                    tl.store(err_ptr + 5, tl.cast(tl.program_id(0), tl.int64))
-                    tl.store(err_ptr + 6, tl.cast(tl.program_id(1), tl.int64))
-                    tl.store(err_ptr + 7, tl.cast(MAX_SPINS, tl.int64))
-        lse = tl.where(lmask, _ll_unpack(lw), float("-inf"))
-        o = tl.where(o_mask, _ll_unpack(ow), 0.0)
-        m, l, acc = _merge_step(m, l, acc, lse, o)
-    return _merge_finish(m, l, acc)
+        iris.signal(flags + rank * num_tiles + tile, epoch, rank, (rank + i) % WORLD, heap_bases)
 
 
 @triton.jit
 def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, gather_o, gather_lse,
-                        out_o, out_lse, tile_count, ticket, rank, heap_bases, err_ptr, timeline,
+                        out_o, out_lse, flags, tile_count, ticket, rank, heap_bases, err_ptr, timeline,
                         S, B, Hq, Hkv, num_tiles, num_splits, stride_parity, stride_on, stride_ln,
                         stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                         stride_bt, qk_scale,
@@ -367,13 +307,10 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
     finishes its splits whatever its peers do: no deadlock however few programs fit at once.
 
     A split stores its state into mid (mid_o [splits, B, Hq, D]) and counts itself in tile_count[tile];
-    the last split of a tile resets the count, merges the tile's splits and puts the merged state into its
+    the last split of a tile resets the count, merges the tile's splits, puts the merged state into its
     slot of every rank's gather buffer (of the two, the one of the epoch's parity: gather_o + parity *
-    stride_parity), the peers' first, as LL words: each fp32 value travels with the epoch in the other half of
-    its 8-byte word (_ll_pack), so the push needs no flag and no fence, and the tile's merge program on every
-    rank reads the words, RANK_CHUNK ranks at a time, until they all carry the epoch (_merge_ranks_ll). A
-    flag written after the data waits for the release of the remote stores first: 2.3-4.4 us a step on 2xH200
-    (FlashDecode.timeline()). Merges
+    stride_parity) and raises flags[rank * tiles + tile] to the epoch there, the peers' first. A merge
+    program waits for its tile's flags RANK_CHUNK ranks at a time and merges each chunk as it arrives. Merges
     hold only the group's MERGE_H head rows (BLOCK_H pads them for tl.dot). No host work between steps.
     A waiting merge program shares its SM with split programs still streaming K/V: it polls every SLEEP_NS.
     TIMELINE (a diagnostic, GPU only): each program writes the global timer at its phases into
@@ -408,8 +345,8 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         omask = hmask[:, None] & dmask
         row = b.to(tl.int64) * Hq + heads
         if ONE_SPLIT:
-            _push_tile_ll(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, rank, epoch,
-                          heap_bases, WORLD, D, BLOCK_D)
+            _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile,
+                       num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D)
         else:
             srow = split.to(tl.int64) * B * Hq + row
             tl.store(mid_o + srow[:, None] * D + offs_d[None, :], o, mask=omask)
@@ -423,11 +360,10 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                 _, _, mheads, mmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
                 mrow = b.to(tl.int64) * Hq + mheads
                 mo, mlse = _merge_tile(mid_o, mid_lse, mrow, mmask, num_splits, B * Hq * D, B * Hq,
-                                       tile_count, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False,
-                                       0, 0)  # no waits: tile_count stands in for the flags
+                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0, 0)
                 _stamp(timeline, t, 4, TIMELINE)
-                _push_tile_ll(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
-                              stride_ln, rank, epoch, heap_bases, WORLD, D, BLOCK_D)
+                _push_tile(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
+                           stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D)
                 _stamp(timeline, t, 5, TIMELINE)
                 if TIMELINE:
                     tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + 6, 1)
@@ -435,8 +371,10 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         tile = t - num_work
         rb, _, rheads, rmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
         rrow = rb.to(tl.int64) * Hq + rheads
-        ro, rlse = _merge_ranks_ll(gather_o, gather_lse, rrow, rmask, stride_on, stride_ln, epoch, rank, err_ptr,
-                                   WORLD, MERGE_H, D, BLOCK_D, RANK_CHUNK, MAX_SPINS, SLEEP_NS)
+        # RANK_CHUNK sources at once: every flag of the chunk is waited for, then one load of their states
+        ro, rlse = _merge_tile(gather_o, gather_lse, rrow, rmask, WORLD, stride_on, stride_ln, flags + tile,
+                               num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS,
+                               SLEEP_NS)
         _stamp(timeline, t, 3, TIMELINE)
         tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty),
                  mask=rmask[:, None] & dmask)

@@ -20,9 +20,8 @@ the symmetric heap and ends with a heap barrier)::
   kernel copying it to every peer, a heap barrier (host), merge of the ranks: 4 kernels + 1 barrier.
 - 2, fine-grained waits: as 1, but the put kernel raises a per-(batch, head-tile) flag on every rank and
   the merge of the ranks waits per tile and source instead of a barrier: 4 kernels, no host sync.
-- 3, fused push: 1 kernel (``fused_decode_kernel``): the last split of a tile merges the tile's splits and
-  pushes it to every rank as words that carry the step's epoch (each 8-byte word its own flag); merge
-  programs consume tiles as their words arrive.
+- 3, fused push: 1 kernel (``fused_decode_kernel``): the last split of a tile merges the tile's splits,
+  pushes it to every rank and raises the tile's flag; merge programs consume tiles as they arrive.
 
 Flags carry epochs (``Epoch``) and counters are reset on the device, so steps need no host reset. The
 gather buffer is double-buffered by epoch parity: a rank can be at most one step ahead of a peer's
@@ -396,9 +395,7 @@ class FlashDecode:
         self._o_numel = B * Hq * D
         self.slot = -(-(self._o_numel + B * Hq) // 16) * 16
         tiles = self.tiling.num_tiles
-        # stage 3 pushes LL words (fp32 value | epoch << 32, bspfuse.kernels.decode._ll_pack) instead of floats
-        self.gather = heap.zeros(2, world_size, self.slot, dtype=torch.int64 if stage == 3 else torch.float32,
-                                 name="flash_decode.gather")
+        self.gather = heap.zeros(2, world_size, self.slot, dtype=torch.float32, name="flash_decode.gather")
         # per epoch parity: O [W, B*Hq*D] and LSE [W, B*Hq] of every rank's slot, then this rank's own
         self._gather_views = [(buf[:, :self._o_numel], buf[:, self._o_numel:], buf[rank, :self._o_numel],
                                buf[rank, self._o_numel:], buf[rank]) for buf in self.gather]
@@ -623,7 +620,7 @@ class FlashDecode:
         mid_o, mid_lse = self._mid
         gather_o, gather_lse = self._gather_views[0][:2]  # the kernel picks the epoch's parity itself
         timeline = self._timeline if self._timeline is not None else self.err  # never written without TIMELINE
-        return (*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.tile_count,
+        return (*kv.args(), mid_o, mid_lse, gather_o, gather_lse, out_o, out_lse, self.flags, self.tile_count,
                 self.ticket, self.rank, self.heap.heap_bases, self.err, timeline, kv.capacity, self.B, self.Hq,
                 self.Hkv, t.num_tiles, self.num_splits, self.gather.stride(0), self.slot, self.slot, *kv.strides,
                 self.qk_scale)
