@@ -197,7 +197,6 @@ def _stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr):
         tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + k, _read_timer(t, "sm" if k == 1 else "time"))
 
 
-
 # ------------------------------------------------------------------------------------------------ kernels
 # Buffers of states are state-major: o [n, B, Hq, D] fp32 and lse [n, B, Hq] fp32 (n = splits or ranks),
 # addressed with a state stride so a gather buffer's slot stride (its padded payload) fits too.

@@ -55,8 +55,9 @@ SPLIT_OVERHEAD_BLOCKS = 2  # a program's fixed cost: q, the pipeline's fill, the
 MERGE_STEP_BLOCKS = 1  # one step of the merge of splits (an L2 round trip for a chunk of states)
 PROGRAMS_TO_SATURATE = 2  # programs an SM needs at once to keep enough K/V bytes in flight
 MERGE_REGISTERS = 64  # fp32 registers a thread may spend on one chunk of states in a merge
-WAIT_SLEEP_NS = 0  # on GPUs, a waiting merge sleeps this long between polls (iris.wait_until's SLEEP_NS); 0, a
-# tight loop: 64-1024 ns changed no step time on one H100 (benchmarks/decode_core_bench.py)
+# On GPUs, a waiting merge sleeps this long between polls (iris.wait_until's SLEEP_NS); 0: a tight loop.
+# 64-1024 ns changed no step time on one H100 (benchmarks/decode_core_bench.py).
+WAIT_SLEEP_NS = 0
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -357,8 +358,7 @@ class FlashDecode:
     waiting merge polls its flags on a GPU (default WAIT_SLEEP_NS; 0: a tight loop); ``timeline`` (stage 3 on
     a GPU, a diagnostic): every step records when each program reached each phase, read by ``timeline()``;
     ``merge_chunk``: splits' states the fused kernel's merge folds at once (default ``merge_chunk()``);
-    ``group`` the process group of
-    stage 0's collective (default: the default group, if one is initialized).
+    ``group`` the process group of stage 0's collective (default: the default group, if one is initialized).
     """
 
     def __init__(self, heap, world_size: int, rank: int, B: int, Hq: int, Hkv: int, D: int,
@@ -453,7 +453,7 @@ class FlashDecode:
         else:
             self._bsp_step(kv, launches, out_o, out_lse)
         if self.max_spins:
-            raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+            self._raise_if_a_wait_timed_out()
         return out_o, out_lse
 
     def bind(self, q, k, v, kv_lens=None, block_table=None, *, out):
@@ -493,9 +493,12 @@ class FlashDecode:
             else:
                 self._bsp_step(kv, launches, out_o, out_lse)
             if self.max_spins:
-                raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+                self._raise_if_a_wait_timed_out()
             return result
         return checked_step
+
+    def _raise_if_a_wait_timed_out(self) -> None:
+        raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
 
     def _same_cache(self, q, k, v, kv_lens, block_table) -> _KV | None:
         """The checked inputs of this step without checking k, v and the block table again when they are the
@@ -638,12 +641,13 @@ class FlashDecode:
         us = (x.double() - t0) / 1e3
         split, merge, last = us[:work], us[work:], x[:work, 6] == 1
 
-        def stats(v):
-            return {"median": round(float(v.median()), 2), "max": round(float(v.max()), 2)}
+        def stats(v):  # None for a phase no program reached (one split a tile: no merge of splits)
+            return {"median": round(float(v.median()), 2), "max": round(float(v.max()), 2)} if len(v) else None
 
-        return {"start": stats(us[:, 0]), "attended": stats(split[:, 2]), "last_split_counted": stats(split[last, 3]),
-                "splits_merged": stats(split[last, 4]), "pushed": stats(split[last, 5]),
-                "merge_started": stats(merge[:, 0]), "ranks_merged": stats(merge[:, 3]), "end": stats(merge[:, 5]),
+        phases = {"start": stats(us[:, 0]), "attended": stats(split[:, 2]), "last_split_counted": stats(split[last, 3]),
+                  "splits_merged": stats(split[last, 4]), "pushed": stats(split[last, 5]),
+                  "merge_started": stats(merge[:, 0]), "ranks_merged": stats(merge[:, 3]), "end": stats(merge[:, 5])}
+        return {**{k: v for k, v in phases.items() if v is not None},
                 "programs_per_sm_max": int(torch.bincount(x[:, 1]).max())}
 
 
