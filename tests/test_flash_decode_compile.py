@@ -30,7 +30,7 @@ COMPILE = textwrap.dedent('''
         k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                            options=options)
         ops = re.findall(r"\\b(ld\\.global[.\\w]*|ld\\.volatile[.\\w]*|cp\\.async\\.\\w+|atom\\.[.\\w]+|mma\\.\\w+"
-                         r"|nanosleep)",
+                         r"|nanosleep|fence\\.[.\\w]+)",
                          k.asm["ptx"])
         return {"name": fn.__name__, "shared": k.metadata.shared, "ops": sorted(set(ops)),
                 "timeline": constexprs.get("TIMELINE", False), "timer_reads": k.asm["ptx"].count("%globaltimer")}
@@ -55,7 +55,7 @@ COMPILE = textwrap.dedent('''
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
         out.append(compile_one(K.fused_decode_kernel, ptr,
                                dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
-                                    TIMELINE=bool(page),
+                                    FENCE=True, TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
                                **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))
@@ -73,7 +73,9 @@ def test_kernels_compile_for_sm90(run_script):
             assert any(o.startswith("cp.async.cg") for o in ops), k  # ... as 16-byte copies
         if k["name"] == "fused_decode_kernel":
             assert 2 * k["shared"] <= 232448, k["shared"]  # two programs an SM, even with 4 stages
-            assert "atom.global.sys.release.exch.b32" in ops, k  # the per-tile flag (iris.signal)
+            # the per-tile flags: one release fence, then relaxed writes to every rank (iris.signal_all)
+            assert "fence.acq_rel.sys" in ops and "atom.global.sys.relaxed.exch.b32" in ops, k
+            assert "atom.global.sys.release.exch.b32" not in ops, k
             assert any(o.startswith("atom.global.sys.acquire") or o.startswith("ld.global.sys.acquire")
                        for o in ops), k  # the wait's acquire
             assert "nanosleep" in ops and any(o.startswith("ld.volatile.global") for o in ops), k  # its backoff

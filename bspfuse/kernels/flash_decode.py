@@ -560,7 +560,8 @@ class FlashDecode:
                 WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
                 RANK_CHUNK=min(triton.next_power_of_2(W), 4),
                 SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t),
-                MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, TIMELINE=self._want_timeline))
+                MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, FENCE=self.device.type == "cuda",
+                TIMELINE=self._want_timeline))
         else:
             fine = self.stage == 2
             launches = _StepLaunches(

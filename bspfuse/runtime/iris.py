@@ -193,6 +193,25 @@ def signal(flag_ptr, value, from_rank, to_rank, heap_bases):
 
 
 @triton.jit
+def signal_all(flag_ptr, value, from_rank, heap_bases, WORLD: tl.constexpr, FENCE: tl.constexpr = True):
+    """``signal`` the same flag on every rank, the peers first (``from_rank + 1``, ...) and ``from_rank``'s own
+    last. ``FENCE``: one ``fence.acq_rel.sys`` and then a relaxed ("sys") write of each flag, which makes every
+    write a release of what came before the fence (a fence followed by a strong write is a release pattern):
+    a release atomic each would wait at its fence for the previous flag's round trip to the peer, once per
+    rank. ``FENCE=False`` (the CPU simulator, which runs no inline assembly): a release atomic each."""
+    tl.debug_barrier()
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, $1;", "=r,r", [tl.cast(value, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    for i in tl.static_range(1, WORLD + 1):
+        remote = translate(flag_ptr, from_rank, (from_rank + i) % WORLD, heap_bases)
+        if FENCE:
+            tl.atomic_xchg(remote, value, sem="relaxed", scope="sys")
+        else:
+            tl.atomic_xchg(remote, value, sem="release", scope="sys")
+
+
+@triton.jit
 def nanosleep(ns):
     """Suspend the calling threads for about ``ns`` nanoseconds (PTX ``nanosleep``; GPU only: the CPU
     simulator runs no inline assembly, so callers pass a constexpr that is 0 there)."""
