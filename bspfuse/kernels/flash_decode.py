@@ -448,13 +448,7 @@ class FlashDecode:
             self._last = (k, v, block_table, kv)
         launches = self._launches.get(kv.layout) or self._prepare(kv)
         out_o, out_lse = self._outputs(out)
-        if self.stage == 3:  # counts its epochs on the device
-            self._fused_step(kv, launches, out_o, out_lse)
-        else:
-            self._bsp_step(kv, launches, out_o, out_lse)
-        if self.max_spins:
-            self._raise_if_a_wait_timed_out()
-        return out_o, out_lse
+        return self._step(kv, launches, out_o, out_lse)
 
     def bind(self, q, k, v, kv_lens=None, block_table=None, *, out):
         """A decode step over these very tensors, checked and prepared once::
@@ -478,27 +472,23 @@ class FlashDecode:
                                  f"not reach the kernels; pass it in that form")
         launches = self._launches.get(kv.layout) or self._prepare(kv)
         out_o, out_lse = self._outputs(out)
-        result = (out_o, out_lse)
-        if self.stage == 3 and self._timeline is None and not self.max_spins:
-            fused, args = launches.fused, self._fused_args(kv, out_o, out_lse)
+        if self.stage == 3 and self._timeline is None and not self.max_spins:  # one launch, nothing to check
+            fused, args, result = launches.fused, self._fused_args(kv, out_o, out_lse), (out_o, out_lse)
 
             def step():
                 fused(*args)
                 return result
             return step
+        return lambda: self._step(kv, launches, out_o, out_lse)
 
-        def checked_step():
-            if self.stage == 3:
-                self._fused_step(kv, launches, out_o, out_lse)
-            else:
-                self._bsp_step(kv, launches, out_o, out_lse)
-            if self.max_spins:
-                self._raise_if_a_wait_timed_out()
-            return result
-        return checked_step
-
-    def _raise_if_a_wait_timed_out(self) -> None:
-        raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+    def _step(self, kv, launches, out_o, out_lse):
+        if self.stage == 3:  # counts its epochs on the device
+            self._fused_step(kv, launches, out_o, out_lse)
+        else:
+            self._bsp_step(kv, launches, out_o, out_lse)
+        if self.max_spins:
+            raise_if_wait_timed_out(self.err, self.heap, {"flash_decode.flags": self.flags})
+        return out_o, out_lse
 
     def _same_cache(self, q, k, v, kv_lens, block_table) -> _KV | None:
         """The checked inputs of this step without checking k, v and the block table again when they are the

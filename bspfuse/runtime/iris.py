@@ -199,16 +199,16 @@ def signal_all(flag_ptr, value, from_rank, heap_bases, WORLD: tl.constexpr, FENC
     write a release of what came before the fence (a fence followed by a strong write is a release pattern):
     a release atomic each would wait at its fence for the previous flag's round trip to the peer, once per
     rank. ``FENCE=False`` (the CPU simulator, which runs no inline assembly): a release atomic each."""
-    tl.debug_barrier()
     if FENCE:
+        tl.debug_barrier()
         tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, $1;", "=r,r", [tl.cast(value, tl.int32)],
                                   dtype=tl.int32, is_pure=False, pack=1)
-    for i in tl.static_range(1, WORLD + 1):
-        remote = translate(flag_ptr, from_rank, (from_rank + i) % WORLD, heap_bases)
-        if FENCE:
+        for i in tl.static_range(1, WORLD + 1):
+            remote = translate(flag_ptr, from_rank, (from_rank + i) % WORLD, heap_bases)
             tl.atomic_xchg(remote, value, sem="relaxed", scope="sys")
-        else:
-            tl.atomic_xchg(remote, value, sem="release", scope="sys")
+    else:
+        for i in tl.static_range(1, WORLD + 1):
+            signal(flag_ptr, value, from_rank, (from_rank + i) % WORLD, heap_bases)
 
 
 @triton.jit
