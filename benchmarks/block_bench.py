@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "examples")]
 
 from gemm_bench import bench, bench_back_to_back, calls_in, rel_err  # noqa: E402
-from gpu_timing import ClockSampler  # noqa: E402
+from gpu_timing import ClockSampler, energy_per_call  # noqa: E402
 
 SEQS = (4096, 8192, 2048)  # the targets first, should the time budget run out
 
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0,
                         help="seconds of forwards before the back-to-back timing and the profile: the GPU then runs "
                              "at the clock its power limit allows under sustained load (steady state)")
+    parser.add_argument("--energy-s", type=float, default=1.0,
+                        help="seconds of forwards back to back between two reads of NVML's energy counter: joules "
+                             "per forward (0: off)")
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--profile-seq", type=int, default=8192,
                         help="profile every variant at this length: device time per kernel class (0: off)")
@@ -114,6 +117,8 @@ def main() -> None:
                     ms = bench(lambda: fn(x), iters=args.iters)
                     with ClockSampler() as clock:
                         ms_b2b = bench_back_to_back(lambda: fn(x), calls=2 * args.iters, warmup_s=args.warmup_s)
+                    energy = (energy_per_call(lambda: fn(x), calls=calls_in(args.energy_s, ms_b2b / 1e3))
+                              if args.energy_s > 0 else None)
                 fused = [str(r) for r in bspfuse.backend.reports()] if name.startswith("bspfuse") else []
                 kernels = (_profile(lambda: fn(x), warm=calls_in(args.warmup_s, ms_b2b / 1e3))
                            if seq == args.profile_seq else None)
@@ -126,13 +131,17 @@ def main() -> None:
                     per_rank = [None] * W
                     dist.all_gather_object(per_rank, kernels["bspfuse sites"])
                     kernels["bspfuse sites by rank"] = per_rank
-                clocks = [None] * W
+                clocks, energies = [None] * W, [None] * W
                 dist.all_gather_object(clocks, str(clock))
-                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, b2b_clock_by_rank=clocks, rel_err=err,
+                dist.all_gather_object(energies, energy)
+                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, b2b_clock_by_rank=clocks, energy_by_rank=energies,
+                                 rel_err=err,
                                  compile_s=round(compile_s, 1),
                                  bspfuse=fused, kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  back to back {ms_b2b:8.3f} ms  rel err {err:.2e}  "
-                    f"(compile {compile_s:.0f} s)  back to back at " + " / ".join(clocks))
+                    f"(compile {compile_s:.0f} s)  back to back at " + " / ".join(clocks)
+                    + ("; J per forward " + " / ".join(f"{e['j_per_call']:.3f} at {e['mean_w']:.0f} W" for e in energies)
+                       if all(energies) else ""))
                 if kernels:
                     say("    device ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in kernels.items()
                                                            if not k.startswith(("bspfuse sites", "timeline"))))
@@ -160,6 +169,11 @@ def main() -> None:
             ratio = f"{min(base) / ours:.3f}x" if base and ours else "-"
             say(f"{seq:<7d}" + "".join(f"{got[v]:21.3f}" if got.get(v) else f"{'-':>21s}" for v in variants)
                 + f"   {ratio}")
+    say("\njoules per forward, back to back (mean of the ranks)\nseq    " + "".join(f"{v:>21s}" for v in variants))
+    for seq in args.seqs:
+        got = {r["variant"]: r.get("energy_by_rank") for r in rows if r["seq"] == seq}
+        joules = {v: sum(e["j_per_call"] for e in got[v]) / W for v in variants if got.get(v) and all(got[v])}
+        say(f"{seq:<7d}" + "".join(f"{joules[v]:21.3f}" if v in joules else f"{'-':>21s}" for v in variants))
     dist.destroy_process_group()
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import results_file  # noqa: E402  (benchmarks/, the script's own folder)
-from gpu_timing import ClockSampler, ms_per_call  # noqa: E402
+from gpu_timing import ClockSampler, energy_per_call, ms_per_call  # noqa: E402
 
 # (M, N, K, B layout): GEMMs of benchmarks/block_bench.py's layer at seq 8192 on 2 ranks, and BASELINES.md's.
 SHAPES = [(4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 5120, 8192, "nk"), (8192, 8192, 4096, "nk"),
@@ -227,13 +227,15 @@ def run_layer(ctx, args):
             with ClockSampler() as alone_clock:
                 ms = ms_per_call(fn, n)
             alone[name] = (ms, alone_clock.mean_mhz)
-        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz,
+        energy = energy_per_call(lambda: [fn() for fn in steps.values()], seconds=1.0)
+        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz, energy=energy,
                    in_layer_ms=per_step, alone_ms={k: v[0] for k, v in alone.items()},
                    alone_clock_mhz={k: v[1] for k, v in alone.items()}, rel_err=errs)
         rows.append(row)
         print(f"  {variant:34s} layer {layer:7.3f} ms at {clock.mean_mhz} MHz (low {clock.low_mhz}); in layer / alone: "
               + ", ".join(f"{k} {per_step[k]:.3f}/{alone[k][0]:.3f}" for k in steps)
-              + "  err " + " ".join(f"{v:.1e}" for v in errs.values()), flush=True)
+              + "  err " + " ".join(f"{v:.1e}" for v in errs.values())
+              + (f"; {energy['j_per_call']:.3f} J per layer at {energy['mean_w']:.0f} W" if energy else ""), flush=True)
 
     measure("cublas", timed_cublas, lambda name, _: cublas[name]())
     for BM, BN, BK, G, warps, stages in args.layer_tiles:

@@ -7,6 +7,7 @@ draw, and on how long the GPU idled before: the figures a benchmark reports come
 """
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import time
@@ -47,6 +48,48 @@ class ClockSampler:
 
     def __str__(self) -> str:
         return f"{self.mean_mhz} MHz (low {self.low_mhz}), {self.mean_w} W" if self.mean_mhz else "clock not sampled"
+
+
+def _nvml_energy_mj():
+    """A function returning this GPU's energy counter in mJ (NVML's total energy since the driver loaded, read
+    through libnvidia-ml's C API), or None where NVML or the counter is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    handle, counter = ctypes.c_void_p(), ctypes.c_ulonglong()
+    if nvml.nvmlInit_v2() or nvml.nvmlDeviceGetHandleByIndex_v2(torch.cuda.current_device(), ctypes.byref(handle)):
+        return None
+
+    def read():
+        return counter.value if nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(counter)) == 0 else None
+    return read if read() is not None else None
+
+
+def energy_per_call(fn, seconds: float = 1.0, calls: int | None = None) -> dict | None:
+    """Joules per call and mean board power of calls issued back to back for about `seconds` (or `calls`
+    calls), from NVML's energy counter read before and after (it advances every few ms, so a second of calls
+    gives a figure good to about 1%). Under the H200's power limit a kernel's time follows from the energy it
+    needs: this says whether a faster variant also spends less energy. None without NVML."""
+    read = _nvml_energy_mj()
+    if read is None:
+        return None
+    if calls is None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        calls = max(1, int(seconds / max(time.perf_counter() - t0, 1e-6)))
+    torch.cuda.synchronize()
+    e0, t0 = read(), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    e1, t1 = read(), time.perf_counter()
+    return dict(j_per_call=round((e1 - e0) / 1e3 / calls, 4), mean_w=round((e1 - e0) / 1e3 / (t1 - t0), 1),
+                calls=calls, s=round(t1 - t0, 3))
 
 
 def ms_per_call(fn, calls: int) -> float:
