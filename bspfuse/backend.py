@@ -13,9 +13,11 @@ and Inductor compiles everything else as usual. Backward graphs, and forward sit
 (symbolic shapes, unaligned rows, the cost model, ...), stay Inductor's; every such fallback is logged
 with its reason on the `bspfuse` logger, and `reports()` returns all decisions of this process.
 
-Options (`torch.compile(..., backend="bspfuse", options={...})`): `mode` (auto | push | pull | off),
-`heap_bytes` (the symmetric heap per group; default BSPFUSE_HEAP_BYTES or 4 GiB), `inner` ("inductor",
-or "eager": run the rewritten graph as it is, no Inductor, e.g. in the CPU simulator).
+Options (`torch.compile(..., backend="bspfuse", options={...})`): `mode` (auto | push | pull | copy_engine |
+off), `heap_bytes` (the symmetric heap per group; default BSPFUSE_HEAP_BYTES or 4 GiB), `inner` ("inductor",
+or "eager": run the rewritten graph as it is, no Inductor, e.g. in the CPU simulator), `cudagraphs` (True:
+Inductor replays the forward from a CUDA graph, as mode="reduce-overhead" does; the fused ops count their
+epochs on the device, and AG+GEMM avoids the schedules whose host side runs every call).
 
 Example::
 
@@ -27,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import operator
@@ -62,6 +65,7 @@ class Report:
     graph: str
     decisions: list[Decision] = field(default_factory=list)
     fallback: str | None = None  # why the whole graph was left alone
+    note: str | None = None  # what else the user should know about this graph (e.g. why it will not replay)
 
     @property
     def fused(self) -> list[Decision]:
@@ -70,7 +74,8 @@ class Report:
     def __str__(self) -> str:
         head = f"bspfuse, {self.graph}: " + (f"left to Inductor: {self.fallback}" if self.fallback else
                                              f"{len(self.fused)} of {len(self.decisions)} sites fused")
-        return "\n".join([head] + [f"  {d}" for d in self.decisions])
+        note = [f"  note: {self.note}"] if self.note else []
+        return "\n".join([head] + [f"  {d}" for d in self.decisions] + note)
 
 
 _REPORTS: list[Report] = []
@@ -310,6 +315,8 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[R
 def check_plan(sites: list[Site], group: str, heap_limit: int, graph_name: str) -> None:
     """Errors a user must see before anything runs: shapes that differ between the ranks of `group` (an
     exchange every rank of it makes, with or without sites), then the heap budget."""
+    from bspfuse.kernels import gemm
+
     _check_same_on_every_rank(sites, group, graph_name)  # first: a rank that raised here alone would hang it
     new: dict[str, dict[tuple, Site]] = {}
     for s in sites:
@@ -318,6 +325,7 @@ def check_plan(sites: list[Site], group: str, heap_limit: int, graph_name: str) 
     for group_name, objects in new.items():
         limit = torch_ops.size_heap(group_name, heap_limit)
         total = sum(_PLANNED_HEAP.get(group_name, {}).values()) + sum(s.heap_bytes for s in objects.values())
+        total += gemm.SCRATCH_BYTES  # the scratch of descriptors made on the device, one per heap
         if total > limit:
             worst = max(objects.values(), key=lambda s: s.heap_bytes)
             more = ("raise options={'heap_bytes': ...} or BSPFUSE_HEAP_BYTES" if limit == heap_limit else
@@ -460,6 +468,9 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
         check_plan(sites, _group_name(collectives[0]), heap_limit, graph_name)
         if sites:
             rewrite(gm, sites)
+        if options.replayable and any(s.opcode == "fused_matmul_allreduce" for s in sites):
+            report.note = ("Inductor runs this graph without a CUDA graph: the fused GEMM+all-reduce returns the "
+                           "slot of its output the host picked for the call")
     finally:
         _expand_silu(gm.graph)
         gm.recompile()
@@ -471,7 +482,7 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
 
 def _options(options: dict | None) -> tuple[Options, int, str]:
     options = dict(options or {})
-    known = {"mode", "heap_bytes", "inner"}
+    known = {"mode", "heap_bytes", "inner", "cudagraphs"}
     unknown = set(options) - known
     if unknown:
         raise BspfuseCompileError(f"unknown bspfuse option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -480,7 +491,14 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
         raise BspfuseCompileError(f"options['mode'] must be one of {', '.join(MODES)}, got {mode!r}")
     if inner not in ("inductor", "eager"):
         raise BspfuseCompileError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
-    return Options(mode=mode), int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)), inner
+    cudagraphs = options.get("cudagraphs", False)
+    if cudagraphs not in (True, False):
+        raise BspfuseCompileError(f"options['cudagraphs'] must be True or False, got {cudagraphs!r}")
+    if cudagraphs and inner != "inductor":
+        raise BspfuseCompileError("options['cudagraphs'] needs inner='inductor' (Inductor's CUDA graph trees "
+                                  "replay the compiled forward)")
+    return (Options(mode=mode, replayable=cudagraphs), int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)),
+            inner)
 
 
 _GRAPH_IDS = itertools.count()
@@ -516,7 +534,11 @@ def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                                    fx_graph_cache=False):
             return compile_fx_inner(fx_gm, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+    # cudagraphs: Inductor replays each compiled forward from a CUDA graph, as mode="reduce-overhead" does; the
+    # passes then use only schedules that replay (Options.replayable) and a graph with an op that cannot
+    # (matmul_all_reduce) runs without one, as Inductor logs
+    with inductor_config.patch({"triton.cudagraphs": True}) if opts.replayable else contextlib.nullcontext():
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 
 class _PostGradPass(CustomGraphPass):

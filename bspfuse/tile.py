@@ -363,6 +363,10 @@ def _expect_remote_load(tp: TileProgram) -> None:
 
 STAGING = {"pull": stage_pull, "push": stage_push, "copy_engine": stage_copy_engine}
 AG_MODES = ("push", "pull", "copy_engine", "direct")
+# AG+GEMM modes whose host side must run every call, so a CUDA graph cannot replay them (the other modes'
+# kernels count their epochs on the device)
+HOST_SIDE_AG_MODES = {"copy_engine": "the host enqueues the row copies and their flags for each call",
+                      "direct": "the host barriers before and after each call"}
 SCATTER_MODES = ("push", "pull", "direct")  # GEMM+RS / GEMM+AR: a STAGING rewrite, or the direct program
 
 

@@ -58,6 +58,9 @@ class Options:
     # Fuse where the kernels can although the cost model picks BSP (the simulator does, since it runs to
     # check the kernels, not to be fast); the decision says so and keeps the model's estimate.
     fuse_unprofitable: bool = False
+    # The fused ops will be replayed from a CUDA graph: no schedule whose host side runs every call
+    # (AG+GEMM copy_engine and direct: bspfuse.tile.HOST_SIDE_AG_MODES).
+    replayable: bool = False
 
     def mode_for(self, site: str) -> str:
         return self.modes.get(site, self.mode)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from bspfuse.ir import Op, Program, Value, concrete
 from bspfuse.passes import Decision, Estimate, Options, Pass
+from bspfuse.tile import HOST_SIDE_AG_MODES
 
 # Pointwise functions the GEMM epilogue can apply to the fp32 accumulator (bias reads a vector).
 EPILOGUE_FNS = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "identity", "bias")
@@ -250,8 +251,12 @@ def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N:
     """The mode to fuse with ("off": not at all) and the cost model's view, which the Decision carries
     apart from the reason so that recalibrating the model changes only the estimate."""
     forced = options.mode_for(site_value)
-    auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=H200)
+    device = replace(H200, ag_auto_modes=("push", "pull")) if options.replayable else H200
+    auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=device)
     estimate = Estimate(H200.name, auto.mode, auto.estimates_us)
+    if options.replayable and kind == "ag_matmul" and forced in HOST_SIDE_AG_MODES:
+        return Choice(auto.mode, f"{forced} cannot replay from a CUDA graph ({HOST_SIDE_AG_MODES[forced]}); "
+                                 f"{auto.reason}", auto.estimates_us), estimate
     if forced == "auto" and auto.mode == "off" and options.fuse_unprofitable:
         return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {H200.name}",
                       auto.estimates_us), estimate
@@ -328,6 +333,10 @@ def _run_allgather_matmul(p: Program, options: Options):
         if others and choice.mode == "direct":
             say(False, f"the gathered tensor has {others} more users and direct mode keeps no gathered copy",
                 estimate)
+            continue
+        if others and options.replayable:
+            say(False, f"the gathered tensor has {others} more users: the kernel's copy of it sits in the slot the "
+                       "host counted to, which a CUDA graph's replay would not count", estimate)
             continue
         gate = _swiglu(p, users, mm, joined[0]) if len(joined) == 1 else None
         if gate:  # silu(A @ W_gate) * (A @ W_up): one kernel computes both tiles and stores their product

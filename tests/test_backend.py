@@ -114,9 +114,10 @@ def _two_gathers(x1, x2, w1, w2):  # two layers of the same shapes
 
 
 def test_sites_of_the_same_shapes_share_their_heap_in_the_budget():
-    from bspfuse.kernels.gemm import heap_bytes
+    from bspfuse.kernels.gemm import SCRATCH_BYTES, heap_bytes
 
-    one = heap_bytes("fused_allgather_matmul", 16, 64, 32, 2, torch.bfloat16, "push")
+    # one op's buffers, and the heap's one scratch for descriptors made on the device
+    one = heap_bytes("fused_allgather_matmul", 16, 64, 32, 2, torch.bfloat16, "push") + SCRATCH_BYTES
     shapes = [_bf16(16, 32), _bf16(16, 32), _bf16(32, 64), _bf16(32, 64)]
     reset()
     with fake_process_group(2):
@@ -202,6 +203,31 @@ def test_unknown_option_is_named():
     with pytest.raises(Exception) as e:
         _compile_fake(TINY, 16, {"mode": "pusj"})
     assert "options['mode'] must be one of auto, push, pull, copy_engine, off, got 'pusj'" in str(e.value)
+
+
+def test_with_cudagraphs_every_site_takes_a_schedule_a_graph_can_replay():
+    cfg = llama.LlamaConfig(hidden=8192, heads=64, kv_heads=8, ffn=28672, max_seq=8192)
+    shape = (1, 8192 // 2, 8192)
+    assert "(mm in attention.wq): copy_engine:" in explain(_block(cfg), shape, world_size=2)  # the auto choice
+    replayed = explain(_block(cfg), shape, world_size=2, options={"cudagraphs": True})
+    assert "4 of 4 sites fused" in replayed and "): copy_engine:" not in replayed, replayed
+    assert "(mm in attention.wq): push:" in replayed, replayed
+    forced = explain(_block(cfg), shape, world_size=2, options={"cudagraphs": True, "mode": "copy_engine"})
+    assert forced.count("copy_engine cannot replay from a CUDA graph (the host enqueues the row copies") == 2, forced
+    for bad, message in (({"cudagraphs": True, "inner": "eager"}, "options['cudagraphs'] needs inner='inductor'"),
+                         ({"cudagraphs": "yes"}, "options['cudagraphs'] must be True or False, got 'yes'")):
+        with pytest.raises(BspfuseCompileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            explain(_block(TINY), (1, 8, TINY.hidden), world_size=2, options=bad)
+
+
+def test_only_the_all_reduce_op_is_unsafe_for_cuda_graphs():
+    # The kernels count their epochs on the device: Inductor may capture AG+GEMM and GEMM+RS in a CUDA graph.
+    # GEMM+AR returns the heap slot its host picked: Inductor must run a graph that holds it without one.
+    import bspfuse.runtime.torch_ops  # noqa: F401  (defines the ops)
+
+    unsafe = {name: torch.Tag.cudagraph_unsafe in getattr(torch.ops.bspfuse, name).default.tags
+              for name in ("all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce")}
+    assert unsafe == {"all_gather_matmul": False, "matmul_reduce_scatter": False, "matmul_all_reduce": True}
 
 
 # ------------------------------------------------------------------------------------------ runs in the simulator

@@ -68,6 +68,9 @@ FAST_LAUNCH = PRELUDE + textwrap.dedent('''
     # 16 states: a multiple of 16, another specialization (the JIT compiles it), then back to 4: direct
     report["respecialized"] = (launched(lambda: fast(*args(n=16))), launched(jit(*args(n=16))))
     report["back"] = launched(lambda: fast(*args()))
+    fast.forget((0, 2))  # the last call's o and out: no longer held (a CUDA graph's pool must not be)
+    report["forgotten"] = [fast._plan.args[i] is None and fast._plan.values[i] is None for i in (0, 2)]
+    report["after_forget"] = launched(lambda: fast(*args()))  # checks those two again, still direct
     hooked = []
     triton.knobs.runtime.launch_enter_hook.add(hooked.append)  # a profiler: every launch through the JIT
     report["hooked"] = launched(lambda: fast(*args()))[1], len(hooked)
@@ -119,6 +122,7 @@ def test_fast_launch_matches_the_jit_and_falls_back(run_script):
     (fast, fast_runs), (ref, _) = r["respecialized"]
     assert fast == ref and fast != jit and fast_runs == 1  # a new specialization goes through the JIT
     assert r["back"] == [jit, 0]  # ... and the first one is still direct
+    assert r["forgotten"] == [True, True] and r["after_forget"] == [jit, 0]
     assert r["hooked"] == [1, 1]  # the hook saw the launch, which went through the JIT
     assert r["off"] == [[1, 1], False]  # BSPFUSE_FAST_LAUNCH=0: every launch through the JIT
 

@@ -142,3 +142,36 @@ def test_fused_gemm_matches_reference(world, which):
             tol = TOL_BY_NAME[name.split()[1] if which == "matmul_scatter" else name.split()[0]]
             for e in errs:
                 assert e < tol, f"rank {rank} {name}: relative error {err}"
+
+
+def _tickets_after_calls(ctx):
+    """(ticket counter, programs per call, calls, worst error) per op kind and mode: the kernels count their
+    epochs on the device, so the host passes the same epoch (0) every call, as a CUDA graph's replay does."""
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulReduceScatter
+
+    W, r, calls, out = ctx.world_size, ctx.rank, 3, {}
+    for mode in ("push", "pull"):
+        op = FusedAllGatherMatmul(ctx.heap, 21, 40, 24, torch.bfloat16, mode=mode, config=SMALL)
+        worst = 0.0
+        for call in range(calls):
+            shards = _inputs(call, *[(21, 24)] * W, dtype=torch.bfloat16)
+            (b,) = _inputs(50 + call, (24, 40), dtype=torch.bfloat16)
+            worst = max(worst, _rel(op(shards[r], b), torch.cat(shards).double() @ b.double()))
+        out[f"ag {mode}"] = (int(op.ticket), op.config.comm_programs + 1, calls, worst)
+    for mode in ("push", "pull", "direct"):
+        op = FusedMatmulReduceScatter(ctx.heap, 16 * W, 32, 24, torch.bfloat16, config=SMALL, mode=mode)
+        worst = 0.0
+        for call in range(calls):
+            a_all = _inputs(call, *[(16 * W, 24)] * W, dtype=torch.bfloat16)
+            b_all = _inputs(50 + call, *[(24, 32)] * W, dtype=torch.bfloat16)
+            ref = sum(a.double() @ b.double() for a, b in zip(a_all, b_all)).chunk(W)[r]
+            worst = max(worst, _rel(op(a_all[r], b_all[r]), ref))
+        out[f"rs {mode}"] = (int(op.ticket), 1, calls, worst)
+    return out
+
+
+def test_kernels_count_their_epochs_on_the_device():
+    for rank, results in enumerate(launch(_tickets_after_calls, 2, backend="sim", heap_bytes=16 << 20, timeout_s=300)):
+        for name, (tickets, programs, calls, worst) in results.items():
+            assert tickets == programs * calls, (rank, name, tickets, programs, calls)
+            assert worst < 2e-2, (rank, name, worst)

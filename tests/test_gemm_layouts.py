@@ -116,7 +116,7 @@ COMPILE = textwrap.dedent('''
             elif name in ("a_desc", "b_desc"):
                 block = [cfg.BM, cfg.BK] if name == "a_desc" else b_block
                 sig[name] = f"tensordesc<{ty}[{block[0]}, {block[1]}]>"
-            elif name in ("flag_ptr", "err_ptr", "heap_bases"):
+            elif name in ("flag_ptr", "err_ptr", "heap_bases", "ticket_ptr"):
                 sig[name] = "*i32" if name == "flag_ptr" else "*i64"
             else:
                 sig[name] = "*" + ty if name.endswith("_ptr") else "i32"

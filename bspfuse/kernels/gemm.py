@@ -16,7 +16,9 @@ on its first call::
 
 Flags never need a reset: each call raises them to a fresh epoch. Buffers a peer writes into alternate
 between two slots by epoch parity; a rank cannot run two calls ahead of a peer (each call waits for that
-peer's data of the same call), so a slot is never overwritten while it is read.
+peer's data of the same call), so a slot is never overwritten while it is read. The kernels count their
+epochs themselves (a ticket counter on the device) except where the host needs the epoch too (copy_engine
+writes flags, all-reduce returns a slot): those calls pass it, and only they cannot replay from a CUDA graph.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import dataclasses
 
 import torch
 import triton
+from triton.runtime._allocation import _allocator as _triton_allocator
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bspfuse.codegen.load import load_kernel
 from bspfuse.codegen.triton import generate
-from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
+from bspfuse.runtime.errors import ERR_RECORD_LEN, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
 from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, ag_config, choose_config,
@@ -37,23 +40,38 @@ from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, ag_confi
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
-_scratch_by_stream: dict = {}
+# What a fused op keeps across calls (flags, buffers, its error record and ticket, the scratch below) lives
+# on the symmetric heap, not in PyTorch's caching allocator: an op is built, and its first kernel asks for
+# scratch, at the op's first call, which may be a warm-up that Inductor's CUDA graph trees run with the
+# thread's allocations routed into the graph's memory pool, and that pool must hold only tensors the graph
+# tracks (runtime.torch_ops builds ops on a helper thread for the same reason).
+_scratch: dict = {"heap": None, "buffer": None}
+SCRATCH_BYTES = 1 << 20  # at least: 132 programs x a few 128-byte descriptors (backend.check_plan reserves it)
 
 
-def _scratch(size: int, alignment: int, stream):
-    """Global scratch for descriptors a kernel makes on the device, asked for at every launch. Kernels of one
-    stream run one after another, so one buffer per stream serves them all (it only grows): no allocation
-    on the launch path."""
-    buf = _scratch_by_stream.get(stream)
+def _scratch_on_heap(size: int, alignment: int, stream):
+    """Global scratch for descriptors a kernel makes on the device, asked for at every launch. The fused
+    kernels run one after another on the compute stream, so one buffer serves them all (it only grows):
+    no allocation on the launch path."""
+    heap, buf = _scratch["heap"], _scratch["buffer"]
     if buf is None or buf.numel() < size:
-        buf = _scratch_by_stream[stream] = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+        if buf is not None:
+            heap.free(buf)
+        buf = _scratch["buffer"] = heap.empty(max(size, SCRATCH_BYTES), dtype=torch.int8, name="device descriptors")
     return buf
 
 
 def _set_allocator(heap):
-    # Descriptors made on the device (the AG kernel's A operand) need scratch space from this allocator.
-    if not _sim(heap):
-        triton.set_allocator(_scratch)
+    """Descriptors made on the device (the AG kernel's A operand) need scratch space from this allocator.
+    Triton keeps its allocator per thread (a context variable): every launching thread sets it."""
+    if _sim(heap):
+        return
+    if _scratch["heap"] is not heap:
+        if _scratch["buffer"] is not None:
+            _scratch["heap"].free(_scratch["buffer"])
+        _scratch.update(heap=heap, buffer=None)
+    if _triton_allocator.get() is not _scratch_on_heap:
+        triton.set_allocator(_scratch_on_heap)
 
 
 def _sim(heap) -> bool:
@@ -125,9 +143,10 @@ class _Fused:
         # A bounded wait turns a hang into an error naming rank and flag; release mode spins freely. The
         # bound is generous: in the simulator one rank may still be busy with earlier work for seconds.
         self.max_spins = (1 << 24 if not _sim(heap) else 1 << 21) if debug else 0
-        self.err = new_error_buffer(heap.device)
+        self.err = heap.zeros(ERR_RECORD_LEN, dtype=torch.int64, name=f"{name or self.kind}.err")
         _set_allocator(heap)
-        self.epoch = Epoch()
+        self.epoch = Epoch()  # the host's count of calls; the kernels count their own (ticket) where they can
+        self.ticket = heap.zeros(1, dtype=torch.int64, name=f"{name or self.kind}.ticket")  # triton._epoch_and_pid
         self._descs = {}  # (operand, block, dtype, shape, strides) -> the descriptor _desc rebases
         self._last_b = (None, None)  # (B's address, shape, strides) -> its layout, storage, descriptor
         self.name = name or f"{self.kind}_{IR_DTYPE[dtype]}_w{self.world}"
@@ -153,10 +172,19 @@ class _Fused:
             self._other_layouts[b_layout] = load_kernel(generate(self._lower(b_layout), tma=not _sim(self.heap)))
         return self._other_layouts[b_layout]
 
+    def _forget_call(self, launcher: FastLaunch, positions) -> None:
+        """After a launch: keep no tensor of this call (its A, its outputs; see FastLaunch.forget), since
+        the call may have run in a CUDA graph's memory pool (a warm-up or a capture)."""
+        launcher.forget(positions)
+        for (operand, *_), desc in self._descs.items():
+            if operand == "a":
+                desc.base = None
+
     def _launcher(self, key: tuple, b_layout: str, programs: int, meta) -> FastLaunch:
         """The launch of one variant (B layout, world): Triton's JIT dispatch of a 30-argument kernel costs
         about as much host time as a small GEMM takes on the GPU (gemm_bench's host_ms); FastLaunch keeps
         the compiled launcher. `meta` (the constexprs) is called only when the variant is new."""
+        _set_allocator(self.heap)  # on this thread (the op may have been built on another: torch_ops)
         launcher = self._launchers.get(key)
         if launcher is None:
             launcher = self._launchers[key] = FastLaunch(self._kernel_for(b_layout), (programs,), **meta())
@@ -294,8 +322,12 @@ class FusedAllGatherMatmul(_Fused):
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
             VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
+        # copy_engine's flags are written by the host: its kernel takes the host's epoch; the others count
+        # their own (epoch 0), so a CUDA graph can replay them
         launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-               self.rank, epoch, self.M_local, self.Ns[0], self.K, a.stride(0), b.stride(0), c.stride(0), *more)
+               self.rank, epoch if copies is not None else 0, self.ticket, self.M_local, self.Ns[0], self.K,
+               a.stride(0), b.stride(0), c.stride(0), *more)
+        self._forget_call(launch, (0, 3, *(19 + 5 * j for j in range(len(bs) - 1))))  # a, c, each more C
         if self.mode == "direct":
             self.heap.barrier()
         if copies is not None:
@@ -438,11 +470,12 @@ class _FusedScatter(_Fused):
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self._check_shapes(a, b)
         epoch = self.epoch.next()
-        if self.out_heap is not None:
+        if self.out_heap is not None:  # AR returns the slot of its out that this call fills: the host picks it
             out_arg = self.out_heap
             result = self.out_heap[(epoch % 2) * self.M:(epoch % 2 + 1) * self.M]
-        else:
+        else:  # RS counts its epochs on the device (0), so a CUDA graph can replay it
             out_arg = result = torch.empty(self.M_local, self.N, dtype=self.dtype, device=a.device)
+            epoch = 0
         self._launch(a, b, bias, out_arg, epoch, self.rank, self.world)
         self._check()
         return result
@@ -473,8 +506,9 @@ class _FusedScatter(_Fused):
             MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         launch(self._desc("a", a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
                self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
-               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.M // world, self.N, self.K, a.stride(0),
-               b.stride(0))
+               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.ticket, self.M // world, self.N, self.K,
+               a.stride(0), b.stride(0))
+        self._forget_call(launch, (0, 1, 4))  # A's descriptor, a, out
 
 
 def interleave_lag(gemm_programs: int, world: int) -> int:
@@ -513,16 +547,17 @@ def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dty
 
     item = torch.empty((), dtype=dtype).element_size()
     block = FreeList.reserved_size
+    kept = [8 * ERR_RECORD_LEN, 8]  # the wait-error record and the epoch ticket
     if opcode == "fused_allgather_matmul":
         chunks = triton.cdiv(M, 16)
-        buffers = [4 * (2 * world + 2 * world * chunks)]  # flags
+        buffers = kept + [4 * (2 * world + 2 * world * chunks)]  # flags
         if mode != "direct":
             buffers.append(2 * world * M * K * item)  # staging, two slots
         if mode in ("pull", "direct"):
             buffers.append(M * K * item)  # A on the heap
         return sum(block(b) for b in buffers)
     tiles = triton.cdiv(M // world, 16) * triton.cdiv(N, 16)
-    buffers = [4 * world * tiles * 3]  # flags: partial_ready, staged, final_ready at most
+    buffers = kept + [4 * world * tiles * 3]  # flags: partial_ready, staged, final_ready at most
     if mode in ("push", "direct"):
         buffers.append(2 * M * N * item)  # inbox, two slots
     if mode != "direct":

@@ -41,13 +41,19 @@ class SymmMemBacking:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
         group = group or dist.group.WORLD
-        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-        self.buffer.zero_()
-        self._handle = symm_mem.rendezvous(self.buffer, group.group_name)
+        self.world_size = dist.get_world_size(group)
+        # the heap, then (in its tail) heap_bases: every allocation of the heap stays out of PyTorch's
+        # caching allocator, whose allocations may be routed into a CUDA graph's pool (kernels.gemm)
+        tail = -(-8 * self.world_size // 256) * 256
+        whole = symm_mem.empty(nbytes + tail, dtype=torch.uint8, device=device)
+        whole.zero_()
+        self._handle = symm_mem.rendezvous(whole, group.group_name)
         self._group = group
         self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
         self.bases = [int(p) for p in self._handle.buffer_ptrs]
+        self.buffer = whole[:nbytes]
+        self.bases_tensor = whole[nbytes:nbytes + 8 * self.world_size].view(torch.int64)
+        self.bases_tensor.copy_(torch.tensor(self.bases, dtype=torch.int64))
         self._nbytes = nbytes
         self.barrier()
 

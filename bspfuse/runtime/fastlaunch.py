@@ -177,6 +177,15 @@ class FastLaunch:
                 return
         self._launch_through_jit(args)
 
+    def forget(self, positions) -> None:
+        """Let go of the last launch's arguments at these positions (a call's own activations and outputs,
+        new tensors at every call anyway): a launcher kept between calls then holds no tensor of a finished
+        call. Inductor's CUDA graph trees require that of every tensor made in a graph's memory pool."""
+        plan = self._plan
+        if plan is not None:
+            for i in positions:
+                plan.args[i] = plan.values[i] = None
+
     def _same_specialization(self, plan: _Plan, args) -> bool:
         """Whether args specialize as the plan's last ones (only those not identical are looked at); if
         so, the plan takes them. The identity test runs over all arguments at C speed (map); a step

@@ -129,8 +129,9 @@ class SymmetricHeap:
         self._free = FreeList(self._nbytes)
         self._allocs: dict[int, _Allocation] = {}
         self._alloc_starts: list[int] = []  # sorted offsets of live allocations
-        self.heap_bases = torch.tensor(list(self._backing.bases), dtype=torch.int64,
-                                       device=buf.device)
+        self.heap_bases = getattr(self._backing, "bases_tensor", None)  # a backing may keep it (cuda's does)
+        if self.heap_bases is None:
+            self.heap_bases = torch.tensor(list(self._backing.bases), dtype=torch.int64, device=buf.device)
         """int64 tensor on the heap's device: THIS process's address of every rank's heap."""
 
     # ---- identity -------------------------------------------------------------------

@@ -32,7 +32,11 @@ DEFAULT_HEAP_BYTES = int(os.environ.get("BSPFUSE_HEAP_BYTES", 4 << 30))
 _HEAPS: dict[str, SymmetricHeap] = {}
 _HEAP_BYTES: dict[str, int] = {}  # group name -> size its heap is made with, where a compiler asked (size_heap)
 _OPS: dict[tuple, object] = {}
-_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()  # host-side epochs
+# GEMM+AR returns the slot of its heap output that the host picked for the call: replaying it from a CUDA
+# graph would return the same slot every time. The other ops count their epochs on the device
+# (kernels.gemm); their modes whose host side must run every call (tile.HOST_SIDE_AG_MODES) are refused
+# while a graph is captured.
+_HOST_EPOCH = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 @contextlib.contextmanager
@@ -83,20 +87,54 @@ def host_object_key(op: str, group_name: str, a_shape, b_shapes, dtype: torch.dt
 
 
 def _host_object(op: str, group_name: str, a: torch.Tensor, bs: list[torch.Tensor], mode: str, epilogue: str):
+    key = host_object_key(op, group_name, a.shape, [b.shape for b in bs], a.dtype, mode, epilogue)
+    found = _OPS.get(key)
+    if found is None:
+        found = _off_graph_pools(a.device, lambda: _new_host_object(key, op, group_name, a, bs, mode, epilogue))
+    return found
+
+
+def _off_graph_pools(device: torch.device, build):
+    """build() on a helper thread. An op is built at its first call, which may be a warm-up that Inductor's
+    CUDA graph trees run with this thread's allocations routed into the graph's memory pool (which must
+    hold only tensors the graph tracks); what the op keeps (the heap's rendezvous, the barrier's tensor)
+    would land there. The routing is per thread: built on another, it lands in the ordinary pools."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return build()
+    import threading
+
+    result: dict = {}
+
+    def run():
+        torch.cuda.set_device(device)
+        try:
+            result["value"] = build()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = e
+        torch.cuda.synchronize(device)  # what the build enqueued (zero fills) is done before the caller uses it
+
+    worker = threading.Thread(target=run, name="bspfuse-build")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _new_host_object(key, op, group_name, a, bs, mode, epilogue):
     from bspfuse.kernels import gemm
 
     heap = heap_for(group_name, a.device)
-    key = host_object_key(op, group_name, a.shape, [b.shape for b in bs], a.dtype, mode, epilogue)
-    if key not in _OPS:
-        config = None
-        if heap.device.type == "cpu":
-            from bspfuse.execute import sim_config
-            config = sim_config()
-        cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
-               "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
-        (M, K), widths = a.shape, tuple(b.shape[1] for b in bs)
-        _OPS[key] = cls(heap, M, widths if len(widths) > 1 else widths[0], K, a.dtype, mode=mode, epilogue=tuple(f for f in epilogue.split("+") if f),
-                        config=config, name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(bs[0])[0])
+    config = None
+    if heap.device.type == "cpu":
+        from bspfuse.execute import sim_config
+        config = sim_config()
+    cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
+           "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
+    (M, K), widths = a.shape, tuple(b.shape[1] for b in bs)
+    _OPS[key] = cls(heap, M, widths if len(widths) > 1 else widths[0], K, a.dtype, mode=mode,
+                    epilogue=tuple(f for f in epilogue.split("+") if f), config=config,
+                    name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(bs[0])[0])
     return _OPS[key]
 
 
@@ -107,11 +145,10 @@ def _host_object(op: str, group_name: str, a: torch.Tensor, bs: list[torch.Tenso
 # own autograd.Function, with detached tensors.
 _LIB = torch.library.Library("bspfuse", "DEF")
 _LIB.define("all_gather_matmul(Tensor a, Tensor[] bs, Tensor? bias, str group, str mode, str epilogue, "
-            "bool return_gathered) -> Tensor[]", tags=_TAGS)
-_LIB.define("matmul_reduce_scatter(Tensor a, Tensor b, Tensor? bias, str group, str mode, str epilogue) -> Tensor",
-            tags=_TAGS)
+            "bool return_gathered) -> Tensor[]")
+_LIB.define("matmul_reduce_scatter(Tensor a, Tensor b, Tensor? bias, str group, str mode, str epilogue) -> Tensor")
 _LIB.define("matmul_all_reduce(Tensor a, Tensor b, Tensor? bias, str group, str mode, str epilogue) -> Tensor",
-            tags=_TAGS)
+            tags=_HOST_EPOCH)
 
 
 def _kernel(name: str):
@@ -125,6 +162,12 @@ def _kernel(name: str):
 @_kernel("all_gather_matmul")
 def all_gather_matmul(a: torch.Tensor, bs: list[torch.Tensor], bias: Optional[torch.Tensor], group: str, mode: str,
                       epilogue: str, return_gathered: bool) -> list[torch.Tensor]:
+    from bspfuse.tile import HOST_SIDE_AG_MODES
+
+    if (mode in HOST_SIDE_AG_MODES or return_gathered) and a.is_cuda and torch.cuda.is_current_stream_capturing():
+        why = HOST_SIDE_AG_MODES.get(mode, "the gathered rows are read from the slot the host counted to")
+        raise BspfuseRuntimeError(f"all_gather_matmul ({mode}{', returning the gathered rows' if return_gathered else ''}) "
+                                  f"cannot be captured in a CUDA graph: {why}; use mode push or pull")
     op = _host_object("all_gather_matmul", group, a, bs, mode, epilogue)
     cs = op(a, bs, bias)
     return [*cs, op.gathered(a) if return_gathered else a.new_empty(0)]
