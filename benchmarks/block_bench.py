@@ -136,9 +136,8 @@ def main() -> None:
                 clocks, energies = [None] * W, [None] * W
                 dist.all_gather_object(clocks, str(clock))
                 dist.all_gather_object(energies, energy)
-                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, b2b_clock_by_rank=clocks, energy_by_rank=energies,
-                                 rel_err=err,
-                                 compile_s=round(compile_s, 1),
+                rows.append(dict(seq=seq, variant=name, ms=ms, ms_b2b=ms_b2b, b2b_clock_by_rank=clocks,
+                                 energy_by_rank=energies, rel_err=err, compile_s=round(compile_s, 1),
                                  bspfuse=fused, kernels_ms=kernels))
                 say(f"seq {seq:5d}  {name:20s} {ms:8.3f} ms  back to back {ms_b2b:8.3f} ms  rel err {err:.2e}  "
                     f"(compile {compile_s:.0f} s)  back to back at " + " / ".join(clocks)

@@ -228,8 +228,8 @@ def run_layer(ctx, args):
                 ms = ms_per_call(fn, n)
             alone[name] = (ms, alone_clock.mean_mhz)
         energy = energy_per_call(lambda: [fn() for fn in steps.values()], seconds=1.0)
-        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz, energy=energy,
-                   in_layer_ms=per_step, alone_ms={k: v[0] for k, v in alone.items()},
+        row = dict(variant=variant, layer_ms=layer, clock_mhz=clock.mean_mhz, clock_low_mhz=clock.low_mhz,
+                   energy=energy, in_layer_ms=per_step, alone_ms={k: v[0] for k, v in alone.items()},
                    alone_clock_mhz={k: v[1] for k, v in alone.items()}, rel_err=errs)
         rows.append(row)
         print(f"  {variant:34s} layer {layer:7.3f} ms at {clock.mean_mhz} MHz (low {clock.low_mhz}); in layer / alone: "

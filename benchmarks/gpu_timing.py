@@ -70,8 +70,8 @@ def _nvml_energy_mj():
 
 def energy_per_call(fn, seconds: float = 1.0, calls: int | None = None) -> dict | None:
     """Joules per call and mean board power of calls issued back to back for about `seconds` (or `calls`
-    calls), from NVML's energy counter read before and after (it advances every few ms, so a second of calls
-    gives a figure good to about 1%). Under the H200's power limit a kernel's time follows from the energy it
+    calls), from NVML's energy counter read before and after (it advances in steps: on the H200s one second's
+    readings spread by about +-5%). Under the H200's power limit a kernel's time follows from the energy it
     needs: this says whether a faster variant also spends less energy. None without NVML."""
     read = _nvml_energy_mj()
     if read is None:
