@@ -108,6 +108,17 @@ def test_rewrite_calls_the_fused_ops_with_the_decided_modes_in_a_valid_order():
     gm.graph.lint()  # the row sum read the gathered A ahead of the fused call: moved after it
 
 
+def test_a_replayed_graph_keeps_a_gathered_input_with_other_users_unfused():
+    # The kernel's copy of the gathered rows sits in the slot the host counted to: a CUDA graph's replay does
+    # not count, so with cudagraphs the site stays Inductor's and says why; the reduce-scatter still fuses.
+    reset()
+    with fake_process_group(2):
+        gm = trace(_sp_mlp, [_bf16(16, 32), _bf16(32, 64), _bf16(32, 16), _bf16(64, 32)], world_size=2)
+        report = fuse_graph(gm, Options(mode="push", replayable=True), "sp_mlp", heap_limit=1 << 30)
+    assert [d.applied for d in report.decisions] == [False, True], str(report)
+    assert "more users" in str(report.decisions[0]) and "CUDA graph's replay" in str(report.decisions[0])
+
+
 def _two_gathers(x1, x2, w1, w2):  # two layers of the same shapes
     group = torch.distributed.group.WORLD.group_name
     return tuple(c10d.wait_tensor(c10d.all_gather_into_tensor(x, 2, group)) @ w for x, w in ((x1, w1), (x2, w2)))
