@@ -144,7 +144,6 @@ class _Fused:
         # bound is generous: in the simulator one rank may still be busy with earlier work for seconds.
         self.max_spins = (1 << 24 if not _sim(heap) else 1 << 21) if debug else 0
         self.err = heap.zeros(ERR_RECORD_LEN, dtype=torch.int64, name=f"{name or self.kind}.err")
-        _set_allocator(heap)
         self.epoch = Epoch()  # the host's count of calls; the kernels count their own (ticket) where they can
         self.ticket = heap.zeros(1, dtype=torch.int64, name=f"{name or self.kind}.ticket")  # triton._epoch_and_pid
         self._descs = {}  # (operand, block, dtype, shape, strides) -> the descriptor _desc rebases
@@ -184,7 +183,7 @@ class _Fused:
         """The launch of one variant (B layout, world): Triton's JIT dispatch of a 30-argument kernel costs
         about as much host time as a small GEMM takes on the GPU (gemm_bench's host_ms); FastLaunch keeps
         the compiled launcher. `meta` (the constexprs) is called only when the variant is new."""
-        _set_allocator(self.heap)  # on this thread (the op may have been built on another: torch_ops)
+        _set_allocator(self.heap)  # before every launch, on the launching thread (ops may be built on another)
         launcher = self._launchers.get(key)
         if launcher is None:
             launcher = self._launchers[key] = FastLaunch(self._kernel_for(b_layout), (programs,), **meta())
