@@ -175,3 +175,15 @@ def test_kernels_count_their_epochs_on_the_device():
         for name, (tickets, programs, calls, worst) in results.items():
             assert tickets == programs * calls, (rank, name, tickets, programs, calls)
             assert worst < 2e-2, (rank, name, worst)
+
+
+def test_a_launch_lets_go_of_exactly_the_calls_own_tensors():
+    # FastLaunch.forget after each launch: A (and its descriptor) and every C, not weights, flags or buffers
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulReduceScatter
+    from bspfuse.runtime import SymmetricHeap
+
+    heap = SymmetricHeap(1 << 20)
+    ag = FusedAllGatherMatmul(heap, 16, (32, 16, 16), 32, torch.bfloat16, mode="push", config=SMALL, b_layout="nk")
+    rs = FusedMatmulReduceScatter(heap, 16, 32, 16, torch.bfloat16, config=SMALL, mode="push")
+    assert [ag.kernel_source.params[i] for i in ag._per_call_args] == ["a_ptr", "c_ptr", "c1_ptr", "c2_ptr"]
+    assert [rs.kernel_source.params[i] for i in rs._per_call_args] == ["a_desc", "a_ptr", "out_ptr"]

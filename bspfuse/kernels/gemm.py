@@ -23,6 +23,7 @@ writes flags, all-reduce returns a slot): those calls pass it, and only they can
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 import triton
@@ -38,6 +39,7 @@ from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, ag_confi
                           lower_allgather_matmul, lower_matmul_allreduce, lower_matmul_reduce_scatter)
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+_PER_CALL = ("a_ptr", "a_desc", "out_ptr")  # kernel parameters that get a call's own tensors (and every C)
 
 
 # What a fused op keeps across calls (flags, buffers, its error record and ticket, the scratch below) lives
@@ -160,6 +162,9 @@ class _Fused:
         compiles that variant once (`_kernel_for`), so neither layout is ever copied."""
         self.tile_program = self._lower(b_layout)
         self.kernel_source = generate(self.tile_program, tma=not _sim(self.heap))
+        # the positions of the parameters that get a call's own tensors (every B layout's kernel has the same)
+        self._per_call_args = tuple(i for i, p in enumerate(self.kernel_source.params)
+                                    if p in _PER_CALL or re.fullmatch(r"c\d*_ptr", p))
         self.kernel = load_kernel(self.kernel_source)
         self._other_layouts = {}
         self._launchers = {}
@@ -171,10 +176,10 @@ class _Fused:
             self._other_layouts[b_layout] = load_kernel(generate(self._lower(b_layout), tma=not _sim(self.heap)))
         return self._other_layouts[b_layout]
 
-    def _forget_call(self, launcher: FastLaunch, positions) -> None:
+    def _forget_call(self, launcher: FastLaunch) -> None:
         """After a launch: keep no tensor of this call (its A, its outputs; see FastLaunch.forget), since
         the call may have run in a CUDA graph's memory pool (a warm-up or a capture)."""
-        launcher.forget(positions)
+        launcher.forget(self._per_call_args)
         for (operand, *_), desc in self._descs.items():
             if operand == "a":
                 desc.base = None
@@ -326,7 +331,7 @@ class FusedAllGatherMatmul(_Fused):
         launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
                self.rank, epoch if copies is not None else 0, self.ticket, self.M_local, self.Ns[0], self.K,
                a.stride(0), b.stride(0), c.stride(0), *more)
-        self._forget_call(launch, (0, 3, *(19 + 5 * j for j in range(len(bs) - 1))))  # a, c, each more C
+        self._forget_call(launch)
         if self.mode == "direct":
             self.heap.barrier()
         if copies is not None:
@@ -507,7 +512,7 @@ class _FusedScatter(_Fused):
                self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
                self.flags, self.err, self.heap.heap_bases, rank, epoch, self.ticket, self.M // world, self.N, self.K,
                a.stride(0), b.stride(0))
-        self._forget_call(launch, (0, 1, 4))  # A's descriptor, a, out
+        self._forget_call(launch)
 
 
 def interleave_lag(gemm_programs: int, world: int) -> int:
