@@ -38,7 +38,7 @@ if not any(isinstance(f, _CheckoutFolders) for f in sys.meta_path):
 
 
 def capture(gm, world_size=None, name=None):
-    from bspfuse.capture import capture as _capture
+    from bspfuse.capture_fx import capture as _capture
 
     return _capture(gm, world_size=world_size, name=name)
 

@@ -4,7 +4,7 @@ Dynamo captures the model, AOT autograd splits forward and backward, and Inducto
 forward graph, at Inductor's post-grad stage (where PyTorch's own async-TP pass runs), bspfuse:
 
     normalize_collectives   fx -> fx   flatten collectives to 2-D rows, fold reshape chains
-    capture_with_nodes      fx -> IR   (bspfuse.capture)
+    capture_with_nodes      fx -> IR   (bspfuse.capture_fx)
     run_passes              IR -> IR   the fusion passes and their decisions (passes/)
     check_plan                         heap budget, same shapes on every rank: errors before any launch
     rewrite                 IR -> fx   fused sites become calls to torch.ops.bspfuse.* (runtime/torch_ops)
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,7 +41,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from bspfuse.capture import AG, AR, RS, VIEWS, WAIT, CaptureError, _target_name, capture_with_nodes
+from bspfuse.capture_fx import AG, AR, RS, VIEWS, WAIT, CaptureError, _target_name, capture_with_nodes
 from bspfuse.passes import Decision, Options, run_passes
 from bspfuse.runtime import torch_ops
 
@@ -158,12 +159,17 @@ def _fold_split_cat(graph: torch.fx.Graph) -> None:
 def _flatten_collectives(graph: torch.fx.Graph) -> None:
     # wait(all_gather(x[.., H]))    -> reshape(wait(all_gather(reshape(x, [-1, H]))), shape)   (rows gather)
     # wait(reduce_scatter(y[.., H])) -> reshape(wait(reduce_scatter(reshape(y, [-1, H]))), shape)
+    # wait(all_reduce(y[.., H]))     -> reshape(wait(all_reduce(reshape(y, [-1, H]))), shape)
     # Collectives work on dim 0 of contiguous data, so the 2-D form moves exactly the same bytes.
-    for coll in [n for n in graph.nodes if _is(n, AG) or _is(n, RS)]:
+    # A gather or scatter on another dim (split/cat around it: [batch, seq, H] sharded on seq) stays 3-D:
+    # capture sees it as such, and the fused kernels map its rows.
+    for coll in [n for n in graph.nodes if _is_collective(n)]:
         x = coll.args[0]
         if not _static(x, coll) or _val(x).dim() <= 2 or len(coll.users) != 1 or not _is(next(iter(coll.users)), WAIT):
             continue
         wait = next(iter(coll.users))
+        if (_is(coll, AG) and any(_is(u, "aten.split") for u in wait.users)) or (_is(coll, RS) and _is(x, "aten.cat")):
+            continue
         shape = tuple(_val(wait).shape)
         with graph.inserting_before(coll):
             flat = _reshape(graph, x, (-1, _val(x).shape[-1]))
@@ -261,16 +267,26 @@ def normalize_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 # ------------------------------------------------------------------------------------------ plan (IR)
 
 
+@dataclass(frozen=True)
+class Concat:
+    """An operand the passes made by concatenating others (a sum of matmuls runs as one GEMM over their K's
+    side by side): the rewrite builds it in fx."""
+
+    parts: tuple
+    dim: int
+
+
 @dataclass
 class Site:
     """One fused op, as the fx rewrite needs it."""
 
     opcode: str
-    inputs: list[torch.fx.Node]  # a, b (AG+GEMM: one per weight)[, bias]
+    inputs: list  # fx nodes (or Concat): a, b (AG+GEMM: one per weight)[, bias]
     results: list[list[torch.fx.Node]]  # per fused result: the fx nodes that computed it
     attrs: dict
     group: str
-    shapes: tuple  # A's shape, the weights' shapes and the dtype: what every rank must agree on
+    world: int
+    shapes: tuple  # A's rows [M, K], the weights' shapes and the dtype: what every rank must agree on
     heap_bytes: int
 
     @property
@@ -282,6 +298,12 @@ class Site:
         a, b, dtype = self.shapes
         return torch_ops.host_object_key(FUSED_OPS[self.opcode], self.group, a, b, dtype, self.attrs["mode"],
                                          self.epilogue)
+
+
+def _meta(x) -> torch.Tensor:
+    if isinstance(x, Concat):
+        return torch.cat([_meta(p) for p in x.parts], x.dim)
+    return _val(x)
 
 
 def _group_name(collective: torch.fx.Node) -> str:
@@ -299,15 +321,23 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[R
     fused = passes_log.program
     # capture takes graphs over one process group (it says so otherwise), so every site shares it
     group = next((_group_name(n) for n in gm.graph.nodes if _is_collective(n)), "")
+    def fx_of(v):
+        if v.name in nodes:
+            return nodes[v.name][0]
+        if v.producer is not None and v.producer.opcode == "cat":
+            return Concat(tuple(fx_of(x) for x in v.producer.inputs), v.producer.attrs["dim"])
+        raise CaptureError(f"the fused program reads %{v.name}, which no fx node computes (a bspfuse bug)")
+
     sites = []
     for op in fused.ops:
         if op.opcode not in FUSED_OPS:
             continue
-        inputs = [nodes[v.name][0] for v in op.inputs]
+        inputs = [fx_of(v) for v in op.inputs]
         M, N, K = gemm_shape(op, fused)
-        a, bs = _val(inputs[0]), [_val(nodes[v.name][0]) for v in weights_of(op)]
+        a, bs = _meta(inputs[0]), [_meta(fx_of(v)) for v in weights_of(op)]
         sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
-                          (tuple(a.shape), tuple(tuple(b.shape) for b in bs), a.dtype),
+                          fused.world_size, ((math.prod(a.shape[:-1]), a.shape[-1]),
+                                             tuple(tuple(b.shape) for b in bs), a.dtype),
                           heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"])))
     return report, sites
 
@@ -395,32 +425,49 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
     """Replace each site's nodes by one call to its torch.ops.bspfuse op; dead nodes are removed."""
     graph = gm.graph
     taken_over: dict[torch.fx.Node, torch.fx.Node] = {}  # a node an earlier site replaced -> what replaced it
+
+    def operand(x):  # e.g. A is the result of a fused all-gather, or a concatenation the passes asked for
+        if isinstance(x, Concat):
+            parts = [operand(p) for p in x.parts]
+            node = graph.call_function(torch.ops.aten.cat.default, (parts, x.dim))
+            node.meta["val"] = torch.cat([_val(p) for p in parts], x.dim)
+            return node
+        return taken_over.get(x, x)
+
     for s in sites:
         target = getattr(torch.ops.bspfuse, FUSED_OPS[s.opcode]).default
         n = s.attrs.get("weights", 1)
-        a, *rest = (taken_over.get(x, x) for x in s.inputs)  # e.g. A is the result of a fused all-gather
-        bs, rest = rest[:n], rest[n:]
-        bias = rest[0] if "bias" in s.attrs.get("epilogue", ()) else None
         first_result = min((nodes[0] for nodes in s.results), key=_position(graph))
         with graph.inserting_before(first_result):
+            a, *rest = (operand(x) for x in s.inputs)
+            bs, rest = rest[:n], rest[n:]
+            bias = rest[0] if "bias" in s.attrs.get("epilogue", ()) else None
+            wanted = [_val(r[0]) for r in s.results]  # the shapes the graph reads
             if s.opcode == "fused_allgather_matmul":  # results: one per weight, then the gathered A (or empty)
+                if s.attrs.get("dim", 0) == 0 and _val(a).dim() > 2:
+                    a = _reshape(graph, a, (-1, _val(a).shape[-1]))  # dim 0: rank-major rows, as the kernel's
                 want = bool(s.attrs.get("gathered_out"))
                 call = graph.call_function(target, (a, bs, bias, s.group, s.attrs["mode"], s.epilogue, want))
-                vals = [_val(r[0]) for r in s.results] + ([] if want else [_val(a).new_empty(0)])
-                shapes = [v.shape for v in vals]
-                if "swiglu" in s.attrs.get("epilogue", ()):  # the kernel's [M, N], reshaped as the product was
-                    vals[0] = vals[0].reshape(-1, vals[0].shape[-1])
+                av = _val(a)  # [M, K] -> Cs [W*M, N]; [batch, S, K] (dim 1) -> [batch, W*S, N]
+                rows = (s.world * av.shape[0],) if av.dim() == 2 else (av.shape[0], s.world * av.shape[1])
+                widths = [_val(b).shape[1] for b in bs][:1 if "swiglu" in s.attrs.get("epilogue", ()) else None]
+                vals = [av.new_empty(*rows, w) for w in widths]
+                vals.append(av.new_empty(*rows, av.shape[-1]) if want else av.new_empty(0))
                 call.meta["val"] = vals
                 outs = []
                 for i, v in enumerate(vals):
                     item = graph.call_function(operator.getitem, (call, i))
                     item.meta["val"] = v
-                    outs.append(item if v.shape == shapes[i] else _reshape(graph, item, shapes[i]))
+                    same = i >= len(wanted) or tuple(v.shape) == tuple(wanted[i].shape)
+                    outs.append(item if same else _reshape(graph, item, tuple(wanted[i].shape)))
             else:
-                b = bs[0]
-                call = graph.call_function(target, (a, b, bias, s.group, s.attrs["mode"], s.epilogue))
-                call.meta["val"] = _val(first_result)
-                outs = [call]
+                if s.attrs.get("dim", 0) == 1:  # [batch * seq, K] rows -> [batch, seq, K], scattered on seq
+                    a = _reshape(graph, a, (wanted[0].shape[0], -1, _val(a).shape[-1]))
+                call = graph.call_function(target, (a, bs[0], bias, s.group, s.attrs["mode"], s.epilogue))
+                call.meta["val"] = _val(a).new_empty(*_val(a).shape[:-1], _val(bs[0]).shape[1]) \
+                    if s.opcode == "fused_matmul_allreduce" else wanted[0]
+                outs = [call if tuple(_val(call).shape) == tuple(wanted[0].shape)
+                        else _reshape(graph, call, tuple(wanted[0].shape))]
         for result_nodes, new in zip(s.results, outs):
             for old in result_nodes:
                 old.replace_all_uses_with(new)
@@ -504,32 +551,38 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
 _GRAPH_IDS = itertools.count()
 
 
+def _compile_graphs(gm: torch.fx.GraphModule, example_inputs, opts: Options, heap_limit: int,
+                    finish: Callable[[torch.fx.GraphModule], Callable], ids=_GRAPH_IDS) -> Callable:
+    """AOT autograd splits the model into its forward and backward graphs; each is fused (fuse_graph) and
+    then handed to `finish` (run as it is, or only its shapes: explain)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graph_id = next(ids)
+
+    def compiler(which: str):
+        def compile_one(fx_gm, _inputs):
+            fuse_graph(fx_gm, opts, f"graph {graph_id} {which}", heap_limit)
+            return finish(fx_gm)
+        return compile_one
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))(gm, example_inputs)
+
+
 def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None) -> Callable:
     """The torch.compile backend (registered as "bspfuse"); see the module docstring."""
     opts, heap_limit, inner = _options(options)
-    graph_id = next(_GRAPH_IDS)
     if inner == "eager":
-        from torch._dynamo.backends.common import aot_autograd
         from torch._functorch.aot_autograd import make_boxed_func
 
-        def forward(fx_gm, _inputs):
-            fuse_graph(fx_gm, opts, f"graph {graph_id} forward", heap_limit)
-            return make_boxed_func(fx_gm)
-
-        def backward(fx_gm, _inputs):
-            _record(Report(f"graph {graph_id} backward", fallback="backward graphs are not fused"))
-            return make_boxed_func(fx_gm)
-
-        return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, example_inputs)
+        return _compile_graphs(gm, example_inputs, opts, heap_limit, make_boxed_func)
 
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+    graph_id = next(_GRAPH_IDS)
+
     def inner_compile(fx_gm, inputs, **kwargs):
         name = f"graph {graph_id} {'backward' if kwargs.get('is_backward') else 'forward'}"
-        if kwargs.get("is_backward"):
-            _record(Report(name, fallback="backward graphs are not fused"))
-            return compile_fx_inner(fx_gm, inputs, **kwargs)
         with inductor_config.patch(post_grad_custom_post_pass=_PostGradPass(opts, name, heap_limit),
                                    fx_graph_cache=False):
             return compile_fx_inner(fx_gm, inputs, **kwargs)
@@ -552,41 +605,83 @@ class _PostGradPass(CustomGraphPass):
         return None  # never cache: the pass plans the symmetric heap as a side effect
 
 
-def explain(build: Callable[[Any], torch.nn.Module], input_shape, world_size: int,
-            dtype: torch.dtype = torch.bfloat16, options: dict | None = None) -> str:
-    """What bspfuse would fuse in `build(mesh)(x)`, traced on the CPU with a fake process group of
-    `world_size` ranks: nothing is computed and no GPU is needed. `input_shape` is one rank's input.
-    It resets torch._dynamo before and after, so functions compiled earlier in the process compile again.
+def _shapes_only(gm: torch.fx.GraphModule) -> Callable:
+    """A compiled graph that computes nothing: it runs `gm` on fake tensors and returns uninitialized
+    tensors of the results' shapes (what explain needs to go on to the backward graph)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(args):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            outs = torch.fx.Interpreter(gm).run(*fakes)
+        args.clear()
+        return [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype) if isinstance(o, torch.Tensor) else o
+                for o in outs]
+
+    run._boxed_call = True
+    return run
+
+
+def explain(build: Callable[[Any], torch.nn.Module], inputs: Callable[[Any], Any], world_size: int, *,
+            train: bool = False, dynamic: bool = False, mesh_shape: tuple | None = None,
+            mesh_dim_names: tuple | None = None, options: dict | None = None) -> list[Report]:
+    """What the backend would fuse in `build(mesh)(*inputs(mesh))`, on the CPU: a fake process group of
+    `world_size` ranks, the model's memory left uninitialized and its graphs run on fake tensors, so nothing
+    is computed and no GPU is needed. The forward (and with `train=True`, the backward of the outputs' sum)
+    goes through the backend's own planning (fuse_graph); returns one Report per graph, as `reports()` does,
+    without adding them there. `mesh_shape`/`mesh_dim_names` make a device mesh of several dimensions (e.g.
+    (2, 4), ("dp", "tp")); `dynamic=True` compiles for every sequence length at once.
 
     Example::
 
-        print(explain(lambda mesh: parallelize(LlamaBlock(cfg), mesh), (1, 4096 // 2, 8192), world_size=2))
+        for report in explain(lambda mesh: parallelize(LlamaBlock(cfg), mesh),
+                              lambda mesh: torch.randn(1, 4096 // 2, 8192, dtype=torch.bfloat16), world_size=2):
+            print(report)
     """
-    from torch._dynamo.backends.common import aot_autograd
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils._pytree import tree_leaves
 
-    from bspfuse.capture import fake_process_group
+    from bspfuse.capture_fx import fake_process_group
 
-    opts, _, _ = _options(options)
-    found: list[Report] = []
+    opts, heap_limit, _ = _options(options)
+    shape = tuple(mesh_shape) if mesh_shape else (world_size,)
+    if len(shape) > 1 and mesh_dim_names is None:
+        raise BspfuseCompileError(f"a mesh of shape {shape} needs mesh_dim_names, one name per dimension")
+    if math.prod(shape) != world_size:
+        raise BspfuseCompileError(f"mesh_shape {shape} holds {math.prod(shape)} ranks, not world_size={world_size}")
 
-    def forward(fx_gm, _inputs):
-        normalize_collectives(fx_gm)
-        report, _ = plan(fx_gm, opts, "forward")
-        found.append(report)
-        outputs = [n.meta.get("val") for n in fx_gm.graph.find_nodes(op="output")[0].all_input_nodes]
-        return lambda *args: [torch.empty(v.shape, dtype=v.dtype) for v in outputs]
+    ids = itertools.count()  # graphs numbered from 0 in every explain
 
+    def backend(gm, example_inputs):
+        return _compile_graphs(gm, example_inputs, opts, heap_limit, _shapes_only, ids)
+
+    saved = list(_REPORTS), {g: dict(o) for g, o in _PLANNED_HEAP.items()}
     torch._dynamo.reset()
-    with fake_process_group(world_size):
-        with torch.device("meta"):
-            model = build(init_device_mesh("cpu", (world_size,)))
-        model = model.to_empty(device="cpu")  # uninitialized memory: only shapes matter here
-        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=forward), fullgraph=True)
-        with torch.no_grad():
-            compiled(torch.empty(input_shape, dtype=dtype))
-    torch._dynamo.reset()
-    return "\n".join(str(r) for r in found)
+    try:
+        with fake_process_group(world_size):
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=tuple(mesh_dim_names) if mesh_dim_names else None)
+            with torch.device("meta"):
+                model = build(mesh)
+            model = model.to_empty(device="cpu")  # uninitialized memory: only shapes matter here
+            args = inputs(mesh)
+            args = args if isinstance(args, (tuple, list)) else (args,)
+            compiled = torch.compile(model, backend=backend, dynamic=dynamic or None)
+            del _REPORTS[:]
+            with torch.enable_grad() if train else torch.no_grad():
+                out = compiled(*args)
+                if train:
+                    loss = sum(t.float().sum() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                               and t.requires_grad)
+                    if not isinstance(loss, torch.Tensor):
+                        raise BspfuseCompileError("train=True, but no output of the model requires grad")
+                    loss.backward()
+            return list(_REPORTS)
+    finally:
+        _REPORTS[:], planned = saved
+        _PLANNED_HEAP.clear()
+        _PLANNED_HEAP.update(planned)
+        torch._dynamo.reset()
 
 
 def _register() -> None:

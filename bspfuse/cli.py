@@ -28,7 +28,7 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from bspfuse.analysis import AnalysisError
-    from bspfuse.capture import CaptureError
+    from bspfuse.capture_fx import CaptureError
     from bspfuse.execute import ExecuteError
     from bspfuse.grammar import SourceError
     from bspfuse.ir import IRError

@@ -15,6 +15,8 @@ Example::
 """
 from __future__ import annotations
 
+import math
+
 from bspfuse.ir import Op, Program, concrete
 from bspfuse.tile import (STAGING, TileConfig, TileProgram, ag_config, choose_config, lower_allgather_matmul,
                           lower_matmul_allreduce, lower_matmul_reduce_scatter)
@@ -31,8 +33,8 @@ _LOWER = {"ag_matmul": lower_allgather_matmul, "matmul_rs": lower_matmul_reduce_
 def gemm_shape(op: Op, program: Program) -> tuple[int, int, int]:
     """(M, N, K) as the host objects take them: AG+GEMM (M_local, N, K); GEMM+RS/AR (M, N, K_local). An
     AG+GEMM with several weights has N = the sum of their widths (the kernel's column range)."""
-    (m, k) = (concrete(d, program.sizes, program.world_size) for d in op.inputs[0].type.shape)
-    return m, sum(weight_widths(op, program)), k
+    *lead, k = (concrete(d, program.sizes, program.world_size) for d in op.inputs[0].type.shape)
+    return math.prod(lead), sum(weight_widths(op, program)), k  # A [batch, seq, K] (gathered on seq): its rows
 
 
 def weight_widths(op: Op, program: Program) -> tuple[int, ...]:

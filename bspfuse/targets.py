@@ -1,7 +1,7 @@
 """Load a program named on the command line: `path/to/file.py:function`.
 
 The function returns one of
-    a torch.fx.GraphModule                 captured with `bspfuse.capture.capture`
+    a torch.fx.GraphModule                 captured with `bspfuse.capture_fx.capture`
     (model, example_inputs)                traced with make_fx under FakeTensorMode, then captured
     a bspfuse Program                      used as it is
 and gets `world_size=` when it accepts that keyword and a world size was given. Every problem the user
@@ -86,7 +86,7 @@ def _call(fn, where: str, path: str, world_size: int | None) -> Any:
 def _to_program(result, where: str, path: str, func_name: str, world_size: int | None) -> Program:
     import torch
 
-    from bspfuse.capture import CaptureError, capture, trace
+    from bspfuse.capture_fx import CaptureError, capture, trace
 
     if isinstance(result, Program):
         if world_size is not None and result.world_size is not None and result.world_size != world_size:

@@ -146,8 +146,10 @@ def main() -> None:
         parser.error(f"--seq {args.seq} does not split evenly over --world {args.world} ranks")
     cfg = LlamaConfig(hidden=args.hidden, heads=max(args.hidden // 128, args.world),
                       kv_heads=max(args.hidden // 1024, args.world), ffn=args.hidden * 7 // 2, max_seq=args.seq)
-    print(explain(lambda mesh: parallelize(LlamaBlock(cfg).to(torch.bfloat16), mesh),
-                  (1, args.seq // args.world, cfg.hidden), world_size=args.world))
+    for report in explain(lambda mesh: parallelize(LlamaBlock(cfg).to(torch.bfloat16), mesh),
+                          lambda mesh: torch.randn(1, args.seq // args.world, cfg.hidden, dtype=torch.bfloat16),
+                          world_size=args.world):
+        print(report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Run it:
 """
 import torch
 
-from bspfuse.capture import trace
+from bspfuse.capture_fx import trace
 
 TOKENS, HIDDEN, FFN = 8192, 8192, 28672  # Llama-3-70B: hidden 8192, ffn 28672
 
@@ -44,7 +44,7 @@ def build(world_size: int = 8) -> torch.fx.GraphModule:
 
 if __name__ == "__main__":
     from bspfuse.analysis import analyze
-    from bspfuse.capture import capture
+    from bspfuse.capture_fx import capture
 
     program = capture(build(8), name="sp_mlp")
     print(program)

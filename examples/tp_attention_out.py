@@ -11,7 +11,7 @@ Run it:
 """
 import torch
 
-from bspfuse.capture import trace
+from bspfuse.capture_fx import trace
 
 BATCH, SEQ, HEADS, HEAD_DIM, HIDDEN = 2, 2048, 64, 128, 8192
 
@@ -44,7 +44,7 @@ def build(world_size: int = 8) -> torch.fx.GraphModule:
 
 if __name__ == "__main__":
     from bspfuse.analysis import analyze
-    from bspfuse.capture import capture
+    from bspfuse.capture_fx import capture
 
     program = capture(build(8), name="tp_attention_out")
     print(program)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bspfuse.ir import Op, Program, Value, concrete
+from bspfuse.ir import Op, Program, Value, concrete, dims_equal, infer
 from bspfuse.passes import Decision, Estimate, Options, Pass
 from bspfuse.tile import HOST_SIDE_AG_MODES
 
@@ -68,7 +68,7 @@ class Choice:
 
 
 def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str = "bf16",
-                device: DeviceModel = H200, a_on_heap: bool = False) -> Choice:
+                device: DeviceModel = H200, a_on_heap: bool = False, copy_bytes: int = 0) -> Choice:
     """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) and pick the
     fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order device times
     per call in a stream of calls (the host's launch is left out: every schedule pays one); they say which
@@ -76,6 +76,10 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     from bspfuse.tile import choose_config
 
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
+    if W == 1:
+        t = 2 * M * N * K / device.matmul_flops
+        return Choice("off", "a world of one rank: the collective moves nothing, so there is nothing to overlap",
+                      {"bsp": round(t * 1e6, 1)})
     k_eff = K if kind == "ag_matmul" else K / W  # RS/AR multiply a K-shard on every rank
     # a few rows multiply a whole weight: then reading it from HBM, not the MMAs, bounds the GEMM
     t_mm = max(2 * M * N * k_eff / device.matmul_flops, (M * k_eff + k_eff * N + M * N) * item / device.hbm_bytes)
@@ -118,6 +122,8 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         first_wave = t_gemm / -(-tiles // gemm_programs)
         t_move = moved / (cfg.comm_programs * device.comm_program_bytes)
         est["push"] = max(t_gemm, first_wave + t_move) + hops * device.direct_hop_s
+    for schedule in est:  # operands the fused schedules copy first (read and written once)
+        est[schedule] += 0 if schedule == "bsp" else 2 * copy_bytes / device.hbm_bytes
     us = {k: round(v * 1e6, 1) for k, v in est.items()}
     chosen = {k: v for k, v in est.items() if kind != "ag_matmul" or k == "bsp" or k in device.ag_auto_modes}
     best = min(chosen, key=chosen.get)
@@ -143,8 +149,8 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
 
 def _site(*ops: Op) -> str:
     names = ", ".join(f"%{o.outputs[0].name}" for o in ops)
-    origins = [o.origin for o in ops if o.origin]
-    # from torch.compile, the op that names a module the user wrote ("mm_3 in attention.wo"), not the
+    origins = [o.origin for o in sorted(ops, key=lambda o: o.opcode != "matmul") if o.origin]
+    # from torch.compile, the matmul that names a module the user wrote ("mm_3 in attention.wo"), not the
     # collective DTensor inserted; from source, the first position
     origin = next((o for o in origins if " in " in o), origins[0] if origins else None)
     return names + (f" ({origin})" if origin else "")
@@ -247,12 +253,12 @@ def _common_checks(p: Program, mm: Op, coll: Op) -> str | None:
 
 
 def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N: int, K: int,
-            dtype: str) -> tuple[Choice, Estimate]:
+            dtype: str, copy_bytes: int = 0) -> tuple[Choice, Estimate]:
     """The mode to fuse with ("off": not at all) and the cost model's view, which the Decision carries
     apart from the reason so that recalibrating the model changes only the estimate."""
     forced = options.mode_for(site_value)
     device = replace(H200, ag_auto_modes=("push", "pull")) if options.replayable else H200
-    auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=device)
+    auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=device, copy_bytes=copy_bytes)
     estimate = Estimate(H200.name, auto.mode, auto.estimates_us)
     if options.replayable and kind == "ag_matmul" and forced in HOST_SIDE_AG_MODES:
         return Choice(auto.mode, f"{forced} cannot replay from a CUDA graph ({HOST_SIDE_AG_MODES[forced]}); "
@@ -280,6 +286,14 @@ def _hint_mode(op: Op, options: Options) -> Options:
 # ----------------------------------------------------------------------------------------------- passes
 
 
+def _merges_rows(op: Op, v: Value) -> bool:
+    """`op` reshapes `v` ([..., H]) into rows [prod(...), H]: the row order is kept."""
+    if op.opcode != "reshape" or op.inputs[0] is not v or v.type.rank < 2:
+        return False
+    out = op.outputs[0].type
+    return out.rank == 2 and dims_equal(out.shape[1], v.type.shape[-1])
+
+
 def _run_allgather_matmul(p: Program, options: Options):
     decisions, users = [], p.users()
     for ag in list(p.find("all_gather")):
@@ -288,15 +302,21 @@ def _run_allgather_matmul(p: Program, options: Options):
             continue
         gathered = w.outputs[0]
         us = users.get(gathered, [])
-        mms = [u for u in us if u.opcode == "matmul" and u.inputs[0] is gathered]
+        # the gathered A as rows: itself, or [batch, seq, H] reshaped to [batch * seq, H] (once per matmul)
+        views = [u for u in us if _merges_rows(u, gathered)]
+        rows = [gathered, *(v.outputs[0] for v in views)]
+        mms = [u for r in rows for u in users.get(r, []) if u.opcode == "matmul" and u.inputs[0] is r]
         site = _site(ag, w, *mms[:1])
         say = lambda ok, why, estimate=None: decisions.append(
             Decision("fuse_allgather_matmul", site, ok, why, estimate))
         if not mms:
-            say(False, "the gathered tensor feeds no matmul as its A operand (only row-gathered A fuses)")
+            readers = ", ".join(sorted({u.opcode if u.opcode != "opaque" else u.attrs["target"] for u in us}))
+            say(False, f"no matmul reads the gathered tensor as its A operand (its readers: {readers or 'none'})")
             continue
-        if ag.attrs["dim"] != 0:
-            say(False, f"gather on dim {ag.attrs['dim']}: the kernel gathers rows (dim 0) of A")
+        d, rank = ag.attrs["dim"], gathered.type.rank
+        if not (d == 0 or (d == 1 and rank == 3)):
+            say(False, f"gather on dim {d} of a rank-{rank} tensor: the kernel gathers rows (dim 0) or the "
+                       "sequence of a [batch, seq, hidden] tensor (dim 1)")
             continue
         why = _common_checks(p, mms[0], ag)
         if why:
@@ -321,7 +341,7 @@ def _run_allgather_matmul(p: Program, options: Options):
         mm = candidates[0]
         joined = [m for m in candidates[1:] if _joins(p, mm, m)]
         site = _site(ag, w, mm, *joined)
-        (M, K) = _shape(p, gathered)
+        (M, K) = _shape(p, mm.inputs[0])
         N = sum(_shape(p, m.inputs[1])[1] for m in [mm, *joined])
         dtype = gathered.type.dtype
         opts = _hint_mode(mm, _hint_mode(ag, options))
@@ -329,14 +349,21 @@ def _run_allgather_matmul(p: Program, options: Options):
         if choice.mode == "off":
             say(False, choice.reason, estimate)
             continue
-        others = len(us) - 1 - len(joined)
+        fused_mms = {mm, *joined}
+        used_views = [v for v in views if v.outputs[0] not in p.outputs
+                      and all(u in fused_mms for u in users.get(v.outputs[0], []))]
+        # every other reader of the gathered A: ops, and the program's outputs (a training forward returns it,
+        # saved for the backward)
+        readers = [u for u in us if u not in fused_mms and u not in used_views]
+        returned = sum(1 for o in p.outputs if o is gathered)
+        others = len(readers) + returned
         if others and choice.mode == "direct":
-            say(False, f"the gathered tensor has {others} more users and direct mode keeps no gathered copy",
+            say(False, f"the gathered tensor has {others} more readers and direct mode keeps no gathered copy",
                 estimate)
             continue
         if others and options.replayable:
-            say(False, f"the gathered tensor has {others} more users: the kernel's copy of it sits in the slot the "
-                       "host counted to, which a CUDA graph's replay would not count", estimate)
+            say(False, f"the gathered tensor has {others} more readers: the kernel's copy of it sits in the slot "
+                       "the host counted to, which a CUDA graph's replay would not count", estimate)
             continue
         gate = _swiglu(p, users, mm, joined[0]) if len(joined) == 1 else None
         if gate:  # silu(A @ W_gate) * (A @ W_up): one kernel computes both tiles and stores their product
@@ -347,18 +374,22 @@ def _run_allgather_matmul(p: Program, options: Options):
             results = [(chain[-1] if chain else mm).outputs[0], *(m.outputs[0] for m in joined)]
         results += [gathered] if others else []
         fused = _fused("fused_allgather_matmul", [ag.inputs[0], mm.inputs[1], *(m.inputs[1] for m in joined), *extra],
-                       {"mode": choice.mode, "epilogue": fns, "dim": 0, "gathered_out": bool(others),
+                       {"mode": choice.mode, "epilogue": fns, "dim": d, "gathered_out": bool(others),
                         **({"weights": 1 + len(joined)} if joined else {})},
                        results, mm.origin or ag.origin)
-        _replace(p, sorted([ag, w, mm, *chain, *joined], key=p.ops.index), fused, results)
+        _replace(p, sorted([ag, w, *used_views, mm, *chain, *joined], key=p.ops.index), fused, results)
         users = p.users()
         names = ", ".join(_name(m) for m in joined)
+        kept = (f"; the kernel also writes out the gathered A for {others} other reader{'s' if others > 1 else ''}"
+                + (" (the graph returns it: saved for the backward)" if returned else "")) if others else ""
         say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns and not gate else "")
+            + (f"; rows of each batch interleave ranks (gathered on the sequence dim): the kernel stores them "
+               "in place" if d == 1 else "")
             + (f"; {names} join{'s' if len(joined) == 1 else ''} it: {1 + len(joined)} weights share the "
                "gathered A" if joined else "")
             + (f"; silu({_name(mm)}) * {_name(up)} in the epilogue (SwiGLU): one [M, N] product is stored "
                "instead of two" if gate else "")
-            + (f"; the gathered A also feeds {others} other op{'s' if others > 1 else ''}" if others else ""), estimate)
+            + kept, estimate)
     return p, decisions
 
 
@@ -412,52 +443,117 @@ def _name(op: Op) -> str:
     return f"%{op.outputs[0].name}" + (f" ({op.origin})" if op.origin else "")
 
 
+def _summed_matmuls(p: Program, users, v: Value) -> tuple[list[Op], list[Op], str | None]:
+    """The matmuls whose sum is `v`, through reshapes that keep the rows ([b*s, N] <-> [b, s, N]) and adds
+    (a backward graph sums the input gradients of q/k/v, or of gate/up): (matmuls, ops passed, None), or
+    ([], [], why not). Every value on the way is read by the next op alone."""
+    op = v.producer
+    if op is None:
+        return [], [], "a program input"
+    if op.opcode == "matmul":
+        return [op], [], None
+    if op.opcode == "reshape" and dims_equal(op.inputs[0].type.shape[-1], v.type.shape[-1]):
+        inner = op.inputs[0]
+    elif op.opcode == "pointwise" and op.attrs.get("fn") == "add" and len(op.inputs) == 2 and all(
+            x.type.shape == v.type.shape for x in op.inputs):
+        inner = None
+    else:
+        return [], [], f"{op.opcode if op.opcode != 'opaque' else op.attrs['target']} (%{v.name})"
+    found, passed = [], [op]
+    for x in ([inner] if inner is not None else op.inputs):
+        if _sole_user(users, x) is not op or x in p.outputs:
+            return [], [], f"%{x.name}, which has readers besides the sum"
+        mms, more, why = _summed_matmuls(p, users, x)
+        if why:
+            return [], [], why
+        found += mms
+        passed += more
+    return found, passed, None
+
+
+def _concat(p: Program, values: list[Value], dim: int, name: str, origin) -> tuple[Op, Value]:
+    """A cat op of `values` (not yet placed in the program) and its result."""
+    op = Op("cat", tuple(values), {"dim": dim}, origin=origin)
+    (t,) = infer("cat", [v.type for v in values], op.attrs, p.world_size, origin)
+    taken = {v.name for v in p.values()}
+    while name in taken:
+        name += "_"
+    op.outputs = (Value(name, t, op),)
+    return op, op.outputs[0]
+
+
 def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: str):
     def run(p: Program, options: Options):
         decisions, users = [], p.users()
         for coll in list(p.find(coll_name)):
             w = _sole_user(users, coll.outputs[0])
-            mm = coll.inputs[0].producer
-            site = _site(*(x for x in (mm, coll) if x is not None))
+            mms, passed, not_mm = _summed_matmuls(p, users, coll.inputs[0])
+            site = _site(*mms, coll) if mms else _site(coll)
             say = lambda ok, why, estimate=None: decisions.append(Decision(pass_name, site, ok, why, estimate))
             if w is None or w.opcode != "wait":
                 say(False, "the collective has no single wait")
                 continue
-            if mm is None or mm.opcode != "matmul":
-                say(False, f"the {coll_name} input is not produced by a matmul "
-                           f"({mm.opcode if mm else 'a program input'})")
+            if not_mm:
+                say(False, f"the {coll_name} input is not a matmul or a sum of matmuls: it comes from {not_mm}")
                 continue
+            mm = mms[0]
             if len(users.get(mm.outputs[0], [])) != 1:
                 say(False, "the matmul result has other users besides the collective (kept unfused)")
                 continue
-            if kind == "matmul_rs" and coll.attrs["dim"] != 0:
-                say(False, f"scatter on dim {coll.attrs['dim']}: the kernel scatters rows (dim 0)")
+            src, d = coll.inputs[0], coll.attrs.get("dim", 0)
+            if kind == "matmul_rs" and not (d == 0 or (d == 1 and src.type.rank == 3)):
+                say(False, f"scatter on dim {d} of a rank-{src.type.rank} tensor: the kernel scatters rows (dim 0) "
+                           "or the sequence of a [batch, seq, hidden] tensor (dim 1)")
                 continue
             if coll.attrs.get("reduce", "sum") != "sum":
                 say(False, f"reduce op {coll.attrs['reduce']}: the kernel sums")
                 continue
             why = _common_checks(p, mm, coll)
+            shapes = [(_shape(p, m.inputs[0]), _shape(p, m.inputs[1])) for m in mms]
+            if not why and len({(a[0], b[1]) for a, b in shapes}) > 1:
+                why = f"the summed matmuls have different shapes {[(a, b) for a, b in shapes]}"
+            if not why and len({(m.inputs[0].type.dtype, m.inputs[1].type.dtype) for m in mms}) > 1:
+                why = "the summed matmuls have different dtypes"
             if why:
                 say(False, why)
                 continue
-            (M, Kl), (_, N) = _shape(p, mm.inputs[0]), _shape(p, mm.inputs[1])
-            if M % p.world_size:
-                say(False, f"M={M} rows do not split evenly over {p.world_size} ranks")
+            M, N = shapes[0][0][0], shapes[0][1][1]
+            Kl = sum(a[1] for a, _ in shapes)
+            split = _shape(p, src)[d] if kind == "matmul_rs" else M
+            if split % p.world_size:
+                say(False, f"{'M' if d == 0 else 'the sequence'}={split} rows do not split evenly over "
+                           f"{p.world_size} ranks")
                 continue
+            item = DTYPE_BYTES[mm.outputs[0].type.dtype]
+            copied = (M + N) * Kl * item if len(mms) > 1 else 0  # the concatenated A and B
             opts = _hint_mode(coll, _hint_mode(mm, options))
             choice, estimate = _decide(p, opts, w.outputs[0].name, kind, M, N, Kl * p.world_size,
-                                       mm.outputs[0].type.dtype)
+                                       mm.outputs[0].type.dtype, copy_bytes=copied)
             if choice.mode == "off":
                 say(False, choice.reason, estimate)
                 continue
             chain, fns, extra = _absorb_epilogue(users, w.outputs[0], p.outputs)
             last = (chain[-1] if chain else w).outputs[0]
-            fused = _fused(opcode, [mm.inputs[0], mm.inputs[1], *extra],
-                           {"mode": choice.mode, "epilogue": fns, **({"dim": 0} if kind == "matmul_rs" else {})},
+            cats = []
+            a, b = mm.inputs
+            if len(mms) > 1:  # sum_i A_i @ B_i = [A_1 .. A_n] @ [B_1; ..; B_n]: one GEMM over the K's
+                (cat_a, a), (cat_b, b) = (_concat(p, [m.inputs[i] for m in mms], 1 - i, f"{mm.outputs[0].name}_{x}",
+                                                  mm.origin) for i, x in ((0, "a_cat"), (1, "b_cat")))
+                cats = [cat_a, cat_b]
+            fused = _fused(opcode, [a, b, *extra],
+                           {"mode": choice.mode, "epilogue": fns, **({"dim": d} if kind == "matmul_rs" else {})},
                            [last], mm.origin or coll.origin)
-            _replace(p, [mm, coll, w, *chain], fused, [last])
+            old = sorted([*mms, *passed, coll, w, *chain], key=p.ops.index)
+            p.ops[p.ops.index(old[0]):p.ops.index(old[0])] = cats
+            _replace(p, old, fused, [last])
             users = p.users()
-            say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else ""), estimate)
+            summed = (f"; the sum of {len(mms)} matmuls ({', '.join(_name(m) for m in mms)}) is one GEMM over their "
+                      f"K's side by side (A [{M}, {Kl}] and B [{Kl}, {N}] are copied together first)"
+                      if len(mms) > 1 else "")
+            rows = ("; rows of each batch interleave ranks (scattered on the sequence dim): the kernel reads them "
+                    "in place" if kind == "matmul_rs" and d == 1 else "")
+            say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else "") + summed + rows,
+                estimate)
         return p, decisions
     return run
 

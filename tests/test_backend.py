@@ -14,7 +14,7 @@ import torch
 
 from bspfuse import parse as bspfuse_parse
 from bspfuse.backend import BspfuseCompileError, explain, fuse_graph, reports, reset
-from bspfuse.capture import capture, fake_process_group, trace
+from bspfuse.capture_fx import capture, fake_process_group, trace
 from bspfuse.passes import Options, run_passes
 from bspfuse.runtime.launch import launch
 
@@ -33,12 +33,18 @@ def _block(cfg):
     return lambda mesh: llama.parallelize(llama.LlamaBlock(cfg).to(torch.bfloat16), mesh)
 
 
+def _explain(build, shape, **kw) -> str:
+    """explain's reports as text, for one rank's [batch, seq/W, hidden] input."""
+    reports_ = explain(build, lambda mesh: torch.empty(shape, dtype=torch.bfloat16), world_size=2, **kw)
+    return "\n".join(map(str, reports_))
+
+
 # ------------------------------------------------------------------------------------------ what it would fuse
 
 
 def test_explain_finds_the_four_sites_of_a_70b_layer():
     cfg = llama.LlamaConfig(hidden=8192, heads=64, kv_heads=8, ffn=28672, max_seq=8192)
-    text = explain(_block(cfg), (1, 8192 // 2, 8192), world_size=2)
+    text = _explain(_block(cfg), (1, 8192 // 2, 8192))
     # the attention input feeds wq, wk and wv, the MLP's feeds w1 and w3: each set shares one kernel
     assert text.count("[fuse_allgather_matmul] fused") == 2 and "4 of 4 sites fused" in text, text
     assert "%mm_1 (mm_1 in attention.wk), %mm_2 (mm_2 in attention.wv) join it: 3 weights share" in text, text
@@ -51,20 +57,20 @@ def test_explain_finds_the_four_sites_of_a_70b_layer():
 
 
 def test_explain_gives_every_sites_decision_with_the_cost_models_estimates():
-    text = explain(_block(TINY), (1, 8, TINY.hidden), world_size=2)
+    text = _explain(_block(TINY), (1, 8, TINY.hidden))
     sites = [line for line in text.splitlines() if line.lstrip().startswith("[fuse_")]
     assert len(sites) == 4 and "4 of 4 sites fused" in text
     for line in sites:
         assert "(cost model on H200: " in line and "estimated bsp " in line, line
     assert sum("(mm_3 in attention.wo): direct" in line for line in sites) == 1
-    off = explain(_block(TINY), (1, 8, TINY.hidden), world_size=2, options={"mode": "off"})
+    off = _explain(_block(TINY), (1, 8, TINY.hidden), options={"mode": "off"})
     assert "0 of 4 sites fused" in off and off.count("not fused") == 4
 
 
 def test_the_example_explains_a_layer_from_the_command_line(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["llama_block.py", "--world", "2", "--seq", "64", "--hidden", "256"])
     llama.main()  # --seq is the whole sequence: each rank's input holds 32 rows
-    assert "bspfuse, forward: " in capsys.readouterr().out
+    assert "bspfuse, graph 0 forward: " in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ the fx rewrite
@@ -116,7 +122,7 @@ def test_a_replayed_graph_keeps_a_gathered_input_with_other_users_unfused():
         gm = trace(_sp_mlp, [_bf16(16, 32), _bf16(32, 64), _bf16(32, 16), _bf16(64, 32)], world_size=2)
         report = fuse_graph(gm, Options(mode="push", replayable=True), "sp_mlp", heap_limit=1 << 30)
     assert [d.applied for d in report.decisions] == [False, True], str(report)
-    assert "more users" in str(report.decisions[0]) and "CUDA graph's replay" in str(report.decisions[0])
+    assert "more readers" in str(report.decisions[0]) and "CUDA graph's replay" in str(report.decisions[0])
 
 
 def _two_gathers(x1, x2, w1, w2):  # two layers of the same shapes
@@ -192,13 +198,15 @@ def test_heap_budget_is_checked_before_anything_runs():
     assert "MiB of symmetric heap, more than its 0.0 MiB" in msg and "heap_bytes" in msg
 
 
-def test_backward_graph_falls_back_and_says_so(caplog):
+def test_the_backward_graph_meets_the_same_passes(caplog):
+    # the input gradients of wq/wk/wv (and w1/w3) are summed before their reduce-scatter; wo's and w2's
+    # output gradients are gathered before their matmuls
     with caplog.at_level(logging.INFO, logger="bspfuse"):
         got = _compile_fake(TINY, 16, {"mode": "off"}, grad=True)  # a fake group cannot run fused kernels
     assert [r.graph.split()[-1] for r in got] == ["forward", "backward"]
-    assert got[1].fallback == "backward graphs are not fused"
     assert [d.reason for d in got[0].decisions] == ["fusion turned off by the user"] * 4
-    assert "backward graphs are not fused" in caplog.text
+    assert [d.reason for d in got[1].decisions] == ["fusion turned off by the user"] * 4, str(got[1])
+    assert "(mm_8 in feed_forward.w2)" in str(got[1]) and "backward: 0 of 4 sites fused" in caplog.text
 
 
 def test_dynamic_shapes_fall_back_with_a_reason():
@@ -219,16 +227,16 @@ def test_unknown_option_is_named():
 def test_with_cudagraphs_every_site_takes_a_schedule_a_graph_can_replay():
     cfg = llama.LlamaConfig(hidden=8192, heads=64, kv_heads=8, ffn=28672, max_seq=8192)
     shape = (1, 8192 // 2, 8192)
-    assert "(mm in attention.wq): copy_engine:" in explain(_block(cfg), shape, world_size=2)  # the auto choice
-    replayed = explain(_block(cfg), shape, world_size=2, options={"cudagraphs": True})
+    assert "(mm in attention.wq): copy_engine:" in _explain(_block(cfg), shape)  # the auto choice
+    replayed = _explain(_block(cfg), shape, options={"cudagraphs": True})
     assert "4 of 4 sites fused" in replayed and "): copy_engine:" not in replayed, replayed
     assert "(mm in attention.wq): push:" in replayed, replayed
-    forced = explain(_block(cfg), shape, world_size=2, options={"cudagraphs": True, "mode": "copy_engine"})
+    forced = _explain(_block(cfg), shape, options={"cudagraphs": True, "mode": "copy_engine"})
     assert forced.count("copy_engine cannot replay from a CUDA graph (the host enqueues the row copies") == 2, forced
     for bad, message in (({"cudagraphs": True, "inner": "eager"}, "options['cudagraphs'] needs inner='inductor'"),
                          ({"cudagraphs": "yes"}, "options['cudagraphs'] must be True or False, got 'yes'")):
         with pytest.raises(BspfuseCompileError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            explain(_block(TINY), (1, 8, TINY.hidden), world_size=2, options=bad)
+            _explain(_block(TINY), (1, 8, TINY.hidden), options=bad)
 
 
 def test_only_the_all_reduce_op_is_unsafe_for_cuda_graphs():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bspfuse.capture import CaptureError, capture, fake_process_group, trace
+from bspfuse.capture_fx import CaptureError, capture, fake_process_group, trace
 from bspfuse.ir import local, replicated, sharded
 from bspfuse.targets import TargetError, load_program
 

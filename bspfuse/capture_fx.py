@@ -234,10 +234,11 @@ def _where(node: torch.fx.Node) -> str:
 
 def _origin(node: torch.fx.Node) -> str:
     """The node's name, and the module the user wrote where dynamo recorded it: `mm_3 in attention.wo`."""
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")  # backward: the forward's
     if not stack:
         return node.name
-    path = re.sub(r"^L\['self'\]\.?", "", str(list(stack.values())[-1][0]))
+    # dynamo names the compiled module L['self'] (or L['args'][0], L['fn'], ...): the path below it is the user's
+    path = re.sub(r"^L\['[^']+'\](\[\d+\])?\.?", "", str(list(stack.values())[-1][0]))
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path).lstrip(".")
     return f"{node.name} in {path}" if path else node.name
 
