@@ -41,7 +41,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from bspfuse.capture_fx import AG, AR, RS, VIEWS, WAIT, CaptureError, _target_name, capture_with_nodes
+from bspfuse.capture_fx import AG, AR, RS, VIEWS, WAIT, CaptureError, _origin, _target_name, capture_with_nodes
 from bspfuse.passes import Decision, Options, run_passes
 from bspfuse.runtime import torch_ops
 
@@ -288,6 +288,7 @@ class Site:
     world: int
     shapes: tuple  # A's rows [M, K], the weights' shapes and the dtype: what every rank must agree on
     heap_bytes: int
+    dynamic: bool = False  # A's rows are symbolic: shapes[0][0] is their bound
 
     @property
     def epilogue(self) -> str:  # as torch.ops.bspfuse takes it
@@ -297,7 +298,15 @@ class Site:
     def key(self) -> tuple:  # the host object it will run on
         a, b, dtype = self.shapes
         return torch_ops.host_object_key(FUSED_OPS[self.opcode], self.group, a, b, dtype, self.attrs["mode"],
-                                         self.epilogue)
+                                         self.epilogue, self.max_rows)
+
+    @property
+    def max_rows(self) -> int:  # as torch.ops.bspfuse takes it: 0 for a static shape
+        return self.shapes[0][0] if self.dynamic else 0
+
+    @property
+    def bound(self) -> tuple:  # the op's trailing max_rows argument, left out where it is the default
+        return (self.max_rows,) if self.dynamic else ()
 
 
 def _meta(x) -> torch.Tensor:
@@ -310,17 +319,19 @@ def _group_name(collective: torch.fx.Node) -> str:
     return str(collective.args[-1])  # all_gather_into_tensor, reduce_scatter_tensor, all_reduce: the group last
 
 
-def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[Report, list[Site]]:
-    """Capture the normalized graph, run the passes, and describe each fused op in fx terms."""
+def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str,
+         group: str | None = None) -> tuple[Report, list[Site]]:
+    """Capture the normalized graph (the collectives of `group`; None: its only group), run the passes, and
+    describe each fused op in fx terms."""
     from bspfuse.kernels.gemm import heap_bytes
     from bspfuse.lowering import gemm_shape, weights_of
 
-    program, nodes = capture_with_nodes(gm, name=graph_name)
+    program, nodes = capture_with_nodes(gm, name=graph_name, group=group)
+    program.sizes.update(_example_sizes(gm))  # dynamic shapes: the passes check the example's sizes
     passes_log = run_passes(program, options=options)
     report = Report(graph_name, passes_log.decisions)
     fused = passes_log.program
-    # capture takes graphs over one process group (it says so otherwise), so every site shares it
-    group = next((_group_name(n) for n in gm.graph.nodes if _is_collective(n)), "")
+    group = group or next((_group_name(n) for n in gm.graph.nodes if _is_collective(n)), "")
     def fx_of(v):
         if v.name in nodes:
             return nodes[v.name][0]
@@ -335,11 +346,59 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str) -> tuple[R
         inputs = [fx_of(v) for v in op.inputs]
         M, N, K = gemm_shape(op, fused)
         a, bs = _meta(inputs[0]), [_meta(fx_of(v)) for v in weights_of(op)]
+        rows = math.prod(a.shape[:-1])
+        if not isinstance(rows, int):  # a dynamic length: the kernels take M at run time, the heap the bound
+            M = rows = _row_bound(rows, op.opcode, fused.world_size, options)
         sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
-                          fused.world_size, ((math.prod(a.shape[:-1]), a.shape[-1]),
-                                             tuple(tuple(b.shape) for b in bs), a.dtype),
-                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"])))
+                          fused.world_size, ((rows, a.shape[-1]), tuple(tuple(b.shape) for b in bs), a.dtype),
+                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"]),
+                          dynamic=not isinstance(math.prod(a.shape[:-1]), int)))
+    if any(s.dynamic for s in sites):
+        report.note = _dynamic_note(sites)
     return report, sites
+
+
+DEFAULT_MAX_TOKENS = 8192  # rows (batch x sequence) a fused GEMM of a dynamic graph is built for, unless told
+
+
+def _example_sizes(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Each symbol of a dynamic graph's shapes -> its value in the example the graph was traced with."""
+    sizes = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        for d in (val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(d, torch.SymInt):
+                env = d.node.shape_env
+                for sym in d.node.expr.free_symbols:
+                    if sym in env.var_to_val:
+                        sizes[str(sym)] = int(env.var_to_val[sym])
+    return sizes
+
+
+def _row_bound(rows: torch.SymInt, opcode: str, world: int, options: Options) -> int:
+    """The most rows of A a dynamic site's kernel takes: from options['max_tokens'] (rows of the whole
+    matmul: AG+GEMM's A holds 1/world of them), else the symbols' upper bounds (mark_dynamic(max=...)), else
+    DEFAULT_MAX_TOKENS."""
+    tokens = options.max_tokens
+    if tokens is None:
+        import sympy
+
+        env, expr = rows.node.shape_env, rows.node.expr
+        uppers = {s: env.var_to_range[s].upper for s in expr.free_symbols if s in env.var_to_range}
+        from torch.utils._sympy.numbers import int_oo
+
+        if len(uppers) == len(expr.free_symbols) and all(u.is_number and u not in (int_oo, sympy.oo)
+                                                           for u in uppers.values()):
+            return int(expr.subs({s: sympy.Integer(int(u)) for s, u in uppers.items()}))
+        tokens = DEFAULT_MAX_TOKENS
+    return tokens // world if opcode == "fused_allgather_matmul" else tokens
+
+
+def _dynamic_note(sites: list[Site]) -> str:
+    bounds = ", ".join(sorted({f"{FUSED_OPS[s.opcode]} up to {s.shapes[0][0]} rows of A" for s in sites if s.dynamic}))
+    return (f"the sequence length is dynamic: the fused kernels take their rows at run time and nothing recompiles "
+            f"per length; heap buffers are sized for {bounds} (options['max_tokens'] sets the bound; a longer call "
+            "is an error naming it)")
 
 
 def check_plan(sites: list[Site], group: str, heap_limit: int, graph_name: str) -> None:
@@ -447,7 +506,8 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
                 if s.attrs.get("dim", 0) == 0 and _val(a).dim() > 2:
                     a = _reshape(graph, a, (-1, _val(a).shape[-1]))  # dim 0: rank-major rows, as the kernel's
                 want = bool(s.attrs.get("gathered_out"))
-                call = graph.call_function(target, (a, bs, bias, s.group, s.attrs["mode"], s.epilogue, want))
+                call = graph.call_function(target, (a, bs, bias, s.group, s.attrs["mode"], s.epilogue, want,
+                                                    *s.bound))
                 av = _val(a)  # [M, K] -> Cs [W*M, N]; [batch, S, K] (dim 1) -> [batch, W*S, N]
                 rows = (s.world * av.shape[0],) if av.dim() == 2 else (av.shape[0], s.world * av.shape[1])
                 widths = [_val(b).shape[1] for b in bs][:1 if "swiglu" in s.attrs.get("epilogue", ()) else None]
@@ -463,7 +523,7 @@ def rewrite(gm: torch.fx.GraphModule, sites: list[Site]) -> torch.fx.GraphModule
             else:
                 if s.attrs.get("dim", 0) == 1:  # [batch * seq, K] rows -> [batch, seq, K], scattered on seq
                     a = _reshape(graph, a, (wanted[0].shape[0], -1, _val(a).shape[-1]))
-                call = graph.call_function(target, (a, bs[0], bias, s.group, s.attrs["mode"], s.epilogue))
+                call = graph.call_function(target, (a, bs[0], bias, s.group, s.attrs["mode"], s.epilogue, *s.bound))
                 call.meta["val"] = _val(a).new_empty(*_val(a).shape[:-1], _val(bs[0]).shape[1]) \
                     if s.opcode == "fused_matmul_allreduce" else wanted[0]
                 outs = [call if tuple(_val(call).shape) == tuple(wanted[0].shape)
@@ -496,23 +556,79 @@ def _erase_dead(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
+_COLLECTIVE_NAMES = {"all_to_all_single": "all-to-all", "broadcast": "broadcast", "all_gather_into_tensor_coalesced":
+                     "coalesced all-gather", "reduce_scatter_tensor_coalesced": "coalesced reduce-scatter",
+                     "all_reduce_coalesced": "coalesced all-reduce"}
+
+
+def _other_collective(node) -> str | None:
+    """What a collective no pass takes is called (all-to-all, broadcast, an in-place c10d op, ...), else None."""
+    if node.op != "call_function" or _is_collective(node) or _is(node, WAIT):
+        return None
+    name = _target_name(node)
+    namespace, _, op = name.partition(".")
+    if namespace not in ("_c10d_functional", "c10d", "_c10d_functional_autograd"):
+        return None
+    return _COLLECTIVE_NAMES.get(op, op)
+
+
+def placement(group: str, ranks_per_host: int | None = None) -> tuple[bool, str]:
+    """Whether the ranks of process group `group` share one host, and how that was found. Ranks r and s
+    share a host when r // R == s // R, R the ranks per host: `ranks_per_host` if given (the backend's
+    option), else LOCAL_WORLD_SIZE (set by torchrun), else the GPUs this host has; a fake or CPU group with
+    none of these is one host (the simulator's ranks are processes of this machine)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    pg = _resolve_process_group(group)
+    ranks = dist.get_process_group_ranks(pg)
+    if ranks_per_host:
+        per, how = ranks_per_host, f"options['ranks_per_host']={ranks_per_host}"
+    elif os.environ.get("LOCAL_WORLD_SIZE"):
+        per, how = int(os.environ["LOCAL_WORLD_SIZE"]), f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']}"
+    elif torch.cuda.is_available() and dist.get_backend(pg) != "fake":
+        per, how = torch.cuda.device_count(), f"{torch.cuda.device_count()} GPUs on this host"
+    else:
+        return True, "its ranks are processes of this host"
+    hosts = sorted({r // per for r in ranks})
+    if len(hosts) == 1:
+        return True, f"ranks {ranks} on host {hosts[0]} ({how} ranks per host)"
+    return False, f"ranks {ranks} span hosts {hosts} ({how} ranks per host)"
+
+
 def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap_limit: int) -> Report:
-    """normalize -> capture -> passes -> checks -> rewrite, on one forward graph (in place)."""
+    """normalize -> capture -> passes -> checks -> rewrite, on one graph (in place). Each process group
+    whose ranks share a host is captured and fused on its own; every other collective stays torch's."""
     collectives = [n for n in gm.graph.nodes if _is_collective(n)]
-    if not collectives:
+    unfusable = [(n, kind) for n in gm.graph.nodes if (kind := _other_collective(n))]
+    if not collectives and not unfusable:
         return _record(Report(graph_name, fallback="no collectives in this graph"))
-    dynamic = [n for n in collectives if not _static(n.args[0], n)]
-    if dynamic:
-        return _record(Report(graph_name, fallback=(
-            f"dynamic shapes: '{dynamic[0].name}' has symbolic sizes {list(_val(dynamic[0]).shape)}; the fused "
-            "kernels are built per static shape (compile with dynamic=False, or torch._dynamo.mark_static)")))
+    decisions = [Decision("collectives", _origin(n), False, f"{kind}: no pass fuses {kind}; it stays torch's")
+                 for n, kind in unfusable]
     normalize_collectives(gm)
+    groups = list(dict.fromkeys(_group_name(n) for n in gm.graph.nodes if _is_collective(n)))
+    report, sites, fused_groups = Report(graph_name, decisions), [], []
+    for group in groups:
+        one_host, where = placement(group, options.ranks_per_host)
+        if not one_host:
+            report.decisions += [Decision("collectives", _origin(n), False, (
+                f"{_target_name(n).split('.')[-1]} over process group '{group}': {where}; a group across hosts "
+                "stays on torch.distributed (NCCL)")) for n in gm.graph.nodes if _is_collective(n)
+                and _group_name(n) == group]
+            continue
+        try:
+            found, group_sites = plan(gm, options, graph_name, group if len(groups) > 1 else None)
+        except CaptureError as e:
+            report.decisions.append(Decision("capture", f"process group '{group}'", False, f"not captured: {e}"))
+            continue
+        report.decisions += found.decisions
+        sites += group_sites
+        fused_groups.append(group)
     try:
-        report, sites = plan(gm, options, graph_name)
-    except CaptureError as e:  # e.g. collectives over two process groups (TP inside FSDP)
-        report, sites = Report(graph_name, fallback=f"not captured: {e}"), []
-    try:
-        check_plan(sites, _group_name(collectives[0]), heap_limit, graph_name)
+        for group in fused_groups:
+            check_plan([s for s in sites if s.group == group], group, heap_limit, graph_name)
         if sites:
             rewrite(gm, sites)
         if options.replayable and any(s.opcode == "fused_matmul_allreduce" for s in sites):
@@ -529,7 +645,7 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
 
 def _options(options: dict | None) -> tuple[Options, int, str]:
     options = dict(options or {})
-    known = {"mode", "heap_bytes", "inner", "cudagraphs"}
+    known = {"mode", "heap_bytes", "inner", "cudagraphs", "ranks_per_host", "max_tokens"}
     unknown = set(options) - known
     if unknown:
         raise BspfuseCompileError(f"unknown bspfuse option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -544,8 +660,14 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
     if cudagraphs and inner != "inductor":
         raise BspfuseCompileError("options['cudagraphs'] needs inner='inductor' (Inductor's CUDA graph trees "
                                   "replay the compiled forward)")
-    return (Options(mode=mode, replayable=cudagraphs), int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)),
-            inner)
+    sizes = {}
+    for key in ("ranks_per_host", "max_tokens"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BspfuseCompileError(f"options['{key}'] must be a positive int, got {value!r}")
+        sizes[key] = value
+    return (Options(mode=mode, replayable=cudagraphs, **sizes),
+            int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)), inner)
 
 
 _GRAPH_IDS = itertools.count()

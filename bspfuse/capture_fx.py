@@ -54,29 +54,32 @@ WORLD_SIZE_META = "bspfuse_world_size"  # gm.meta key: the group size `trace` tr
 # ------------------------------------------------------------------------------------------ public API
 
 
-def capture(gm: torch.fx.GraphModule, world_size: int | None = None, name: str | None = None) -> Program:
+def capture(gm: torch.fx.GraphModule, world_size: int | None = None, name: str | None = None,
+            group: str | None = None) -> Program:
     """Translate an fx graph (from make_fx / AOT autograd, with functional collectives) into a Program.
 
     world_size defaults to the group size the collectives record; a different `world_size`, or
     collectives over groups of different sizes, is a CaptureError. all_reduce records no size: a graph
     of only all_reduces takes `world_size`, else the size `trace` recorded, else the live group's.
+    A graph with collectives over several process groups needs `group`: the one whose collectives become
+    IR collectives; the others stay opaque ops (e.g. TP on one mesh dimension, data parallel on another).
 
     Example::
 
         program = capture(gm)          # gm: all_gather_into_tensor -> wait_tensor -> mm
         print(program)                 # all_gather + wait + matmul
     """
-    return capture_with_nodes(gm, world_size, name)[0]
+    return capture_with_nodes(gm, world_size, name, group)[0]
 
 
-def capture_with_nodes(gm: torch.fx.GraphModule, world_size: int | None = None,
-                       name: str | None = None) -> tuple[Program, dict[str, list[torch.fx.Node]]]:
+def capture_with_nodes(gm: torch.fx.GraphModule, world_size: int | None = None, name: str | None = None,
+                       group: str | None = None) -> tuple[Program, dict[str, list[torch.fx.Node]]]:
     """`capture`, plus where each IR value came from: value name -> the fx nodes that compute it, in graph
     order (more than one where capture folded a node into another, e.g. a gather's split/cat into its
     wait). This is how a rewrite of the Program finds its way back into the fx graph."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise CaptureError(f"capture needs a torch.fx.GraphModule, got {type(gm).__name__}")
-    c = _Capture(gm, world_size, name or _program_name(gm))
+    c = _Capture(gm, world_size, name or _program_name(gm), group)
     program = c.run()
     nodes: dict[str, list[torch.fx.Node]] = {}
     for node in c.nodes:
@@ -299,7 +302,7 @@ def _find_gather(ag: torch.fx.Node, world: int) -> _Gather | None:
     if len(users) == 1 and _is(users[0], "aten.split") and isinstance(shard, torch.Tensor):
         split = users[0]
         cats = {u for g in split.users for u in g.users}
-        if (len(cats) == 1 and _arg(split, 2, "dim", 0) == 0 and split.args[1] == shard.shape[0]):
+        if len(cats) == 1 and _arg(split, 2, "dim", 0) == 0 and _same_size(split.args[1], shard.shape[0]):
             cat = cats.pop()
             if _is(cat, "aten.cat") and _split_cat_chunks(split, cat, world):
                 d = _norm_dim(_arg(cat, 1, "dim", 0), shard.dim())
@@ -315,10 +318,25 @@ def _find_scatter(rs: torch.fx.Node, world: int) -> _Scatter:
         if _is(split, "aten.split") and _split_cat_chunks(split, cat, world):
             src = split.args[0].meta.get("val")
             d = _norm_dim(_arg(split, 2, "dim", 0), src.dim()) if isinstance(src, torch.Tensor) else 0
-            chunk = split.args[1]  # an fx node when the size is symbolic: the split/cat is then kept as is
-            if d != 0 and isinstance(chunk, int) and chunk * world == src.shape[d]:
+            if d != 0 and _same_size(split.args[1], src.shape[d], world):
                 return _Scatter(rs, split.args[0], d, {split, cat, *split.users})
     return _Scatter(rs, rs.args[0], 0, set())
+
+
+def _size_expr(x):
+    """A size as a sympy expression: an int, a SymInt, or an fx node computing one (dynamic shapes)."""
+    import sympy
+
+    x = x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return sympy.Integer(x) if isinstance(x, int) else None
+
+
+def _same_size(chunk, size, times: int = 1) -> bool:
+    """chunk * times == size, for static and symbolic sizes alike."""
+    a, b = _size_expr(chunk), _size_expr(size)
+    return a is not None and b is not None and (a * times - b).expand() == 0
 
 
 def _no_op_view_source(node: torch.fx.Node) -> torch.fx.Node:
@@ -333,9 +351,10 @@ def _no_op_view_source(node: torch.fx.Node) -> torch.fx.Node:
 
 
 class _Capture:
-    def __init__(self, gm: torch.fx.GraphModule, world_size: int | None, name: str):
+    def __init__(self, gm: torch.fx.GraphModule, world_size: int | None, name: str, group: str | None = None):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
+        self.group = group  # None: the graph's one group
         self.world = self._world_size(world_size)
         self.b = Builder(name, self.world)
         self.env: dict[torch.fx.Node, Any] = {}  # node -> Value, tuple of Values (multi-result) or None (scalar)
@@ -352,7 +371,7 @@ class _Capture:
         groups: dict[str, torch.fx.Node] = {}
         for n in self.nodes:
             tn = _target_name(n) if n.op == "call_function" else ""
-            if tn not in (AG, RS, AR):
+            if tn not in (AG, RS, AR) or not self._ours(n):
                 continue
             groups.setdefault(_group(_arg(n, {AG: 2, RS: 3, AR: 2}[tn], "group_name")), n)
             if tn != AR:  # all_reduce does not record its group size
@@ -360,7 +379,7 @@ class _Capture:
         if len(groups) > 1:
             (g1, n1), (g2, n2) = list(groups.items())[:2]
             raise CaptureError(f"{_where(n2)}: collectives over more than one process group ('{g1}' at "
-                               f"'{n1.name}', '{g2}' here); bspfuse captures one group")
+                               f"'{n1.name}', '{g2}' here); pass group= to capture one of them")
         if len(sizes) > 1:
             (s1, n1), (s2, n2) = list(sizes.items())[:2]
             raise CaptureError(f"{_where(n2)}: group size {s2} differs from group size {s1} of '{n1.name}'")
@@ -381,6 +400,13 @@ class _Capture:
                                f"'{group}' is not initialized here; pass world_size")
         return live
 
+    def _ours(self, node) -> bool:
+        """Whether a collective is over the captured group (the others stay opaque)."""
+        if self.group is None:
+            return True
+        i = {AG: 2, RS: 3, AR: 2}.get(_target_name(node))
+        return i is None or _group(_arg(node, i, "group_name")) == self.group
+
     @staticmethod
     def _resolve_group_size(group: str) -> int | None:
         try:
@@ -396,6 +422,8 @@ class _Capture:
             if n.op != "call_function":
                 continue
             tn = _target_name(n)
+            if not self._ours(n):
+                continue
             if tn == AG:
                 g = _find_gather(n, world)
                 self.gathers[n] = g
@@ -470,6 +498,8 @@ class _Capture:
             self.env[node] = None  # sym_size and other shape arithmetic: not data
             return
         handler = _HANDLERS.get(tn)
+        if tn in (AG, RS, AR) and not self._ours(node):
+            handler = None  # another group's collective: opaque here
         if handler is not None and handler.collective:
             self.env[node] = self._collective(node, handler)
             return

@@ -61,6 +61,11 @@ class Options:
     # The fused ops will be replayed from a CUDA graph: no schedule whose host side runs every call
     # (AG+GEMM copy_engine and direct: bspfuse.tile.HOST_SIDE_AG_MODES).
     replayable: bool = False
+    # The backend's: ranks per host, where a process group's placement is found (None: LOCAL_WORLD_SIZE or the
+    # host's GPUs), and the most rows (batch x sequence) a fused GEMM of a dynamic graph takes (None: the
+    # symbolic size's bound, else DEFAULT_MAX_TOKENS).
+    ranks_per_host: int | None = None
+    max_tokens: int | None = None
 
     def mode_for(self, site: str) -> str:
         return self.modes.get(site, self.mode)

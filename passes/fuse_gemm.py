@@ -264,7 +264,7 @@ def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N:
         return Choice(auto.mode, f"{forced} cannot replay from a CUDA graph ({HOST_SIDE_AG_MODES[forced]}); "
                                  f"{auto.reason}", auto.estimates_us), estimate
     if forced == "auto" and auto.mode == "off" and options.fuse_unprofitable:
-        return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {H200.name}",
+        return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {H200.name} ({auto.reason})",
                       auto.estimates_us), estimate
     if forced == "auto":
         return auto, estimate
