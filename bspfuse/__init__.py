@@ -4,6 +4,7 @@
     program = bspfuse.capture(graph_module)              # or bspfuse.parse(source text)
     report = bspfuse.analyze(program, device="H200")      # the three taxes of the BSP form
     log = bspfuse.run_passes(program)                     # fusion decisions, stage by stage
+    reports = bspfuse.explain(build, inputs, world_size=2)  # what torch.compile(backend="bspfuse") would fuse
 """
 from __future__ import annotations
 
@@ -59,3 +60,9 @@ def run_passes(program, passes=None, options=None):
     from bspfuse.passes import run_passes as _run
 
     return _run(program, passes, options)
+
+
+def explain(build, inputs, world_size, **kw):
+    from bspfuse.backend import explain as _explain
+
+    return _explain(build, inputs, world_size, **kw)

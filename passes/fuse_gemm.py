@@ -166,15 +166,28 @@ def _absorb_epilogue(users, v: Value, outputs: list[Value]) -> tuple[list[Op], l
     chain, fns, extra = [], [], []
     while v not in outputs:
         nxt = _sole_user(users, v)
-        if nxt is None or nxt.opcode != "pointwise" or nxt.attrs.get("fn") not in EPILOGUE_FNS:
+        if nxt is not None and nxt.opcode == "reshape" and dims_equal(nxt.outputs[0].type.shape[-1], v.type.shape[-1]):
+            chain.append(nxt)  # [M, N] <-> [batch, seq, N]: the same rows (the rewrite reshapes the result)
+            v = nxt.outputs[0]
+            continue
+        # x + b with b a vector of x's last dim (torch writes a linear's bias after an all-reduce so): a bias
+        bias_add = (nxt is not None and nxt.opcode == "pointwise" and nxt.attrs.get("fn") == "add"
+                    and len(nxt.inputs) == 2 and any(x is not v and x.type.rank == 1
+                                                    and dims_equal(x.type.shape[0], v.type.shape[-1])
+                                                    for x in nxt.inputs))
+        if nxt is None or nxt.opcode != "pointwise" or (nxt.attrs.get("fn") not in EPILOGUE_FNS and not bias_add):
             break
         if nxt.attrs.get("approximate", "none") != "none":  # the kernel's gelu is the exact (erf) one
             break
-        if nxt.attrs["fn"] == "bias":
+        if nxt.attrs["fn"] == "bias" or bias_add:
             other = [x for x in nxt.inputs if x is not v]
-            if len(other) != 1 or other[0].type.rank != 1 or nxt.inputs[0] is not v or extra:
+            if len(other) != 1 or other[0].type.rank != 1 or (nxt.inputs[0] is not v and not bias_add) or extra:
                 break  # the kernel reads one bias vector
             extra.append(other[0])
+            chain.append(nxt)
+            fns.append("bias")
+            v = nxt.outputs[0]
+            continue
         elif len(nxt.inputs) != 1:
             break
         chain.append(nxt)
@@ -355,8 +368,8 @@ def _run_allgather_matmul(p: Program, options: Options):
         # every other reader of the gathered A: ops, and the program's outputs (a training forward returns it,
         # saved for the backward)
         readers = [u for u in us if u not in fused_mms and u not in used_views]
-        returned = sum(1 for o in p.outputs if o is gathered)
-        others = len(readers) + returned
+        returned = any(o is gathered or o.producer in views for o in p.outputs)
+        others = len(readers) + sum(1 for o in p.outputs if o is gathered)
         if others and choice.mode == "direct":
             say(False, f"the gathered tensor has {others} more readers and direct mode keeps no gathered copy",
                 estimate)

@@ -1,0 +1,194 @@
+"""The models people run, as a new user compiles them: Hugging Face Llama under its own tensor-parallel plan,
+a Llama decoder layer under torchtitan's TP + SP plan at batch 1 and 4, a training step, dynamic lengths, a
+2-D mesh, all-to-all and a world of one. `bspfuse.explain` plans them on a fake process group (nothing is
+computed); the simulator runs a training step against the unparallelized model."""
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+
+import pytest
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+import bspfuse
+from bspfuse.backend import explain
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
+
+HIDDEN, SEQ = 64, 16
+
+
+def _config(layers: int = 1) -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       attn_implementation="sdpa")
+
+
+def hf_tp(mesh, layers: int = 2) -> torch.nn.Module:
+    """LlamaForCausalLM parallelized by the plan its config ships (base_model_tp_plan: colwise q/k/v/gate/up,
+    rowwise o/down), each style as torch's DTensor one."""
+    model = LlamaForCausalLM(_config(layers)).to(torch.bfloat16)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    names = [name for name, _ in model.model.named_modules()]
+    plan = {name: styles[style]() for pattern, style in model.config.base_model_tp_plan.items()
+            for name in names if fnmatch.fnmatchcase(name, pattern)}
+    parallelize_module(model.model, mesh, plan)
+    return model
+
+
+class SPLayer(torch.nn.Module):
+    """One HF decoder layer and its rotary tables; the input is this rank's [batch, seq/W, hidden] rows."""
+
+    def __init__(self, config: LlamaConfig, world: int):
+        super().__init__()
+        self.rotary = LlamaRotaryEmbedding(config)
+        self.layer = LlamaDecoderLayer(config, 0)
+        self.world = world
+
+    def forward(self, x):
+        seq = x.shape[1] * self.world
+        positions = torch.arange(seq, device=x.device)[None].expand(x.shape[0], seq)
+        return self.layer(x, position_embeddings=self.rotary(x, positions), position_ids=positions)
+
+
+def titan_sp(mesh, config: LlamaConfig | None = None) -> torch.nn.Module:
+    """torchtitan's TP + SP plan: norms sequence-parallel, attention and MLP inputs gathered on the sequence,
+    o_proj and down_proj reduce-scattered back to it."""
+    model = SPLayer(config or _config(), mesh.size()).to(torch.bfloat16)
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    plan = {
+        "layer.input_layernorm": SequenceParallel(),
+        "layer.self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                              desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+        "layer.self_attn.q_proj": ColwiseParallel(), "layer.self_attn.k_proj": ColwiseParallel(),
+        "layer.self_attn.v_proj": ColwiseParallel(), "layer.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "layer.post_attention_layernorm": SequenceParallel(),
+        "layer.mlp": gather, "layer.mlp.gate_proj": ColwiseParallel(), "layer.mlp.up_proj": ColwiseParallel(),
+        "layer.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    return parallelize_module(model, mesh, plan)
+
+
+def _rows(batch: int, world: int = 2):
+    return lambda mesh: torch.randn(batch, SEQ // world, HIDDEN, dtype=torch.bfloat16)
+
+
+def _sites(report) -> dict[str, list[bool]]:
+    out: dict[str, list[bool]] = {}
+    for d in report.decisions:
+        out.setdefault(d.pass_name, []).append(d.applied)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ what fuses
+
+
+def test_hf_llama_under_its_own_tp_plan_fuses_every_all_reduce():
+    (forward,) = explain(hf_tp, lambda mesh: torch.randint(0, 128, (2, SEQ)), 2)
+    assert _sites(forward) == {"fuse_matmul_allreduce": [True] * 4}, str(forward)
+    for module in ("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj", "layers.1.mlp.down_proj"):
+        assert f" in model.{module})" in str(forward), str(forward)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_titan_tp_sp_layer_fuses_every_gather_and_scatter(batch):
+    (forward,) = explain(titan_sp, _rows(batch), 2)
+    assert _sites(forward) == {"fuse_allgather_matmul": [True, True], "fuse_matmul_reduce_scatter": [True, True]}, \
+        str(forward)
+    if batch > 1:  # [batch, seq, hidden] gathered on seq: rows of each batch interleave ranks
+        assert str(forward).count("the kernel stores them in place") == 2, str(forward)
+
+
+def test_a_training_step_fuses_forward_and_backward():
+    forward, backward = explain(titan_sp, _rows(2), 2, train=True)
+    assert forward.graph.endswith("forward") and backward.graph.endswith("backward")
+    assert len(forward.fused) == 4 and len(backward.fused) == 4, f"{forward}\n{backward}"
+    # the forward returns the gathered activations (saved for the backward): the kernels write them out
+    assert "(the graph returns it: saved for the backward)" in str(forward), str(forward)
+    # backward: wo's and down's output gradients are gathered before their matmuls; q/k/v's (gate/up's) input
+    # gradients are summed before their reduce-scatter, which runs as one GEMM over the K's side by side
+    assert "the sum of 3 matmuls" in str(backward) and "the sum of 2 matmuls" in str(backward), str(backward)
+    assert "in layer.self_attn.o_proj)" in str(backward), str(backward)
+
+
+def test_megatron_style_funcol_tp_fuses_its_all_reduce_with_the_bias_after_it():
+    class RowParallel(torch.nn.Module):
+        def __init__(self, group):
+            super().__init__()
+            self.up = torch.nn.Linear(HIDDEN, 32, bias=False)
+            self.down = torch.nn.Linear(32, HIDDEN, bias=False)
+            self.bias = torch.nn.Parameter(torch.zeros(HIDDEN))
+            self.group = group
+
+        def forward(self, x):  # [batch, seq, hidden]; the bias once, after the sum over ranks
+            partial = self.down(torch.relu(self.up(x)))
+            return funcol.all_reduce(partial, "sum", self.group) + self.bias
+
+    (forward,) = explain(lambda mesh: RowParallel(mesh.get_group()).to(torch.bfloat16), _rows(2, world=1), 2)
+    assert _sites(forward) == {"fuse_matmul_allreduce": [True]} and "epilogue bias fused" in str(forward), str(forward)
+
+
+def test_two_process_groups_fuse_the_tp_sites_and_name_the_other_groups_collective():
+    class TwoGroups(torch.nn.Module):
+        def __init__(self, dp_group):
+            super().__init__()
+            self.up = torch.nn.Linear(HIDDEN, 128, bias=False)
+            self.down = torch.nn.Linear(128, HIDDEN, bias=False)
+            self.dp = dp_group
+
+        def forward(self, x):  # a data-parallel statistic over the other mesh dimension
+            y = self.down(torch.relu(self.up(x)))
+            return y * torch.rsqrt(funcol.all_reduce(y.float().pow(2).mean(dim=0), "sum", self.dp) + 1)
+
+    def build(mesh):
+        model = TwoGroups(mesh["dp"].get_group()).to(torch.bfloat16)
+        return parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+
+    kw = dict(mesh_shape=(2, 2), mesh_dim_names=("dp", "tp"))
+    inputs = lambda mesh: torch.randn(16, HIDDEN, dtype=torch.bfloat16)  # noqa: E731
+    (across,) = explain(build, inputs, 4, options={"ranks_per_host": 2}, **kw)
+    assert [d.applied for d in across.decisions] == [True, False], str(across)
+    assert "span hosts [0, 1]" in across.decisions[1].reason and "stays on torch.distributed" in str(across)
+    (one_host,) = explain(build, inputs, 4, **kw)  # the dp group's input is no matmul: it says so
+    assert "it comes from aten.mean.dim" in str(one_host.decisions[1]), str(one_host)
+
+
+def test_all_to_all_is_named():
+    class Dispatch(torch.nn.Module):
+        def __init__(self, group):
+            super().__init__()
+            self.w = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
+            self.group = group
+
+        def forward(self, x):
+            return funcol.all_to_all_single(self.w(x), None, None, self.group) * 2
+
+    (forward,) = explain(lambda mesh: Dispatch(mesh.get_group()).to(torch.bfloat16),
+                         lambda mesh: torch.randn(16, HIDDEN, dtype=torch.bfloat16), 2)
+    assert forward.fallback is None and "all-to-all: no pass fuses all-to-all" in str(forward), str(forward)
+
+
+def test_a_world_of_one_runs_and_says_there_is_nothing_to_fuse():
+    (forward,) = explain(titan_sp, _rows(1, world=1), 1)
+    assert forward.fallback == "no collectives in this graph", str(forward)
+    from bspfuse.passes.fuse_gemm import choose_mode
+
+    assert "a world of one rank" in choose_mode("ag_matmul", 1024, 4096, 4096, 1).reason
+
+
+def test_public_functions_work_when_called_again():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x, w: x @ w)(torch.randn(8, 16), torch.randn(16, 4))
+    for _ in range(2):
+        program = bspfuse.capture(gm, world_size=2)
+        assert bspfuse.run_passes(program).program.ops and bspfuse.analyze(program)
+        assert bspfuse.parse("program p(world = 2) sizes (T = 8) {\n  input x : bf16[T, T] replicated\n"
+                             "  return matmul(x, x)\n}").ops
+        assert len(bspfuse.explain(titan_sp, _rows(1), 2)) == 1
