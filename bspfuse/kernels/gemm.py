@@ -546,8 +546,8 @@ class _FusedScatter(_Fused):
         its rows (one segment)."""
         W = self.world
         if a.dim() not in (2, 3) or a.shape[-1] != self.K or tuple(b.shape) != (self.K, self.N):
-            raise ValueError(f"{self.name}: expected A[M, {self.K}] or A[B, W * S, {self.K}] and B[{self.K}, {self.N}], "
-                             f"got A{list(a.shape)} and B{list(b.shape)}")
+            raise ValueError(f"{self.name}: expected A[M, {self.K}] or A[B, W * S, {self.K}] and "
+                             f"B[{self.K}, {self.N}], got A{list(a.shape)} and B{list(b.shape)}")
         rows = a.shape[:-1].numel()
         split = a.shape[1] if a.dim() == 3 and self.kind == "matmul_rs" else rows  # the rows split over ranks
         if split % W:
