@@ -81,9 +81,37 @@ def _proxy_fence(x, ENABLED: tl.constexpr):
 
 # VEC: the translated pointers of a remote block lose the alignment the compiler knew; where the host
 # checked rows are 16-element aligned it passes VEC=16 so remote stores stay 16-byte vectors (else 1).
-# rank and epoch change between calls: specializing on them (Triton treats 1 and multiples of 16 apart)
-# would compile the kernel again for some calls.
-JIT = '@triton.jit(do_not_specialize=["rank", "epoch"])'
+# rank, epoch, a call's rows (M_LOCAL) and its segment length (SEG) change between calls: specializing on
+# them (Triton treats 1 and multiples of 16 apart) would compile the kernel again for some calls, and
+# FastLaunch keeps one compiled launcher per specialization. Nothing in the kernels needs their divisibility:
+# the offsets that must stay aligned are multiples of strides, N, K or the bound M_BOUND (fixed per object).
+JIT = '@triton.jit(do_not_specialize=["rank", "epoch", "M_LOCAL", "SEG"])'
+
+# Rows in segments (sequence parallelism with batch > 1): a call's A holds B batch rows of SEG rows per rank,
+# and the gathered (or scattered) dim is the sequence, so local row i = b * SEG + j of rank r is row
+# b * WORLD * SEG + r * SEG + j of the whole. SEGMENTED (a constexpr) compiles the mapping in; a call of one
+# segment (B = 1, or a 2-D A: SEG = M_LOCAL) runs the variant without it, the rank-major rows as before.
+# On a GPU the mapped operand is a 3-D TMA view, [B * WORLD, SEG, cols] (row b * WORLD + r of the first dim is
+# segment b of rank r), and a tile inside one segment is one box of it, clipped at the segment's end. A tile of
+# BM rows that straddles segments is not one box: it moves its rows with masked pointer accesses instead
+# (_in_one_segment picks). Only SEG % BM != 0 has such tiles: at most one of a rank's row blocks per segment
+# boundary, B - 1 of its cdiv(B * SEG, BM), each in every column tile. What one costs (compiled for sm_90, not
+# timed): AG+GEMM stores that C tile with vector stores from registers instead of one bulk store from shared
+# memory (its epilogue only; its K loop is untouched); GEMM+RS loads that tile's A through pointers (cp.async,
+# pipelined like the TMA loads but with more address arithmetic and registers per K step; B stays TMA). Every
+# tile of the mapped variant pays two integer divisions to find its segment; the variant without it is what a
+# call of one segment runs, so B = 1 and 2-D calls do no extra work per tile.
+
+
+def _segmented_rows(rm: str, rank: str) -> str:
+    """The whole's rows of local rows `rm` of `rank` (int64), with the rows in segments."""
+    return f"((({rm} // SEG) * WORLD + {rank}) * SEG + {rm} % SEG).to(tl.int64)"
+
+
+def _in_one_segment(e: "_Emitter", stmt=None) -> None:
+    """seg (the segment of the tile's first row) and whether the tile's rows (up to M_LOCAL) stay in it."""
+    e("seg = c * BM // SEG", stmt)
+    e("one_segment = (tl.minimum(c * BM + BM, M_LOCAL) - 1) // SEG == seg", stmt)
 
 
 def _epoch_and_pid(e: _Emitter) -> None:
@@ -152,32 +180,33 @@ def _b_tile(tp: TileProgram, tma: bool, b: _BNames = _PARAMS) -> str:
     return f"tl.load({b.ptr} + kk[:, None].to(tl.int64) * {b.stride} + rn[None, :], {mask})"
 
 
-def _k_loop(e: _Emitter, tp: TileProgram, desc: str, row: str, stmt, tma: bool, a_ptr: str, a_rows: str,
-            a_stride: str, b: _BNames = _PARAMS) -> None:
+def _k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, a_tile: str | None, a_ptr: str, a_rows: str,
+            a_valid: str, a_stride: str, b: _BNames = _PARAMS) -> None:
     """acc = A tile @ B tile over K; a gated program (tile.is_gated) also accumulates acc_up with the second
-    weight, from the same A tiles."""
+    weight, from the same A tiles. A's tile of K-block k: `a_tile` (a TMA load), or, where it is None, pointer
+    loads of A's rows `a_rows` (an int64 vector of BM) where `a_valid`. B through TMA where `tma`."""
     prec = _dot_precision(tp)
     e("acc = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if is_gated(tp):
         e("acc_up = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
-    if tma:
+    if a_tile is not None:
         e("for k in range(0, tl.cdiv(K, BK)):", stmt)
         with e.block():
             if is_gated(tp):
-                e(f"a = {desc}.load([{row}, k * BK])", stmt)
+                e(f"a = {a_tile}", stmt)
                 e(f"acc = tl.dot(a, {_b_tile(tp, tma, b)}, acc{prec})", stmt)
                 e(f"acc_up = tl.dot(a, {_b_tile(tp, tma, _UP)}, acc_up{prec})", stmt)
             else:
-                e(f"acc = tl.dot({desc}.load([{row}, k * BK]), {_b_tile(tp, tma, b)}, acc{prec})", stmt)
+                e(f"acc = tl.dot({a_tile}, {_b_tile(tp, tma, b)}, acc{prec})", stmt)
         return
     # Pointer loads: the same tiles, for the CPU simulator (Triton's interpreter misreads bf16 through
-    # tensor descriptors) and for any target without TMA.
+    # tensor descriptors), for any target without TMA, and for tiles no TMA box holds.
     e("rk = tl.arange(0, BK)", stmt)
-    e(f"a_rows = ({row} + tl.arange(0, BM)).to(tl.int64)", stmt)
+    e(f"a_rows = {a_rows}", stmt)
     e("for k in range(0, tl.cdiv(K, BK)):", stmt)
     with e.block():
         e("kk = k * BK + rk", stmt)
-        e(f"a = tl.load({a_ptr} + a_rows[:, None] * {a_stride} + kk[None, :], mask=(a_rows < {a_rows})[:, None] & "
+        e(f"a = tl.load({a_ptr} + a_rows[:, None] * {a_stride} + kk[None, :], mask=({a_valid})[:, None] & "
           "(kk < K)[None, :], other=0.0)", stmt)
         e(f"b = {_b_tile(tp, tma, b)}", stmt)
         e(f"acc = tl.dot(a, b, acc{prec})", stmt)
@@ -211,10 +240,11 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
     out_ty = TL_DTYPE[tp.dtype]
     params = ["a_ptr", "b_desc", "b_ptr", "c_ptr", "bias_ptr", "stage_ptr", "flag_ptr", "err_ptr",
-              "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "N", "K", "stride_am", "stride_b", "stride_cm"]
+              "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "M_BOUND", "SEG", "N", "K", "stride_am",
+              "stride_b", "stride_cm"]
     params += [p.format(j) for j in range(1, tp.weights) for p in _WEIGHT_PARAMS]
     constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "NUM_PROGRAMS", "CHUNK_K", "MAX_SPINS", "PROXY_FENCE",
-                  "VEC"]
+                  "VEC", "SEGMENTED"]
     if tp.host_per_chunk:
         constexprs.append("FLAG_BLOCKS")  # row blocks per flag: the host copies (and flags) larger chunks
     e(JIT)
@@ -222,9 +252,12 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     e(f"        {', '.join(c + ': tl.constexpr' for c in constexprs)}):")
     with e.block():
         e('"""C[M, N] = all_gather(A)[M, K] @ B[K, N]; A is row-sharded: this rank holds rows '
-          '[rank*M_LOCAL, (rank+1)*M_LOCAL)."""')
+          '[rank*M_LOCAL, (rank+1)*M_LOCAL)')
+        e("(SEGMENTED: local row b*SEG + j is row b*WORLD*SEG + rank*SEG + j of C). M_LOCAL <= M_BOUND, the rows")
+        e('the heap buffers and flags are laid out for."""')
         _epoch_and_pid(e)
-        e("nb = tl.cdiv(M_LOCAL, BM)  # row-blocks (chunks) per rank")
+        e("nb = tl.cdiv(M_LOCAL, BM)  # row-blocks (chunks) per rank in this call")
+        e("NB = tl.cdiv(M_BOUND, BM)  # ... at the bound: the flags' layout, the same in every call")
         e("slot = epoch % 2  # staging buffers alternate between calls, so no call waits for the previous")
         e("flags = flag_ptr  # flag layout: " + ", ".join(f"{f}" for f in tp.flags))
         if tp.per_chunk:
@@ -240,8 +273,9 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
 
 
 def _flag_offsets(tp: TileProgram) -> dict[str, str]:
-    """Each flag array's offset inside the one flag buffer (per-rank sized WORLD * nb, or WORLD)."""
-    sizes = {"entered": "WORLD", "staged": "WORLD * nb", "arrived": "WORLD * nb", "done_reading": "WORLD"}
+    """Each flag array's offset inside the one flag buffer (per-rank sized WORLD * NB, or WORLD). Sized for the
+    bound, never the call's rows: a peer a call ahead with other rows then still raises the array it means."""
+    sizes = {"entered": "WORLD", "staged": "WORLD * NB", "arrived": "WORLD * NB", "done_reading": "WORLD"}
     off, out = "0", {}
     for f in tp.flags:
         out[f] = off
@@ -274,7 +308,7 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
             if isinstance(s, Wait):
                 e(f"iris.wait_until(flags + {offs[s.flag]} + peer, epoch, rank, err_ptr, MAX_SPINS)", s)
             elif isinstance(s, MoveChunk) and s.kind == "put":
-                e("dst_row = ((slot * WORLD + rank) * M_LOCAL + r).to(tl.int64)  # peer's staging[slot, rank]", s)
+                e("dst_row = ((slot * WORLD + rank) * M_BOUND + r).to(tl.int64)  # peer's staging[slot, rank]", s)
                 e("for k0 in range(0, K, CHUNK_K):", s)
                 with e.block():
                     e("kk = k0 + cols", s)
@@ -282,7 +316,7 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
                     e("iris.put(a_ptr + r[:, None].to(tl.int64) * stride_am + kk[None, :], "
                       "stage_ptr + dst_row[:, None] * K + kk[None, :], rank, peer, heap_bases, mask=mask, hint=(1, VEC))", s)
             elif isinstance(s, MoveChunk) and s.kind == "get":
-                e("dst_row = ((slot * WORLD + peer) * M_LOCAL + r).to(tl.int64)  # my staging[slot, peer]", s)
+                e("dst_row = ((slot * WORLD + peer) * M_BOUND + r).to(tl.int64)  # my staging[slot, peer]", s)
                 e("for k0 in range(0, K, CHUNK_K):", s)
                 with e.block():
                     e("kk = k0 + cols", s)
@@ -292,7 +326,7 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
             elif isinstance(s, Signal):
                 target = "peer" if s.rank == "peer" else "rank"
                 who = "rank" if s.rank == "peer" else "peer"
-                e(f"iris.signal(flags + {offs[s.flag]} + {who} * nb + c, epoch, rank, {target}, heap_bases)", s)
+                e(f"iris.signal(flags + {offs[s.flag]} + {who} * NB + c, epoch, rank, {target}, heap_bases)", s)
             else:
                 raise ValueError(f"comm statement {s} has no Triton form")
     for s in tp.comm_epilogue:
@@ -330,9 +364,10 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
         for j in range(tp.weights):
             e(f"first_n{j + 1} = {f'first_n{j} + ' if j else ''}tl.cdiv(N{j or ''}, BN)")
         e(f"num_pid_n = first_n{tp.weights}")
-    if tma:
-        e("# C as [WORLD, M_LOCAL, N]: a TMA store clips at each rank's last row, as a mask would")
-        e(_c_desc(b) if b is _PARAMS else "# (one descriptor per tile: the weight a tile falls in names its C)")
+    if tma and b is _PARAMS:
+        _c_desc(e, b)
+    elif tma:
+        e("# (one C descriptor per tile: the weight a tile falls in names its C)")
     e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
     with e.block():
         e("v, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
@@ -365,20 +400,21 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("if src != rank:", s)
                 with e.block():
                     chunk = "c // FLAG_BLOCKS" if tp.host_per_chunk else "c"
-                    e(f"iris.wait_until(flags + {offs[s.flag]} + src * nb + {chunk}, epoch, rank, err_ptr, MAX_SPINS)",
+                    e(f"iris.wait_until(flags + {offs[s.flag]} + src * NB + {chunk}, epoch, rank, err_ptr, MAX_SPINS)",
                       s)
                     e("_proxy_fence(epoch, PROXY_FENCE)", s)
             s = loads[0]
             e(f"# {s}; own rows come from A itself", s)
             e("# One K loop for both sources (two would need two sets of shared-memory stages): the A", s)
             e("# descriptor is made on the device from whichever base this tile reads.", s)
-            e("stage_row0 = ((slot * WORLD + src) * M_LOCAL).to(tl.int64)", s)
+            e("stage_row0 = ((slot * WORLD + src) * M_BOUND).to(tl.int64)  # staging is [2, WORLD, M_BOUND, K]", s)
             e("a_base = tl.where(src == rank, a_ptr, stage_ptr + stage_row0 * K)", s)
             e("a_stride = tl.where(src == rank, stride_am, K)", s)
             if tma:
                 e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
                   "block_shape=[BM, BK])", s)
-            _k_loop(e, tp, "a_tile_desc", "c * BM", s, tma, "a_base", "M_LOCAL", "a_stride", b)
+            _k_loop(e, tp, s, tma, "a_tile_desc.load([c * BM, k * BK])" if tma else None, "a_base",
+                    "rm.to(tl.int64)", "rm < M_LOCAL", "a_stride", b)
         for s in tp.per_tile:
             if isinstance(s, Epilogue):
                 e(f"# {s}", s)
@@ -393,12 +429,35 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                         e(line, s)
             elif isinstance(s, StoreTile):
                 e(f"# {s}", s)
-                if tma:
-                    e(f"c_desc.store([src, c * BM, pid_n * BN], acc.to({out_ty}).reshape(1, BM, BN))", s)
-                else:
-                    e("out_rows = (src * M_LOCAL + rm).to(tl.int64)", s)
-                    e(f"tl.store({b.c_ptr} + out_rows[:, None] * {b.c_stride} + rn[None, :], acc.to({out_ty}), "
-                      f"mask=(rm < M_LOCAL)[:, None] & (rn < {b.n})[None, :])", s)
+                _store_c(e, s, b, out_ty, tma)
+
+
+def _store_c(e: _Emitter, s: StoreTile, b: _BNames, out_ty: str, tma: bool) -> None:
+    """The tile's rows rm of source rank src into C: rank-major, or with the rows in segments (SEGMENTED)."""
+    def by_pointers(rows: str) -> None:
+        e(f"out_rows = {rows}", s)
+        e(f"tl.store({b.c_ptr} + out_rows[:, None] * {b.c_stride} + rn[None, :], acc.to({out_ty}), "
+          f"mask=(rm < M_LOCAL)[:, None] & (rn < {b.n})[None, :])", s)
+
+    e("if SEGMENTED:", s)
+    with e.block():
+        if tma:
+            _in_one_segment(e, s)
+            e("if one_segment:  # one TMA box of C's [B * WORLD, SEG, N] view, clipped at the segment's end", s)
+            with e.block():
+                e(f"c_desc.store([seg * WORLD + src, c * BM - seg * SEG, pid_n * BN], "
+                  f"acc.to({out_ty}).reshape(1, BM, BN))", s)
+            e("else:  # rows of two segments are not one box: masked pointer stores (SEG % BM != 0 only)", s)
+            with e.block():
+                by_pointers(_segmented_rows("rm", "src"))
+        else:
+            by_pointers(_segmented_rows("rm", "src"))
+    e("else:", s)
+    with e.block():
+        if tma:
+            e(f"c_desc.store([src, c * BM, pid_n * BN], acc.to({out_ty}).reshape(1, BM, BN))", s)
+        else:
+            by_pointers("(src * M_LOCAL + rm).to(tl.int64)")
 
 
 # Weight j >= 1 of an AG+GEMM with several (weight 0 uses b_desc/b_ptr, c_ptr, N, stride_b, stride_cm).
@@ -412,9 +471,19 @@ def _b_desc(tp: TileProgram, b: _BNames) -> str:
             f"block_shape={block})")
 
 
-def _c_desc(b: _BNames) -> str:
-    return (f"c_desc = tl.make_tensor_descriptor({b.c_ptr}, shape=[WORLD, M_LOCAL, {b.n}], strides=[M_LOCAL * "
-            f"{b.c_stride}, {b.c_stride}, 1], block_shape=[1, BM, BN])")
+def _c_desc(e: _Emitter, b: _BNames) -> None:
+    """C's descriptor, as boxes of one source rank's rows: C viewed [WORLD, M_LOCAL, N] (rank-major), or, with
+    the rows in segments, [B * WORLD, SEG, N] (batch row b of rank src is b * WORLD + src). A TMA store clips
+    at the second dim's end (a rank's, or a segment's, last row) as a mask would."""
+    make = f"c_desc = tl.make_tensor_descriptor({b.c_ptr}, "
+    e("if SEGMENTED:")
+    with e.block():
+        e(make + f"shape=[M_LOCAL // SEG * WORLD, SEG, {b.n}], strides=[SEG * {b.c_stride}, {b.c_stride}, 1], "
+          "block_shape=[1, BM, BN])")
+    e("else:")
+    with e.block():
+        e(make + f"shape=[WORLD, M_LOCAL, {b.n}], strides=[M_LOCAL * {b.c_stride}, {b.c_stride}, 1], "
+          "block_shape=[1, BM, BN])")
 
 
 def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
@@ -432,16 +501,17 @@ def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
     e(f"pid_n = pid_n - {pick(['0'] + [f'first_n{j}' for j in range(1, tp.weights)])}")
     if tma:
         e(_b_desc(tp, _SELECTED))
-        e(_c_desc(_SELECTED))
+        _c_desc(e, _SELECTED)
 
 
 # ----------------------------------------------------------------------------------------------- GEMM + RS / AR
 
-# Flag arrays of the scatter kernels, each n_tiles = WORLD * per_rank long, in the order tp.flags names them.
+# Flag arrays of the scatter kernels, each WORLD * flags_per_rank long (the tiles of the bound's rows), in the
+# order tp.flags names them.
 _SCATTER_FLAGS = {
-    "partial_ready": "[WORLD (source rank), per_rank]: a peer's partial of my tile is ready",
-    "final_ready": "[WORLD (owner rank), per_rank]: the owner's finished tile is in my out",
-    "staged": "[n_tiles], by position t: this rank's GEMM program has stored tile t locally",
+    "partial_ready": "[WORLD (source rank), flags_per_rank]: a peer's partial of my tile is ready",
+    "final_ready": "[WORLD (owner rank), flags_per_rank]: the owner's finished tile is in my out",
+    "staged": "[WORLD * flags_per_rank], by position t: this rank's GEMM program has stored tile t locally",
 }
 
 
@@ -449,31 +519,35 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
     ar = tp.kind == "matmul_ar"
     params = ["a_desc", "a_ptr", "b_desc", "b_ptr", "out_ptr", "bias_ptr", "inbox_ptr", "stage_ptr", "flag_ptr",
-              "err_ptr", "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "N", "K", "stride_am", "stride_b"]
-    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "LAG", "NUM_PROGRAMS", "MAX_SPINS", "VEC"]
+              "err_ptr", "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "M_BOUND", "SEG", "N", "K",
+              "stride_am", "stride_b"]
+    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "LAG", "NUM_PROGRAMS", "MAX_SPINS", "VEC", "SEGMENTED"]
     what = "all_reduce" if ar else "reduce_scatter(dim 0)"
     e(JIT)
     e(f"def {tp.name}({', '.join(params)},")
     e(f"        {', '.join(c + ': tl.constexpr' for c in constexprs)}):")
     with e.block():
         e(f'"""out = {what} of the partial products A[M, K] @ B[K, N] over ranks; rank r owns rows '
-          '[r*M_LOCAL, (r+1)*M_LOCAL)."""')
+          '[r*M_LOCAL, (r+1)*M_LOCAL)')
+        e("(SEGMENTED: its local row b*SEG + j is A's row b*WORLD*SEG + r*SEG + j). M_LOCAL <= M_BOUND, the rows")
+        e('the heap buffers and flags are laid out for."""')
         _epoch_and_pid(e)
         e("nb = tl.cdiv(M_LOCAL, BM)")
         e("num_pid_n = tl.cdiv(N, BN)")
         e("per_rank = nb * num_pid_n  # tiles of one rank's rows")
         e("n_tiles = WORLD * per_rank  # tiles of this rank's partial product, walked by position t")
+        e("flags_per_rank = tl.cdiv(M_BOUND, BM) * num_pid_n  # per_rank at the bound: flags stay put as M changes")
         e("slot = epoch % 2  # buffers that peers write or read alternate between calls")
         for i, f in enumerate(tp.flags):
-            e(f"{f} = flag_ptr + {i} * n_tiles  # {_SCATTER_FLAGS[f]}")
-        e("out_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # out is [2, WORLD * M_LOCAL, N] on the heap"
+            e(f"{f} = flag_ptr + {i} * WORLD * flags_per_rank  # {_SCATTER_FLAGS[f]}")
+        e("out_base = (slot * WORLD * M_BOUND).to(tl.int64) * N  # out is [2, WORLD * M_BOUND, N] on the heap"
           if ar else "out_base = 0")
         if _own_tiles_by_tma(tp, tma):
             e(f"own_desc = tl.make_tensor_descriptor({_OWN_ROWS[tp.kind]}, shape=[M_LOCAL, N], strides=[N, 1], "
               "block_shape=[BM, BN])  # this rank's rows of out, stored by TMA")
         if "staging" in tp.heap_buffers:
-            e("stage_base = (slot * WORLD * M_LOCAL).to(tl.int64) * N  # peers read it: [2, WORLD * M_LOCAL, N]"
-              if tp.mode == "pull" else "stage_base = 0  # read by this rank only: [WORLD * M_LOCAL, N]")
+            e("stage_base = (slot * WORLD * M_BOUND).to(tl.int64) * N  # peers read it: [2, WORLD * M_BOUND, N]"
+              if tp.mode == "pull" else "stage_base = 0  # read by this rank only: [WORLD * M_BOUND, N]")
         if tp.per_chunk or tp.per_own_chunk:
             e("# COMM programs move staged tiles while the others compute; COMM == 0 (the simulator, where programs")
             e("# run one after another) has each GEMM program move its tile right after staging it.")
@@ -491,7 +565,8 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
     return KernelSource(tp.name, "\n".join(e.lines) + "\n", params, constexprs, e.line_map)
 
 
-# This rank's rows of out: RS's out is [M_LOCAL, N]; AR's is [2 (slot), WORLD * M_LOCAL, N] on the heap.
+# This rank's rows of out: RS's out is [M_LOCAL, N]; AR's is [2 (slot), WORLD * M_BOUND, N] on the heap, a
+# call's result the first WORLD * M_LOCAL rows of its slot.
 _OWN_ROWS = {"matmul_rs": "out_ptr", "matmul_ar": "out_ptr + out_base + (rank * M_LOCAL * N).to(tl.int64)"}
 
 
@@ -549,9 +624,7 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
     e("for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):")
     with e.block():
         _scatter_tile(e, tp)
-        e("# LoadA(buffer=a, rank=me) ; Dot()")
-        _k_loop(e, tp, "a_desc", "dst * M_LOCAL + c * BM", tp.per_tile[0], tma, "a_ptr", "WORLD * M_LOCAL",
-                "stride_am")
+        _scatter_k_loop(e, tp, tp.per_tile[0], tma)
         for s in deferred:  # before this tile's waits: a peer may be waiting for them
             _raise_pending(e, s)
             e(f"pending_{s.flag} = -1", s)
@@ -565,7 +638,31 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
         e("for t in range(pid - COMM, (WORLD - 1) * per_rank, NUM_PROGRAMS - COMM):", s)
         with e.block():
             e("owner = (rank + 1 + t // per_rank) % WORLD", s)
-            e("iris.wait_until(final_ready + owner * per_rank + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)", s)
+            e("iris.wait_until(final_ready + owner * flags_per_rank + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)",
+              s)
+
+
+def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool) -> None:
+    """The tile's partial product: A's rows of owner dst (local rows rm) times B, rows rank-major or in segments."""
+    e("# LoadA(buffer=a, rank=me) ; Dot()")
+    e("if SEGMENTED:  # owner dst's local row b*SEG + j is A's row b*WORLD*SEG + dst*SEG + j", stmt)
+    with e.block():
+        segmented = ("a_ptr", _segmented_rows("rm", "dst"), "rm < M_LOCAL", "stride_am")
+        if tma:  # the host's A descriptor is A viewed [B * WORLD, SEG, K] in boxes [1, BM, BK]
+            _in_one_segment(e, stmt)
+            e("if one_segment:", stmt)
+            with e.block():
+                _k_loop(e, tp, stmt, tma, "a_desc.load([seg * WORLD + dst, c * BM - seg * SEG, k * BK])"
+                        ".reshape(BM, BK)", *segmented)
+            e("else:  # rows of two segments are not one box: pointer loads (SEG % BM != 0 only)", stmt)
+            with e.block():
+                _k_loop(e, tp, stmt, tma, None, *segmented)
+        else:
+            _k_loop(e, tp, stmt, tma, None, *segmented)
+    e("else:", stmt)
+    with e.block():
+        _k_loop(e, tp, stmt, tma, "a_desc.load([dst * M_LOCAL + c * BM, k * BK])" if tma else None, "a_ptr",
+                "(dst * M_LOCAL + rm).to(tl.int64)", "rm < M_LOCAL", "stride_am")
 
 
 def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple,
@@ -585,8 +682,8 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: b
     """One statement of a scatter kernel. Its fields say what it touches, so the same statement prints the
     same in the GEMM and the comm programs. `moves`: what the comm programs do once a tile is staged."""
     out_ty = TL_DTYPE[tp.dtype]
-    inbox_mine = "inbox_ptr + ((slot * WORLD + rank) * M_LOCAL * N).to(tl.int64)"  # dst's inbox[slot, me]
-    staged_for_dst = "stage_ptr + stage_base + (dst * M_LOCAL * N).to(tl.int64)"
+    inbox_mine = "inbox_ptr + ((slot * WORLD + rank) * M_BOUND).to(tl.int64) * N"  # dst's inbox[slot, me]
+    staged_for_dst = "stage_ptr + stage_base + (dst * M_BOUND).to(tl.int64) * N"
     own_out = f"{_OWN_ROWS[tp.kind]} + tile_off"
     e(f"# {s}", s)
     if isinstance(s, StoreTile) and s.buffer == "inbox" and s.rank == "dst":
@@ -603,15 +700,16 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: b
             e(f"iris.store({own_out}, acc.to({out_ty}), rank, (rank + p) % WORLD, heap_bases, mask=mask, "
               "hint=(1, VEC))", s)
     elif isinstance(s, Signal) and s.deferred:
-        e(f"pending_{s.flag} = rank * per_rank + local_t", s)
+        e(f"pending_{s.flag} = rank * flags_per_rank + local_t", s)
         if s.rank == "dst":
             e(f"pending_{s.flag}_rank = dst", s)
     elif isinstance(s, Signal) and s.flag == "partial_ready":
-        e("iris.signal(partial_ready + rank * per_rank + local_t, epoch, rank, dst, heap_bases)", s)
+        e("iris.signal(partial_ready + rank * flags_per_rank + local_t, epoch, rank, dst, heap_bases)", s)
     elif isinstance(s, Signal) and s.flag == "final_ready":
         e("for p in range(1, WORLD):", s)
         with e.block():
-            e("iris.signal(final_ready + rank * per_rank + local_t, epoch, rank, (rank + p) % WORLD, heap_bases)", s)
+            e("iris.signal(final_ready + rank * flags_per_rank + local_t, epoch, rank, (rank + p) % WORLD, "
+              "heap_bases)", s)
     elif isinstance(s, Signal) and s.flag == "staged":
         e("iris.signal(staged + t, epoch, rank, rank, heap_bases)", s)
         e("if COMM == 0:  # no comm programs: move the tile now", s)
@@ -631,12 +729,12 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: b
         e("for p in range(1, WORLD):", s)
         with e.block():
             e("src = (rank + p) % WORLD", s)
-            e(f"iris.wait_until({s.flag} + src * per_rank + local_t, epoch, rank, err_ptr, MAX_SPINS)", s)
+            e(f"iris.wait_until({s.flag} + src * flags_per_rank + local_t, epoch, rank, err_ptr, MAX_SPINS)", s)
             if s.rank == "me":  # the peers put their partials into my inbox[slot, src]
-                e("acc += tl.load(inbox_ptr + ((slot * WORLD + src) * M_LOCAL * N).to(tl.int64) + tile_off, "
+                e("acc += tl.load(inbox_ptr + ((slot * WORLD + src) * M_BOUND).to(tl.int64) * N + tile_off, "
                   "mask=mask, other=0.0).to(tl.float32)", s)
             else:  # read src's staging of my rows
-                e("acc += iris.load(stage_ptr + stage_base + (rank * M_LOCAL * N).to(tl.int64) + tile_off, rank, "
+                e("acc += iris.load(stage_ptr + stage_base + (rank * M_BOUND).to(tl.int64) * N + tile_off, rank, "
                   "src, heap_bases, mask=mask, other=0.0, hint=(1, VEC)).to(tl.float32)", s)
     elif isinstance(s, Epilogue):
         for line in _epilogue_lines(s.fns):

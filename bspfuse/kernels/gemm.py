@@ -14,6 +14,14 @@ on its first call::
     op = FusedMatmulReduceScatter(heap, M=8192, N=8192, K_local=14336, b_layout="nk")
     out = op(x, linear.weight.t())   # no copy of the weight
 
+M is a bound, not a shape: heap buffers and flags are laid out for it, and a call may pass fewer rows (a
+dynamic sequence length; the kernels take a call's rows at run time and compile once). A may also be 3-D,
+[B, S, K], as under sequence parallelism with batch > 1: the gathered or scattered dim is then the sequence
+(dim 1), and the kernels map rows themselves (no copy or permute of their inputs or outputs)::
+
+    op = FusedAllGatherMatmul(heap, M_local=4096, N=8192, K=8192)     # at most 4096 rows per rank
+    c = op(x, w.t())          # x [2, 1000, K] -> c [2, W * 1000, N]: batch row b holds rank 0's 1000 rows, ...
+
 Flags never need a reset: each call raises them to a fresh epoch. Buffers a peer writes into alternate
 between two slots by epoch parity; a rank cannot run two calls ahead of a peer (each call waits for that
 peer's data of the same call), so a slot is never overwritten while it is read. The kernels count their
@@ -99,6 +107,14 @@ def _vec(*sizes: int) -> int:
     return 16 if all(s % 16 == 0 for s in sizes) else 1
 
 
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t [..., C] as a 2-D [rows, C] view without a copy, or None where its leading dims do not flatten."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _rows_readable(t: torch.Tensor) -> bool:
     # What both the TMA descriptor and the pointer loads need of a 2-D operand: contiguous rows, a row
     # stride that does not overlap rows, base and row stride 16-byte aligned.
@@ -148,7 +164,7 @@ class _Fused:
         self.err = heap.zeros(ERR_RECORD_LEN, dtype=torch.int64, name=f"{name or self.kind}.err")
         self.epoch = Epoch()  # the host's count of calls; the kernels count their own (ticket) where they can
         self.ticket = heap.zeros(1, dtype=torch.int64, name=f"{name or self.kind}.ticket")  # triton._epoch_and_pid
-        self._descs = {}  # (operand, block, dtype, shape, strides) -> the descriptor _desc rebases
+        self._descs = {}  # (operand, block, dtype) -> the descriptor _desc rebases
         self._last_b = (None, None)  # (B's address, shape, strides) -> its layout, storage, descriptor
         self.name = name or f"{self.kind}_{IR_DTYPE[dtype]}_w{self.world}"
 
@@ -213,18 +229,25 @@ class _Fused:
         if self.max_spins:
             raise_if_wait_timed_out(self.err, self.heap)
 
+    def _within_bound(self, a: torch.Tensor, rows: int, bound: int) -> None:
+        if rows > bound:
+            raise ValueError(f"{self.name}: A{list(a.shape)} has {rows} rows, more than the bound of {bound} rows "
+                             f"this op was built for (the bound is set when the op is constructed: the compiler's "
+                             f"option max_tokens)")
+
     def _desc(self, operand: str, t, block):
-        """A tensor descriptor of `t` in `block` tiles, for one operand ("a" or "b"). The one made for the
-        same operand's last tensor of the same shape, strides and dtype is rebased instead of rebuilt:
-        checking a new descriptor, and specializing the launch on it, took a large part of a call's host time.
+        """A tensor descriptor of `t` in `block` tiles, for one operand ("a" or "b"). The operand's last one of
+        the same shape and strides is rebased instead of rebuilt: checking a new descriptor, and specializing
+        the launch on it, took a large part of a call's host time. One is kept per operand, block and dtype
+        (a call of other rows replaces it), so calls of ever new lengths keep no more.
         Each operand has its own: A and B of one call can have the same shape (a square weight given as
         weight.t() with BM == BN), and rebasing one descriptor for both would read A twice. The simulator's
         kernels load through pointers (generate(tma=False)); any valid value fills the slot there."""
         if _sim(self.heap):
             return t
-        key = (operand, tuple(block), t.dtype, tuple(t.shape), t.stride())
+        key = (operand, tuple(block), t.dtype)
         desc = self._descs.get(key)
-        if desc is None:
+        if desc is None or desc.shape != t.shape or tuple(desc.strides) != t.stride():
             desc = self._descs[key] = TensorDescriptor.from_tensor(t, block)
         desc.base = t
         return desc
@@ -246,6 +269,10 @@ class FusedAllGatherMatmul(_Fused):
 
         op = FusedAllGatherMatmul(heap, M_local=4096, N=(4096, 512, 512), K=8192, b_layout="nk")
         q, k, v = op(x_shard, [wq.weight.t(), wk.weight.t(), wv.weight.t()])
+
+    M_local is the most rows a call's A may have. A [M, K] (M <= M_local) gives C [W * M, N], rank-major; A
+    [B, S, K] (B * S <= M_local) gives C [B, W * S, N], all_gather on dim 1: batch row b holds rank 0's S rows,
+    then rank 1's, ...
 
     Constructing one is collective (every rank, same arguments): it allocates heap buffers and barriers."""
 
@@ -288,30 +315,39 @@ class FusedAllGatherMatmul(_Fused):
 
     def __call__(self, a: torch.Tensor, b, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None):
-        """C = all_gather(a) @ b; `b` a list of one B per width in N gives the list of their Cs."""
+        """C = all_gather(a) @ b; `b` a list of one B per width in N gives the list of their Cs. A 3-D a
+        [B, S, K] is gathered on dim 1 (C [B, W * S, N])."""
         cfg, W = self.config, self.world
         single = isinstance(b, torch.Tensor)
         bs = [b] if single else list(b)
-        if tuple(a.shape) != (self.M_local, self.K) or [tuple(x.shape) for x in bs] != [(self.K, n) for n in self.Ns]:
+        if a.dim() not in (2, 3) or a.shape[-1] != self.K or [tuple(x.shape) for x in bs] != [(self.K, n)
+                                                                                               for n in self.Ns]:
             want = ", ".join(f"B[{self.K}, {n}]" for n in self.Ns)
-            raise ValueError(f"{self.name}: expected A[{self.M_local}, {self.K}] and {want}, "
+            raise ValueError(f"{self.name}: expected A[M, {self.K}] or A[B, S, {self.K}] and {want}, "
                              f"got A{list(a.shape)} and {', '.join(f'B{list(x.shape)}' for x in bs)}")
         if out is not None and len(bs) > 1:
             raise ValueError(f"{self.name}: out= takes a single weight's C")
+        batch, seg = (1, a.shape[0]) if a.dim() == 2 else a.shape[:2]
+        rows = batch * seg
+        self._within_bound(a, rows, self.M_local)
+        shape = (W * rows,) if a.dim() == 2 else (batch, W * seg)  # C's leading dims
+        if rows == 0:  # nothing to gather on any rank (every rank calls with the same shapes): no launch
+            cs = [a.new_empty(*shape, n) for n in (self.Ns[:1] if self.gated else self.Ns)]
+            return (self._out(out, shape, a.device) if out is not None else cs[0]) if single else cs
+        a = a.reshape(rows, self.K)
         if self.a_heap is not None and a.data_ptr() != self.a_heap.data_ptr():
-            self.a_heap.copy_(a)
-            a = self.a_heap
+            self.a_heap[:rows].copy_(a)
+            a = self.a_heap[:rows]
         a, b_layout, b, b_desc = self._operands(a, bs[0])
-        rows = W * self.M_local
-        c = self._out(out, a.device) if out is not None else torch.empty(rows, self.Ns[0], dtype=self.dtype,
-                                                                         device=a.device)
+        c = (self._out(out, shape, a.device) if out is not None
+             else torch.empty(*shape, self.Ns[0], dtype=self.dtype, device=a.device))
         more, more_c = [], []
         for bj, n in zip(bs[1:], self.Ns[1:]):
             layout, storage = b_operand(bj)
             if layout != b_layout:  # the kernel reads every B in B_0's layout: this one is copied into it
                 storage = (bj.t() if b_layout == "nk" else bj).contiguous()
             if not self.gated:  # gated: the one C holds silu(A @ B_0) * (A @ B_1)
-                more_c.append(torch.empty(rows, n, dtype=self.dtype, device=a.device))
+                more_c.append(torch.empty(*shape, n, dtype=self.dtype, device=a.device))
             more += [storage, more_c[-1] if more_c else c, n, storage.stride(0), n]
         staging = self.staging if self.staging is not None else a
         programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
@@ -321,16 +357,17 @@ class FusedAllGatherMatmul(_Fused):
         copies = self._copies if self.mode == "copy_engine" else None
         if copies is not None:
             copies.before_launch(a, epoch)
-        launch = self._launcher(b_layout, b_layout, programs, lambda: dict(
+        segmented = batch > 1
+        launch = self._launcher((b_layout, segmented), b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
-            VEC=_vec(self.K), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            VEC=_vec(self.K), SEGMENTED=segmented, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
         # copy_engine's flags are written by the host: its kernel takes the host's epoch; the others count
         # their own (epoch 0), so a CUDA graph can replay them
         launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-               self.rank, epoch if copies is not None else 0, self.ticket, self.M_local, self.Ns[0], self.K,
-               a.stride(0), b.stride(0), c.stride(0), *more)
+               self.rank, epoch if copies is not None else 0, self.ticket, rows, self.M_local, seg, self.Ns[0],
+               self.K, a.stride(0), b.stride(0), c.stride(-2), *more)
         self._forget_call(launch)
         if self.mode == "direct":
             self.heap.barrier()
@@ -339,31 +376,34 @@ class FusedAllGatherMatmul(_Fused):
         self._check()
         return c if single else [c, *more_c]
 
-    def _out(self, out: torch.Tensor, device) -> torch.Tensor:
+    def _out(self, out: torch.Tensor, shape: tuple, device) -> torch.Tensor:
         """A caller's C: the kernel stores whole tiles into it (through TMA on a GPU), so its rows must be
         contiguous, 16-byte aligned and not overlap."""
-        rows = self.world * self.M_local
-        if tuple(out.shape) != (rows, self.N) or out.dtype != self.dtype or out.device != device:
-            raise ValueError(f"{self.name}: out must be a [{rows}, {self.N}] {self.dtype} tensor on {device}, "
+        want = (*shape, self.N)
+        if tuple(out.shape) != want or out.dtype != self.dtype or out.device != device:
+            raise ValueError(f"{self.name}: out must be a {list(want)} {self.dtype} tensor on {device}, "
                              f"got {list(out.shape)} {out.dtype} on {out.device}")
-        if not _rows_readable(out):
+        rows = _rows_view(out)
+        if rows is None or not _rows_readable(rows):
             raise ValueError(f"{self.name}: out's rows must be contiguous with a 16-byte aligned start and row "
                              f"stride; got strides {out.stride()} (pass out.contiguous() and copy back)")
         return out
 
     def gathered(self, a: torch.Tensor) -> torch.Tensor:
-        """all_gather(A) of the call just made, [W * M_local, K], as a fresh tensor: the peers' rows from the
-        staging slot that call filled, this rank's own rows from `a`. Call it before the next call: the
-        slot is refilled two calls later."""
+        """all_gather(A) of the call just made with this `a`, as a fresh tensor: [W * M, K] rank-major for a
+        2-D a, [B, W * S, K] (gathered on dim 1) for a 3-D one; the peers' rows from the staging slot that
+        call filled, this rank's own rows from `a`. Call it before the next call: the slot is refilled two
+        calls later."""
         if self.staging is None:
             raise ValueError(f"{self.name}: direct mode keeps no staged copy of the peers' rows")
-        W, M, r = self.world, self.M_local, self.rank
-        slot = self.staging[(self.epoch.value % 2) * W * M:(self.epoch.value % 2 + 1) * W * M]
-        out = torch.empty_like(slot)
-        out[:r * M].copy_(slot[:r * M])  # every row is written once: peers' from staging, this rank's from a
-        out[r * M:(r + 1) * M].copy_(a)
-        out[(r + 1) * M:].copy_(slot[(r + 1) * M:])
-        return out
+        W, r, K = self.world, self.rank, self.K
+        batch, seg = (1, a.shape[0]) if a.dim() == 2 else a.shape[:2]
+        rows = batch * seg
+        slot = self.staging.view(2, W, self.M_local, K)[self.epoch.value % 2, :, :rows]
+        out = a.new_empty(batch, W, seg, K)  # every row is written once: peers' from staging, this rank's from a
+        for p in range(W):
+            out[:, p].copy_((a if p == r else slot[p]).reshape(batch, seg, K))
+        return out.view(W * rows, K) if a.dim() == 2 else out.view(batch, W * seg, K)
 
 
 class _CopyEngineRows:
@@ -406,8 +446,8 @@ class _CopyEngineRows:
             torch.cuda.current_stream().wait_stream(self.stream)
 
     def _copy(self, a: torch.Tensor, epoch: int, write_flag) -> None:
-        op, M = self.op, self.op.M_local
-        rows = (epoch % 2 * op.world + op.rank) * M  # the slot's rows of this rank in a peer's staging
+        op, M = self.op, a.shape[0]  # a call's rows, at most the bound op.M_local that staging is laid out for
+        rows = (epoch % 2 * op.world + op.rank) * op.M_local  # the slot's rows of this rank in a peer's staging
         for staging, flags in self.peers:
             for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
                 r1 = min(M, r0 + self.rows_per_flag)
@@ -472,15 +512,18 @@ class _FusedScatter(_Fused):
         return [b for b in (self.flags, self.inbox, self.staging, self.out_heap) if b is not None]
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_shapes(a, b)
+        a, batch, seg, shape = self._rows(a, b)
+        rows = a.shape[0]
+        if rows == 0:  # no rows on any rank (every rank calls with the same shapes): no launch
+            return a.new_empty(shape)
         epoch = self.epoch.next()
         if self.out_heap is not None:  # AR returns the slot of its out that this call fills: the host picks it
             out_arg = self.out_heap
-            result = self.out_heap[(epoch % 2) * self.M:(epoch % 2 + 1) * self.M]
+            result = self.out_heap[(epoch % 2) * self.M:(epoch % 2) * self.M + rows].view(shape)
         else:  # RS counts its epochs on the device (0), so a CUDA graph can replay it
-            out_arg = result = torch.empty(self.M_local, self.N, dtype=self.dtype, device=a.device)
+            out_arg = result = torch.empty(shape, dtype=self.dtype, device=a.device)
             epoch = 0
-        self._launch(a, b, bias, out_arg, epoch, self.rank, self.world)
+        self._launch(a, b, bias, out_arg, epoch, self.rank, self.world, batch, seg)
         self._check()
         return result
 
@@ -490,28 +533,52 @@ class _FusedScatter(_Fused):
         benchmark's bound). Only for mode="direct", whose kernel then touches no peer; not collective."""
         if self.mode != "direct":
             raise ValueError(f"{self.name}: local_matmul needs mode='direct', not {self.mode!r}")
-        self._check_shapes(a, b)
-        out = torch.empty(self.M, self.N, dtype=self.dtype, device=a.device)
-        self._launch(a, b, bias, out, 2, 0, 1)  # an even epoch: slot 0, so AR's out offset is 0 too
-        return out
+        self._rows(a, b)
+        flat = a.reshape(-1, self.K)  # a world of one owns every row, in any order
+        out = torch.empty(flat.shape[0], self.N, dtype=self.dtype, device=a.device)
+        if flat.shape[0]:
+            self._launch(flat, b, bias, out, 2, 0, 1, 1, flat.shape[0])  # an even epoch: slot 0, AR's out offset 0
+        return out.view(*a.shape[:-1], self.N)
 
-    def _check_shapes(self, a, b):
-        if tuple(a.shape) != (self.M, self.K) or tuple(b.shape) != (self.K, self.N):
-            raise ValueError(f"{self.name}: expected A[{self.M}, {self.K}] and B[{self.K}, {self.N}], "
-                             f"got A{list(a.shape)} and B{list(b.shape)}")
+    def _rows(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple]:
+        """(A as [rows, K], its batch rows B, the rows S of a segment, the result's shape). RS scatters a 3-D
+        A [B, W * S, K] on dim 1: rank r gets [B, S, N], rows b*W*S + r*S + j. AR reduces every row: any A is
+        its rows (one segment)."""
+        W = self.world
+        if a.dim() not in (2, 3) or a.shape[-1] != self.K or tuple(b.shape) != (self.K, self.N):
+            raise ValueError(f"{self.name}: expected A[M, {self.K}] or A[B, W * S, {self.K}] and "
+                             f"B[{self.K}, {self.N}], got A{list(a.shape)} and B{list(b.shape)}")
+        rows = a.shape[:-1].numel()
+        split = a.shape[1] if a.dim() == 3 and self.kind == "matmul_rs" else rows  # the rows split over ranks
+        if split % W:
+            what = f"dim 1 ({split} rows)" if split != rows else f"{rows} rows"
+            raise ValueError(f"{self.name}: A{list(a.shape)}'s {what} do not split evenly over {W} ranks")
+        self._within_bound(a, rows, self.M)
+        if self.kind == "matmul_ar" or a.dim() == 2:
+            shape = (*a.shape[:-1], self.N) if self.kind == "matmul_ar" else (rows // W, self.N)
+            return a.reshape(rows, self.K), 1, rows // W, shape
+        batch, seg = a.shape[0], a.shape[1] // W
+        return a.reshape(rows, self.K), batch, seg, (batch, seg, self.N)
 
-    def _launch(self, a, b, bias, out, epoch: int, rank: int, world: int):
+    def _launch(self, a, b, bias, out, epoch: int, rank: int, world: int, batch: int, seg: int):
         cfg = self.config
         a, b_layout, b, b_desc = self._operands(a, b)
         programs = 1 if _sim(self.heap) else self.sms
-        launch = self._launcher((b_layout, world), b_layout, programs, lambda: dict(
+        segmented = batch > 1
+        launch = self._launcher((b_layout, world, segmented), b_layout, programs, lambda: dict(
             WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs,
-            MAX_SPINS=self.max_spins, VEC=_vec(self.N), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        launch(self._desc("a", a, [cfg.BM, cfg.BK]), a, b_desc, b, out, self._bias(bias),
+            MAX_SPINS=self.max_spins, VEC=_vec(self.N), SEGMENTED=segmented, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages))
+        if segmented:  # A as [B * WORLD, S, K], so that a TMA box holds rows of one segment of one owner
+            a_desc = self._desc("a", a.as_strided((batch * world, seg, self.K), (seg * a.stride(0), a.stride(0), 1)),
+                                [1, cfg.BM, cfg.BK])
+        else:
+            a_desc = self._desc("a", a, [cfg.BM, cfg.BK])
+        launch(a_desc, a, b_desc, b, out, self._bias(bias),
                self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
-               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.ticket, self.M // world, self.N, self.K,
-               a.stride(0), b.stride(0))
+               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.ticket, a.shape[0] // world,
+               self.M // world, seg, self.N, self.K, a.stride(0), b.stride(0))
         self._forget_call(launch)
 
 
@@ -523,7 +590,9 @@ def interleave_lag(gemm_programs: int, world: int) -> int:
 
 
 class FusedMatmulReduceScatter(_FusedScatter):
-    """out[M/W, N] = reduce_scatter(A[M, K_local] @ B[K_local, N], dim 0), as one kernel. Own and peer tiles
+    """out[M/W, N] = reduce_scatter(A[M, K_local] @ B[K_local, N], dim 0), as one kernel; M is the most rows a
+    call may have (any call's rows must split evenly over the ranks). A 3-D A [B, W * S, K_local] is scattered
+    on dim 1: out [B, S, N], rank r's rows b*W*S + r*S + j of the sum. Own and peer tiles
     interleave, so traffic spreads over the GEMM. mode: direct (partials stored to their owner from the
     GEMM's epilogue, flags raised a tile later; the fastest measured where K_local is ~4k), push (staged
     locally, comm programs put them to the owner; gains where K_local is large), pull (staged locally,
@@ -534,10 +603,12 @@ class FusedMatmulReduceScatter(_FusedScatter):
 
 
 class FusedMatmulAllReduce(_FusedScatter):
-    """out[M, N] = all_reduce(A[M, K_local] @ B[K_local, N]), as one kernel: a reduce-scatter of the partials
+    """out[M, N] = all_reduce(A[M, K_local] @ B[K_local, N]), as one kernel (M a bound, as for GEMM+RS; a 3-D A
+    is reduced as its rows, out of the same leading shape): a reduce-scatter of the partials
     (mode as for FusedMatmulReduceScatter), then each finished tile goes to every peer as soon as it is final
-    (push and pull: by the comm programs). The result lives on the heap and stays valid until the next call
-    (peers write the other slot meanwhile), like a CUDA graph's static output."""
+    (push and pull: by the comm programs). The result lives on the heap (the first rows of a slot laid out for
+    the bound) and stays valid until the next call (peers write the other slot meanwhile), like a CUDA graph's
+    static output."""
 
     kind = "matmul_ar"
     lower = staticmethod(lower_matmul_allreduce)
@@ -546,7 +617,8 @@ class FusedMatmulAllReduce(_FusedScatter):
 def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push") -> int:
     """Symmetric-heap bytes the host object of a fused op allocates, known before it is built (a compiler
     checks its budget with this). M, N, K as bspfuse.lowering.gemm_shape gives them: AG (M_local, N, K),
-    RS/AR (M, N, K_local). An upper bound: flags are counted for the smallest row block."""
+    RS/AR (M, N, K_local), M the object's bound on rows (what it is built with: calls of fewer rows use the
+    same buffers). An upper bound: flags are counted for the smallest row block."""
     from bspfuse.runtime.heap import FreeList
 
     item = torch.empty((), dtype=dtype).element_size()
