@@ -1,7 +1,7 @@
 """`torch.compile(model, backend="bspfuse")`: fuse the collectives of a compiled model into bspfuse kernels.
 
-Dynamo captures the model, AOT autograd splits forward and backward, and Inductor compiles both. In the
-forward graph, at Inductor's post-grad stage (where PyTorch's own async-TP pass runs), bspfuse:
+Dynamo captures the model, AOT autograd splits forward and backward, and Inductor compiles both. In each
+graph, at Inductor's post-grad stage (where PyTorch's own async-TP pass runs), bspfuse:
 
     normalize_collectives   fx -> fx   flatten collectives to 2-D rows, fold reshape chains
     capture_with_nodes      fx -> IR   (bspfuse.capture_fx)
@@ -9,12 +9,14 @@ forward graph, at Inductor's post-grad stage (where PyTorch's own async-TP pass 
     check_plan                         heap budget, same shapes on every rank: errors before any launch
     rewrite                 IR -> fx   fused sites become calls to torch.ops.bspfuse.* (runtime/torch_ops)
 
-and Inductor compiles everything else as usual. Backward graphs, and forward sites the passes decline
-(symbolic shapes, unaligned rows, the cost model, ...), stay Inductor's; every such fallback is logged
-with its reason on the `bspfuse` logger, and `reports()` returns all decisions of this process.
+and Inductor compiles everything else as usual. Each process group whose ranks share a host is captured
+on its own; sites the passes decline (unaligned rows, the cost model, a group across hosts, all-to-all,
+...) stay Inductor's; every such decision is logged with its reason on the `bspfuse` logger, and
+`reports()` returns all decisions of this process. `explain` plans a model the same way on the CPU.
 
 Options (`torch.compile(..., backend="bspfuse", options={...})`): `mode` (auto | push | pull | copy_engine |
-off), `heap_bytes` (the symmetric heap per group; default BSPFUSE_HEAP_BYTES or 4 GiB), `inner` ("inductor",
+off), `heap_bytes` (the symmetric heap per group; default BSPFUSE_HEAP_BYTES or 4 GiB), `max_tokens` (dynamic
+shapes: the most rows a fused GEMM takes), `ranks_per_host` (where a group's placement is found), `inner` ("inductor",
 or "eager": run the rewritten graph as it is, no Inductor, e.g. in the CPU simulator), `cudagraphs` (True:
 Inductor replays the forward from a CUDA graph, as mode="reduce-overhead" does; the fused ops count their
 epochs on the device, and AG+GEMM avoids the schedules whose host side runs every call).
@@ -34,6 +36,7 @@ import itertools
 import logging
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,7 +44,8 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from bspfuse.capture_fx import AG, AR, RS, VIEWS, WAIT, CaptureError, _origin, _target_name, capture_with_nodes
+from bspfuse.capture_fx import (AG, AR, RS, VIEWS, WAIT, CaptureError, _origin, _same_size, _target_name,
+                                capture_with_nodes)
 from bspfuse.passes import Decision, Options, run_passes
 from bspfuse.runtime import torch_ops
 
@@ -126,9 +130,26 @@ def _static(*nodes) -> bool:
 
 
 def _reshape(graph: torch.fx.Graph, x: torch.fx.Node, shape) -> torch.fx.Node:
-    node = graph.call_function(torch.ops.aten.reshape.default, (x, list(shape)))
+    node = graph.call_function(torch.ops.aten.reshape.default, (x, _shape_args(graph, shape)))
     node.meta["val"] = _val(x).reshape(shape)
     return node
+
+
+def _shape_args(graph: torch.fx.Graph, shape) -> list:
+    """A shape as fx arguments: ints, the graph's input of a symbol (a dynamic size), and -1 for one size
+    that is neither (e.g. batch * seq)."""
+    out, inferred = [], False
+    for d in shape:
+        if isinstance(d, int) or (isinstance(d, torch.SymInt) and d.node.is_constant()):
+            out.append(int(d))
+            continue
+        node = next((n for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.SymInt)
+                     and n.meta["val"].node.expr == d.node.expr), None)
+        if node is None and inferred:
+            raise CaptureError(f"cannot spell the shape {list(shape)} in the graph: two sizes are products of symbols")
+        out.append(node if node is not None else -1)
+        inferred = inferred or node is None
+    return out
 
 
 def _fold_split_cat(graph: torch.fx.Graph) -> None:
@@ -188,9 +209,14 @@ def _drop_noop_slices(graph: torch.fx.Graph) -> None:
     # slice(x, d, 0, >= size) -> x   (DTensor's redistribution leaves these behind; Inductor drops them too)
     for node in [n for n in graph.nodes if _is(n, "aten.slice")]:
         x, d, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
-        if node.kwargs or not _static(x) or not all(isinstance(a, (int, type(None))) for a in (d, start, end, step)):
+        if not (isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.Tensor)):
             continue
-        if (start or 0) == 0 and (end is None or end >= _val(x).shape[d]) and step == 1:
+        if node.kwargs or not all(isinstance(a, (int, type(None))) for a in (d, start, step)):
+            continue
+        size = _val(x).shape[d]
+        whole = end is None or _same_size(end, size) or (isinstance(end, int) and (
+            end >= sys.maxsize or (isinstance(size, int) and end >= size)))
+        if (start or 0) == 0 and step == 1 and whole:
             node.replace_all_uses_with(x)
             graph.erase_node(node)
 
@@ -369,9 +395,10 @@ def _example_sizes(gm: torch.fx.GraphModule) -> dict[str, int]:
         for d in (val.shape if isinstance(val, torch.Tensor) else ()):
             if isinstance(d, torch.SymInt):
                 env = d.node.shape_env
+                known = getattr(env, "backed_var_to_val", None) or env.var_to_val
                 for sym in d.node.expr.free_symbols:
-                    if sym in env.var_to_val:
-                        sizes[str(sym)] = int(env.var_to_val[sym])
+                    if sym in known:
+                        sizes[str(sym)] = int(known[sym])
     return sizes
 
 
@@ -624,6 +651,7 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
             report.decisions.append(Decision("capture", f"process group '{group}'", False, f"not captured: {e}"))
             continue
         report.decisions += found.decisions
+        report.note = found.note or report.note
         sites += group_sites
         fused_groups.append(group)
     try:
@@ -787,7 +815,9 @@ def explain(build: Callable[[Any], torch.nn.Module], inputs: Callable[[Any], Any
                 model = build(mesh)
             model = model.to_empty(device="cpu")  # uninitialized memory: only shapes matter here
             args = inputs(mesh)
-            args = args if isinstance(args, (tuple, list)) else (args,)
+            args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+            args = tuple(torch.empty_like(a, device="cpu") if isinstance(a, torch.Tensor) and a.is_meta else a
+                         for a in args)  # inputs made while the model was built on the meta device
             compiled = torch.compile(model, backend=backend, dynamic=dynamic or None)
             del _REPORTS[:]
             with torch.enable_grad() if train else torch.no_grad():

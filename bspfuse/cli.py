@@ -217,6 +217,27 @@ and on one GPU:
 BENCHMARKS.md describes the results and how they were measured."""
 
 
+def cmd_explain(args) -> int:
+    from bspfuse.backend import explain
+    from bspfuse.targets import load_function
+
+    make = load_function(args.target)
+    built = {}
+
+    def build(mesh):
+        built["model"], built["inputs"] = make(mesh)
+        return built["model"]
+
+    mesh = {}
+    if args.mesh:
+        shape = tuple(int(n) for n in args.mesh.lower().split("x"))
+        mesh = {"mesh_shape": shape, "mesh_dim_names": ("dp", "tp")[-len(shape):]}
+    for report in explain(build, lambda _mesh: built["inputs"], args.world, train=args.train, dynamic=args.dynamic,
+                          options={"mode": args.mode}, **mesh):
+        print(report)
+    return 0
+
+
 def cmd_bench(args) -> int:
     print(BENCH_TEXT)
     return 0
@@ -264,6 +285,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=modes, default="auto")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_run)
+
+    e = sub.add_parser("explain", help="what torch.compile(backend='bspfuse') fuses in a model, forward and backward, "
+                                       "planned on the CPU (fake process group, nothing computed)")
+    e.add_argument("target", metavar="file.py:function",
+                   help="function(mesh) -> (parallelized model, its example inputs: a tensor or a tuple)")
+    e.add_argument("--world", type=int, default=2)
+    e.add_argument("--train", action="store_true", help="also the backward of the outputs' sum")
+    e.add_argument("--dynamic", action="store_true", help="one graph for every sequence length")
+    e.add_argument("--mesh", metavar="DPxTP", help="a 2-D mesh, e.g. 2x4 (dims named dp, tp)")
+    e.add_argument("--mode", choices=modes, default="auto")
+    e.set_defaults(fn=cmd_explain)
 
     b = sub.add_parser("bench", help="how to run the GPU benchmarks")
     b.set_defaults(fn=cmd_bench)

@@ -29,6 +29,15 @@ class TargetError(Exception):
 
 def load_program(target: str, world_size: int | None = None) -> Program:
     """Run `file.py:function` and turn what it returns into a Program (see the module docstring)."""
+    fn = load_function(target)
+    path, func_name = _split(target)
+    where = f"{path}:{func_name}"
+    result = _call(fn, where, path, world_size)
+    return _to_program(result, where, path, func_name, world_size)
+
+
+def load_function(target: str):
+    """The function `path/to/file.py:function` names (TargetError if there is none)."""
     path, func_name = _split(target)
     module = _load_module(path)
     fn = getattr(module, func_name, None)
@@ -36,9 +45,7 @@ def load_program(target: str, world_size: int | None = None) -> Program:
         known = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
         what = "is not a function" if fn is not None else "is not defined"
         raise TargetError(f"{path}: '{func_name}' {what} (functions there: {', '.join(known) or 'none'})")
-    where = f"{path}:{func_name}"
-    result = _call(fn, where, path, world_size)
-    return _to_program(result, where, path, func_name, world_size)
+    return fn
 
 
 def _split(target: str) -> tuple[str, str]:

@@ -209,12 +209,6 @@ def test_the_backward_graph_meets_the_same_passes(caplog):
     assert "(mm_8 in feed_forward.w2)" in str(got[1]) and "backward: 0 of 4 sites fused" in caplog.text
 
 
-def test_dynamic_shapes_fall_back_with_a_reason():
-    got = _compile_fake(TINY, 16, {"mode": "push"}, dynamic=True)
-    assert got and all(r.fallback and r.fallback.startswith("dynamic shapes:") and "symbolic sizes" in r.fallback
-                       for r in got), [str(r) for r in got]
-
-
 def test_unknown_option_is_named():
     with pytest.raises(Exception) as e:
         _compile_fake(TINY, 16, {"mod": "push"})

@@ -117,6 +117,14 @@ def test_a_training_step_fuses_forward_and_backward():
     assert "in layer.self_attn.o_proj)" in str(backward), str(backward)
 
 
+def test_one_dynamic_graph_serves_every_length_up_to_a_bound():
+    reports_ = explain(titan_sp, _rows(2), 2, dynamic=True, options={"max_tokens": 4096})
+    dynamic = [r for r in reports_ if r.note and "dynamic" in r.note]
+    assert dynamic and len(dynamic[-1].fused) == 4, "\n".join(map(str, reports_))
+    assert "all_gather_matmul up to 2048 rows of A" in dynamic[-1].note  # 4096 tokens over 2 ranks
+    assert "matmul_reduce_scatter up to 4096 rows of A" in dynamic[-1].note
+
+
 def test_megatron_style_funcol_tp_fuses_its_all_reduce_with_the_bias_after_it():
     class RowParallel(torch.nn.Module):
         def __init__(self, group):
@@ -192,3 +200,93 @@ def test_public_functions_work_when_called_again():
         assert bspfuse.parse("program p(world = 2) sizes (T = 8) {\n  input x : bf16[T, T] replicated\n"
                              "  return matmul(x, x)\n}").ops
         assert len(bspfuse.explain(titan_sp, _rows(1), 2)) == 1
+
+
+# ------------------------------------------------------------------------------------------ runs in the simulator
+
+
+def _train_step(ctx, init_file, batch, mode):
+    """One rank: a training step of the TP + SP layer compiled with bspfuse, on the simulator heap; returns the
+    loss and every parameter's full gradient, and the same of the unparallelized layer."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from bspfuse.backend import reports
+    from bspfuse.runtime.torch_ops import use_heap
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=ctx.rank, world_size=ctx.world_size)
+    try:
+        config, W = _config(), ctx.world_size
+        config.num_key_value_heads = 4  # heads split over 4 ranks
+        x = torch.randn(batch, SEQ, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+        target = torch.randn(batch, SEQ, HIDDEN, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(0)
+        full = SPLayer(config, 1).to(torch.bfloat16)
+        ref_loss = (full(x).float() * target).sum()
+        ref_loss.backward()
+        torch.manual_seed(0)  # the same weights again; the plan shards them
+        model = titan_sp(init_device_mesh("cpu", (W,)), config)
+        rows = slice(ctx.rank * SEQ // W, (ctx.rank + 1) * SEQ // W)
+        compiled = torch.compile(model, backend="bspfuse", options={"mode": mode, "inner": "eager"})
+        with use_heap(dist.group.WORLD.group_name, ctx.heap):
+            loss = (compiled(x[:, rows].contiguous()).float() * target[:, rows]).sum()
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[name] = (g.float(), dict(full.named_parameters())[name].grad.float())
+        return {"loss": (total.item(), ref_loss.item()), "grads": grads,
+                "fused": [len(r.fused) for r in reports()], "report": "\n".join(map(str, reports()))}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_training_step_matches_the_unparallelized_layer_in_the_simulator(tmp_path, world):
+    from bspfuse.runtime.launch import launch
+
+    results = launch(_train_step, world, backend="sim", heap_bytes=16 << 20,
+                     args=(tempfile.mktemp(dir=tmp_path), 2, "push"), timeout_s=900)
+    for rank, r in enumerate(results):
+        assert r["fused"] == [4, 4], f"rank {rank}: fused sites forward, backward {r['fused']}\n{r['report']}"
+        got, want = r["loss"]
+        assert abs(got - want) <= 3e-2 * abs(want) + 1e-2, f"rank {rank}: loss {got} against {want}"
+        for name, (g, ref) in r["grads"].items():
+            err = ((g - ref).norm() / ref.norm().clamp_min(1e-6)).item()
+            assert err < 5e-2, f"rank {rank}: {name}'s gradient is off by {err:.3g} (relative)"
+
+
+def _tp_forward(ctx, init_file):
+    """One rank: Hugging Face Llama under its TP plan, compiled with bspfuse, against the unparallelized model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bspfuse.backend import reports
+    from bspfuse.runtime.torch_ops import use_heap
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=ctx.rank, world_size=ctx.world_size)
+    try:
+        ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            ref = LlamaForCausalLM(_config(2)).to(torch.bfloat16).float()(ids).logits
+        torch.manual_seed(0)
+        compiled = torch.compile(hf_tp(init_device_mesh("cpu", (ctx.world_size,))), backend="bspfuse",
+                                 options={"mode": "push", "inner": "eager"})
+        with use_heap(dist.group.WORLD.group_name, ctx.heap), torch.no_grad():
+            out = compiled(ids).logits.float()
+        return {"err": ((out - ref).norm() / ref.norm()).item(), "fused": [len(r.fused) for r in reports()]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plain_tp_forward_matches_the_unparallelized_model_in_the_simulator(tmp_path):
+    from bspfuse.runtime.launch import launch
+
+    for rank, r in enumerate(launch(_tp_forward, 2, backend="sim", heap_bytes=16 << 20,
+                                    args=(tempfile.mktemp(dir=tmp_path),), timeout_s=900)):
+        assert r["fused"] == [4], f"rank {rank}: fused sites {r['fused']}"
+        assert r["err"] < 3e-2, f"rank {rank}: relative error {r['err']:.3g} against the unparallelized model"
