@@ -149,10 +149,11 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
 
 def _site(*ops: Op) -> str:
     names = ", ".join(f"%{o.outputs[0].name}" for o in ops)
-    origins = [o.origin for o in sorted(ops, key=lambda o: o.opcode != "matmul") if o.origin]
+    origins = [o.origin for o in ops if o.origin]
     # from torch.compile, the matmul that names a module the user wrote ("mm_3 in attention.wo"), not the
     # collective DTensor inserted; from source, the first position
-    origin = next((o for o in origins if " in " in o), origins[0] if origins else None)
+    named = [o.origin for o in sorted(ops, key=lambda o: o.opcode != "matmul") if o.origin and " in " in o.origin]
+    origin = named[0] if named else origins[0] if origins else None
     return names + (f" ({origin})" if origin else "")
 
 
