@@ -108,7 +108,8 @@ COMPILE = textwrap.dedent('''
         cfg, ty = tp.config, TY[tp.dtype]
         b_block = [cfg.BK, cfg.BN] if tp.b_layout == "kn" else [cfg.BN, cfg.BK]
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16, FLAG_BLOCKS=8)
+                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16, FLAG_BLOCKS=8,
+                      SEGMENTED=False)
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in ks.constexprs:
@@ -120,8 +121,8 @@ COMPILE = textwrap.dedent('''
                 sig[name] = "*i32" if name == "flag_ptr" else "*i64"
             else:
                 sig[name] = "*" + ty if name.endswith("_ptr") else "i32"
-            if name.endswith("_ptr") or name in ("heap_bases", "M_LOCAL", "N", "K") or name.startswith("stride_"):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton's launcher marks multiples of 16
+            if name.endswith("_ptr") or name in ("heap_bases", "M_BOUND", "N", "K") or name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton's launcher marks multiples of 16 (M_LOCAL: never)
         constexprs = {k: v for k, v in values.items() if k in ks.constexprs}
         k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -41,7 +41,7 @@ def _bounded(ctx):
     from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
 
     r, W, K, N = ctx.rank, ctx.world_size, 24, 40
-    errors, messages, launchers = {}, {}, {}
+    errors, messages, launchers, empties = {}, {}, {}, {}
     for mode in ("push", "pull"):
         op = FusedAllGatherMatmul(ctx.heap, 40, N, K, BF16, mode=mode, config=SMALL, debug=True)
         for call, M in enumerate((37, 16, 40, 5)):
@@ -54,6 +54,7 @@ def _bounded(ctx):
         with pytest.raises(ValueError) as past:
             op(torch.zeros(41, K, dtype=BF16), b)
         messages[f"ag {mode}"] = str(past.value)
+        empties[f"ag {mode}"] = tuple(op(torch.zeros(2, 0, K, dtype=BF16), b).shape)  # no rows: no launch
     for name, cls, mode in (("rs", FusedMatmulReduceScatter, "push"), ("rs", FusedMatmulReduceScatter, "direct"),
                             ("ar", FusedMatmulAllReduce, "push")):
         op = cls(ctx.heap, 40 * W, N, K, BF16, config=SMALL, debug=True, mode=mode)
@@ -67,13 +68,19 @@ def _bounded(ctx):
         with pytest.raises(ValueError) as past:
             op(torch.zeros(41 * W, K, dtype=BF16), b_all[r])
         messages[f"{name} {mode}"] = str(past.value)
-    return errors, messages, launchers
+        empties[f"{name} {mode}"] = tuple(op(torch.zeros(0, K, dtype=BF16), b_all[r]).shape)
+        shards = _inputs(99, *[(6 * W, K)] * W)  # a call after the empty one: the epochs still agree
+        ref = sum(a.double() for a in shards) @ b_all[0].double()
+        errors[f"{name} {mode} after no rows"] = _rel(op(shards[r], b_all[0]), ref.chunk(W)[r] if name == "rs" else ref)
+    return errors, messages, launchers, empties
 
 
 def test_one_object_serves_every_row_count_up_to_its_bound():
-    for rank, (errors, messages, launchers) in enumerate(launch(_bounded, 2, backend="sim", heap_bytes=16 << 20,
-                                                                timeout_s=600)):
-        assert len(errors) == 4 * 6, errors
+    for rank, (errors, messages, launchers, empties) in enumerate(
+            launch(_bounded, 2, backend="sim", heap_bytes=16 << 20, timeout_s=600)):
+        assert len(errors) == 4 * 6 + 3, errors
+        assert empties == {"ag push": (2, 0, 40), "ag pull": (2, 0, 40), "rs push": (0, 40), "rs direct": (0, 40),
+                           "ar push": (0, 40)}, empties
         for name, err in errors.items():
             assert err < TOL[BF16], f"rank {rank} {name}: relative error {err}"
         assert set(launchers.values()) == {1}, launchers  # one launch variant for every M
