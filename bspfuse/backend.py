@@ -71,6 +71,7 @@ class Report:
     decisions: list[Decision] = field(default_factory=list)
     fallback: str | None = None  # why the whole graph was left alone
     note: str | None = None  # what else the user should know about this graph (e.g. why it will not replay)
+    saved_bytes: int | None = None  # a training forward's tensors saved for the backward (explain, eager)
 
     @property
     def fused(self) -> list[Decision]:
@@ -80,7 +81,8 @@ class Report:
         head = f"bspfuse, {self.graph}: " + (f"left to Inductor: {self.fallback}" if self.fallback else
                                              f"{len(self.fused)} of {len(self.decisions)} sites fused")
         note = [f"  note: {self.note}"] if self.note else []
-        return "\n".join([head] + [f"  {d}" for d in self.decisions] + note)
+        saved = [f"  saved for the backward: {self.saved_bytes / 2**20:.1f} MiB"] if self.saved_bytes else []
+        return "\n".join([head] + [f"  {d}" for d in self.decisions] + note + saved)
 
 
 _REPORTS: list[Report] = []
@@ -673,7 +675,7 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
 
 def _options(options: dict | None) -> tuple[Options, int, str]:
     options = dict(options or {})
-    known = {"mode", "heap_bytes", "inner", "cudagraphs", "ranks_per_host", "max_tokens"}
+    known = {"mode", "heap_bytes", "inner", "cudagraphs", "ranks_per_host", "max_tokens", "save_gathered"}
     unknown = set(options) - known
     if unknown:
         raise BspfuseCompileError(f"unknown bspfuse option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -682,9 +684,10 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
         raise BspfuseCompileError(f"options['mode'] must be one of {', '.join(MODES)}, got {mode!r}")
     if inner not in ("inductor", "eager"):
         raise BspfuseCompileError(f"options['inner'] must be 'inductor' or 'eager', got {inner!r}")
-    cudagraphs = options.get("cudagraphs", False)
-    if cudagraphs not in (True, False):
-        raise BspfuseCompileError(f"options['cudagraphs'] must be True or False, got {cudagraphs!r}")
+    cudagraphs, save_gathered = options.get("cudagraphs", False), options.get("save_gathered", True)
+    for key, value in (("cudagraphs", cudagraphs), ("save_gathered", save_gathered)):
+        if value not in (True, False):
+            raise BspfuseCompileError(f"options['{key}'] must be True or False, got {value!r}")
     if cudagraphs and inner != "inductor":
         raise BspfuseCompileError("options['cudagraphs'] needs inner='inductor' (Inductor's CUDA graph trees "
                                   "replay the compiled forward)")
@@ -694,7 +697,7 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise BspfuseCompileError(f"options['{key}'] must be a positive int, got {value!r}")
         sizes[key] = value
-    return (Options(mode=mode, replayable=cudagraphs, **sizes),
+    return (Options(mode=mode, replayable=cudagraphs, save_gathered=save_gathered, **sizes),
             int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)), inner)
 
 
@@ -707,15 +710,59 @@ def _compile_graphs(gm: torch.fx.GraphModule, example_inputs, opts: Options, hea
     then handed to `finish` (run as it is, or only its shapes: explain)."""
     from torch._dynamo.backends.common import aot_autograd
 
+    from torch._functorch.partitioners import default_partition
+
     graph_id = next(ids)
+    saved: list[int] = []
+
+    def partition(joint, inputs, *, num_fwd_outputs, **kw):
+        if not opts.save_gathered:
+            recompute_gathers(joint.graph)
+        fw, bw = default_partition(joint, inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        outs = fw.graph.find_nodes(op="output")[0].args[0][num_fwd_outputs:]
+        saved.append(_distinct_bytes(n.meta.get("val") for n in outs if isinstance(n, torch.fx.Node)))
+        return fw, bw
 
     def compiler(which: str):
         def compile_one(fx_gm, _inputs):
-            fuse_graph(fx_gm, opts, f"graph {graph_id} {which}", heap_limit)
+            report = fuse_graph(fx_gm, opts, f"graph {graph_id} {which}", heap_limit)
+            if which == "forward" and saved and saved[-1]:
+                report.saved_bytes = saved[-1]
             return finish(fx_gm)
         return compile_one
 
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))(gm, example_inputs)
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                        partition_fn=partition)(gm, example_inputs)
+
+
+def _distinct_bytes(vals) -> int:
+    """Bytes of the memory behind `vals`, each storage once (views of one tensor are saved as one)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    storages = {StorageWeakRef(v.untyped_storage()): v.untyped_storage().nbytes() for v in vals
+                if isinstance(v, torch.Tensor)}
+    return sum(storages.values())
+
+
+_SHAPE_OPS = ("aten.split", "aten.split_with_sizes", "getitem", "aten.cat", "aten.slice", "aten.permute", "aten.t",
+              *VIEWS)
+
+
+def recompute_gathers(joint: torch.fx.Graph) -> None:
+    """options['save_gathered']=False: the forward's all-gathers (and the reshapes of what they gather) are
+    marked to be recomputed, so the partitioner saves a rank's shard for the backward and the backward
+    gathers it again, instead of saving the gathered activation (W times larger)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in joint.nodes:
+        if not _is(node, AG) or node.meta.get("partitioner_tag") == "is_backward":
+            continue
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            n.meta.setdefault("ac_graph_id", 0)
+            todo += [u for u in n.users if _is(u, WAIT) or any(_is(u, op) for op in _SHAPE_OPS)]
 
 
 def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None) -> Callable:
@@ -737,10 +784,12 @@ def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                                    fx_graph_cache=False):
             return compile_fx_inner(fx_gm, inputs, **kwargs)
 
+    regather = {} if opts.save_gathered else {"joint_custom_pre_pass": recompute_gathers}
+
     # cudagraphs: Inductor replays each compiled forward from a CUDA graph, as mode="reduce-overhead" does; the
     # passes then use only schedules that replay (Options.replayable) and a graph with an op that cannot
     # (matmul_all_reduce) runs without one, as Inductor logs
-    with inductor_config.patch({"triton.cudagraphs": True}) if opts.replayable else contextlib.nullcontext():
+    with inductor_config.patch({"triton.cudagraphs": opts.replayable, **regather}):
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 

@@ -66,6 +66,9 @@ class Options:
     # symbolic size's bound, else DEFAULT_MAX_TOKENS).
     ranks_per_host: int | None = None
     max_tokens: int | None = None
+    # Training: keep the forward's gathered activations for the backward (the fused AG+GEMM writes them out),
+    # or save the shard and gather again in the backward (backend.recompute_gathers).
+    save_gathered: bool = True
 
     def mode_for(self, site: str) -> str:
         return self.modes.get(site, self.mode)

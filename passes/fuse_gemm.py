@@ -308,6 +308,20 @@ def _merges_rows(op: Op, v: Value) -> bool:
     return out.rank == 2 and dims_equal(out.shape[1], v.type.shape[-1])
 
 
+def _read_as_b(users, v: Value) -> bool:
+    """Whether `v`, through reshapes and transposes, reaches some matmul as its B operand."""
+    todo, seen = [v], set()
+    while todo:
+        x = todo.pop()
+        for u in users.get(x, []):
+            if u.opcode == "matmul" and u.inputs[1] is x:
+                return True
+            if u.opcode in ("reshape", "transpose") and u not in seen:
+                seen.add(u)
+                todo.append(u.outputs[0])
+    return False
+
+
 def _run_allgather_matmul(p: Program, options: Options):
     decisions, users = [], p.users()
     for ag in list(p.find("all_gather")):
@@ -324,6 +338,10 @@ def _run_allgather_matmul(p: Program, options: Options):
         say = lambda ok, why, estimate=None: decisions.append(
             Decision("fuse_allgather_matmul", site, ok, why, estimate))
         if not mms:
+            if _read_as_b(users, gathered):
+                say(False, "the gathered tensor is read only as a matmul's B operand (a weight gradient, x^T @ dy): "
+                           "the kernel gathers the rows of A")
+                continue
             readers = ", ".join(sorted({u.opcode if u.opcode != "opaque" else u.attrs["target"] for u in us}))
             say(False, f"no matmul reads the gathered tensor as its A operand (its readers: {readers or 'none'})")
             continue

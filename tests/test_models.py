@@ -117,6 +117,16 @@ def test_a_training_step_fuses_forward_and_backward():
     assert "in layer.self_attn.o_proj)" in str(backward), str(backward)
 
 
+def test_saving_the_gathered_activation_against_gathering_it_again():
+    saved, again = (explain(titan_sp, _rows(2), 2, train=True, options={"save_gathered": keep})
+                    for keep in (True, False))
+    # the two gathered activations [2, 16, 64] bf16 are saved whole, or as this rank's half, gathered again
+    gathered = 2 * 2 * SEQ * HIDDEN * 2
+    assert saved[0].saved_bytes - again[0].saved_bytes == gathered // 2, (saved[0].saved_bytes, again[0].saved_bytes)
+    assert len(again[1].decisions) == len(saved[1].decisions) + 2, str(again[1])  # two more all-gathers
+    assert str(again[1]).count("read only as a matmul's B operand (a weight gradient") == 2, str(again[1])
+
+
 def test_one_dynamic_graph_serves_every_length_up_to_a_bound():
     reports_ = explain(titan_sp, _rows(2), 2, dynamic=True, options={"max_tokens": 4096})
     dynamic = [r for r in reports_ if r.note and "dynamic" in r.note]
