@@ -21,15 +21,15 @@ CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_a
 BATCH, SEQ = 4, 2048
 
 
-def tp(mesh, layers: int = 2):
-    """LlamaForCausalLM parallelized by the plan its config ships (base_model_tp_plan)."""
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **CONFIG)).to(torch.bfloat16)
+def hf_plan(model: LlamaForCausalLM, mesh) -> LlamaForCausalLM:
+    """Parallelize `model` by the plan its config ships (base_model_tp_plan: colwise q/k/v/gate/up, rowwise
+    o/down), each style as torch's DTensor one."""
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     names = [name for name, _ in model.model.named_modules()]
     plan = {name: styles[style]() for pattern, style in model.config.base_model_tp_plan.items()
             for name in names if fnmatch.fnmatchcase(name, pattern)}
     parallelize_module(model.model, mesh, plan)
-    return model, torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    return model
 
 
 class SPLayer(torch.nn.Module):
@@ -47,11 +47,11 @@ class SPLayer(torch.nn.Module):
         return self.layer(x, position_embeddings=self.rotary(x, positions), position_ids=positions)
 
 
-def tp_sp(mesh):
-    """torchtitan's TP + SP plan on one decoder layer."""
-    model = SPLayer(LlamaConfig(num_hidden_layers=1, **CONFIG), mesh.size()).to(torch.bfloat16)
+def titan_plan(model: SPLayer, mesh) -> SPLayer:
+    """torchtitan's TP + SP plan: norms sequence-parallel, attention and MLP inputs gathered on the sequence,
+    o_proj and down_proj reduce-scattered back to it."""
     gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-    parallelize_module(model, mesh, {
+    return parallelize_module(model, mesh, {
         "layer.input_layernorm": SequenceParallel(),
         "layer.self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                               desired_input_kwarg_layouts={"hidden_states": Replicate()}),
@@ -61,4 +61,15 @@ def tp_sp(mesh):
         "layer.mlp": gather, "layer.mlp.gate_proj": ColwiseParallel(), "layer.mlp.up_proj": ColwiseParallel(),
         "layer.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
     })
-    return model, torch.randn(BATCH, SEQ // mesh.size(), CONFIG["hidden_size"], dtype=torch.bfloat16)
+
+
+def tp(mesh, layers: int = 2):
+    """LlamaForCausalLM under its own TP plan, and a batch of token ids."""
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **CONFIG)).to(torch.bfloat16)
+    return hf_plan(model, mesh), torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+
+
+def tp_sp(mesh):
+    """One decoder layer under torchtitan's TP + SP plan, and this rank's rows of a batch."""
+    model = SPLayer(LlamaConfig(num_hidden_layers=1, **CONFIG), mesh.size()).to(torch.bfloat16)
+    return titan_plan(model, mesh), torch.randn(BATCH, SEQ // mesh.size(), CONFIG["hidden_size"], dtype=torch.bfloat16)

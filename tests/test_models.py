@@ -4,22 +4,27 @@ a Llama decoder layer under torchtitan's TP + SP plan at batch 1 and 4, a traini
 computed); the simulator runs a training step against the unparallelized model."""
 from __future__ import annotations
 
-import fnmatch
+import importlib.util
+import pathlib
+import sys
 import tempfile
 
 import pytest
 import torch
 import torch.distributed._functional_collectives as funcol
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import bspfuse
 from bspfuse.backend import explain
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("hf_llama_tp", ROOT / "examples" / "hf_llama_tp.py")
+hf_llama_tp = sys.modules.setdefault("hf_llama_tp", importlib.util.module_from_spec(_spec))
+if not hasattr(hf_llama_tp, "SPLayer"):
+    _spec.loader.exec_module(hf_llama_tp)
 
 HIDDEN, SEQ = 64, 16
 
@@ -31,48 +36,11 @@ def _config(layers: int = 1) -> LlamaConfig:
 
 
 def hf_tp(mesh, layers: int = 2) -> torch.nn.Module:
-    """LlamaForCausalLM parallelized by the plan its config ships (base_model_tp_plan: colwise q/k/v/gate/up,
-    rowwise o/down), each style as torch's DTensor one."""
-    model = LlamaForCausalLM(_config(layers)).to(torch.bfloat16)
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    names = [name for name, _ in model.model.named_modules()]
-    plan = {name: styles[style]() for pattern, style in model.config.base_model_tp_plan.items()
-            for name in names if fnmatch.fnmatchcase(name, pattern)}
-    parallelize_module(model.model, mesh, plan)
-    return model
-
-
-class SPLayer(torch.nn.Module):
-    """One HF decoder layer and its rotary tables; the input is this rank's [batch, seq/W, hidden] rows."""
-
-    def __init__(self, config: LlamaConfig, world: int):
-        super().__init__()
-        self.rotary = LlamaRotaryEmbedding(config)
-        self.layer = LlamaDecoderLayer(config, 0)
-        self.world = world
-
-    def forward(self, x):
-        seq = x.shape[1] * self.world
-        positions = torch.arange(seq, device=x.device)[None].expand(x.shape[0], seq)
-        return self.layer(x, position_embeddings=self.rotary(x, positions), position_ids=positions)
+    return hf_llama_tp.hf_plan(LlamaForCausalLM(_config(layers)).to(torch.bfloat16), mesh)
 
 
 def titan_sp(mesh, config: LlamaConfig | None = None) -> torch.nn.Module:
-    """torchtitan's TP + SP plan: norms sequence-parallel, attention and MLP inputs gathered on the sequence,
-    o_proj and down_proj reduce-scattered back to it."""
-    model = SPLayer(config or _config(), mesh.size()).to(torch.bfloat16)
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-    plan = {
-        "layer.input_layernorm": SequenceParallel(),
-        "layer.self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                              desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-        "layer.self_attn.q_proj": ColwiseParallel(), "layer.self_attn.k_proj": ColwiseParallel(),
-        "layer.self_attn.v_proj": ColwiseParallel(), "layer.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-        "layer.post_attention_layernorm": SequenceParallel(),
-        "layer.mlp": gather, "layer.mlp.gate_proj": ColwiseParallel(), "layer.mlp.up_proj": ColwiseParallel(),
-        "layer.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-    }
-    return parallelize_module(model, mesh, plan)
+    return hf_llama_tp.titan_plan(hf_llama_tp.SPLayer(config or _config(), mesh.size()).to(torch.bfloat16), mesh)
 
 
 def _rows(batch: int, world: int = 2):
@@ -232,7 +200,7 @@ def _train_step(ctx, init_file, batch, mode):
         x = torch.randn(batch, SEQ, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
         target = torch.randn(batch, SEQ, HIDDEN, generator=torch.Generator().manual_seed(2))
         torch.manual_seed(0)
-        full = SPLayer(config, 1).to(torch.bfloat16)
+        full = hf_llama_tp.SPLayer(config, 1).to(torch.bfloat16)
         ref_loss = (full(x).float() * target).sum()
         ref_loss.backward()
         torch.manual_seed(0)  # the same weights again; the plan shards them
