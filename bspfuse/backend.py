@@ -31,7 +31,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -375,12 +374,12 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str,
         M, N, K = gemm_shape(op, fused)
         a, bs = _meta(inputs[0]), [_meta(fx_of(v)) for v in weights_of(op)]
         rows = math.prod(a.shape[:-1])
-        if not isinstance(rows, int):  # a dynamic length: the kernels take M at run time, the heap the bound
+        dynamic = not isinstance(rows, int)
+        if dynamic:  # a dynamic length: the kernels take M at run time, the heap the bound
             M = rows = _row_bound(rows, op.opcode, fused.world_size, options)
         sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
                           fused.world_size, ((rows, a.shape[-1]), tuple(tuple(b.shape) for b in bs), a.dtype),
-                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"]),
-                          dynamic=not isinstance(math.prod(a.shape[:-1]), int)))
+                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"]), dynamic))
     if any(s.dynamic for s in sites):
         report.note = _dynamic_note(sites)
     return report, sites
@@ -411,11 +410,10 @@ def _row_bound(rows: torch.SymInt, opcode: str, world: int, options: Options) ->
     tokens = options.max_tokens
     if tokens is None:
         import sympy
+        from torch.utils._sympy.numbers import int_oo
 
         env, expr = rows.node.shape_env, rows.node.expr
         uppers = {s: env.var_to_range[s].upper for s in expr.free_symbols if s in env.var_to_range}
-        from torch.utils._sympy.numbers import int_oo
-
         if len(uppers) == len(expr.free_symbols) and all(u.is_number and u not in (int_oo, sympy.oo)
                                                            for u in uppers.values()):
             return int(expr.subs({s: sympy.Integer(int(u)) for s, u in uppers.items()}))
