@@ -294,6 +294,8 @@ class _Costing:
             r.compute_us = memory_us
 
     def _collective_us(self, opcode: str, nbytes: float) -> float:
+        if self.world == 1:
+            return 0.0  # a world of one moves nothing (a collective library returns at once, or is not called)
         passes = 2.0 if opcode == "all_reduce" else 1.0
         return self.dev.collective_latency_us.value + passes * nbytes * (self.world - 1) / self.world / self.link
 

@@ -175,3 +175,12 @@ def test_fused_gemm_overlaps_its_collective():
     assert row.comm_us == pytest.approx(10 + 2_097_152 / 2 / 1e5)  # all_gather of [1024, 1024] bf16
     assert row.op_time_us == pytest.approx(42.94967296)  # max(matmul, all_gather): the matmul hides it
     assert row.launches == 1
+
+
+def test_a_world_of_one_moves_nothing():
+    b = Builder("one", world_size=1)
+    x = b.input("x", "bf16", (512, 1024), sharded(0))
+    w = b.input("w", "bf16", (1024, 2048), local())
+    b.output(b.matmul(b.wait(b.all_gather(x, 0, name="ag"), name="xg"), w, name="y"))
+    r = analyze(b.build(), TOY)
+    assert r.rows[0].op_time_us == 0 and r.rows[2].op_time_us > 0, r.table()
