@@ -51,6 +51,7 @@ from bspfuse.runtime import torch_ops
 log = logging.getLogger("bspfuse")
 
 MODES = ("auto", "push", "pull", "copy_engine", "off")  # options['mode']
+_RUNS_THE_REST = {"inductor": "Inductor", "eager": "PyTorch eager"}  # options['inner'] -> what reports name
 FUSED_OPS = {  # fused IR op -> the torch.ops.bspfuse op that runs it
     "fused_allgather_matmul": "all_gather_matmul",
     "fused_matmul_reduce_scatter": "matmul_reduce_scatter",
@@ -71,13 +72,14 @@ class Report:
     fallback: str | None = None  # why the whole graph was left alone
     note: str | None = None  # what else the user should know about this graph (e.g. why it will not replay)
     saved_bytes: int | None = None  # a training forward's tensors saved for the backward (explain, eager)
+    rest: str = "Inductor"  # what runs everything bspfuse does not fuse (options['inner'])
 
     @property
     def fused(self) -> list[Decision]:
         return [d for d in self.decisions if d.applied]
 
     def __str__(self) -> str:
-        head = f"bspfuse, {self.graph}: " + (f"left to Inductor: {self.fallback}" if self.fallback else
+        head = f"bspfuse, {self.graph}: " + (f"left to {self.rest}: {self.fallback}" if self.fallback else
                                              f"{len(self.fused)} of {len(self.decisions)} sites fused")
         note = [f"  note: {self.note}"] if self.note else []
         saved = [f"  saved for the backward: {self.saved_bytes / 2**20:.1f} MiB"] if self.saved_bytes else []
@@ -625,18 +627,19 @@ def placement(group: str, ranks_per_host: int | None = None) -> tuple[bool, str]
     return False, f"ranks {ranks} span hosts {hosts} ({how} ranks per host)"
 
 
-def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap_limit: int) -> Report:
+def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap_limit: int,
+               rest: str = "Inductor") -> Report:
     """normalize -> capture -> passes -> checks -> rewrite, on one graph (in place). Each process group
     whose ranks share a host is captured and fused on its own; every other collective stays torch's."""
     collectives = [n for n in gm.graph.nodes if _is_collective(n)]
     unfusable = [(n, kind) for n in gm.graph.nodes if (kind := _other_collective(n))]
     if not collectives and not unfusable:
-        return _record(Report(graph_name, fallback="no collectives in this graph"))
+        return _record(Report(graph_name, fallback="no collectives in this graph", rest=rest))
     decisions = [Decision("collectives", _origin(n), False, f"{kind}: no pass fuses {kind}; it stays torch's")
                  for n, kind in unfusable]
     normalize_collectives(gm)
     groups = list(dict.fromkeys(_group_name(n) for n in gm.graph.nodes if _is_collective(n)))
-    report, sites, fused_groups = Report(graph_name, decisions), [], []
+    report, sites, fused_groups = Report(graph_name, decisions, rest=rest), [], []
     for group in groups:
         one_host, where = placement(group, options.ranks_per_host)
         if not one_host:
@@ -703,7 +706,8 @@ _GRAPH_IDS = itertools.count()
 
 
 def _compile_graphs(gm: torch.fx.GraphModule, example_inputs, opts: Options, heap_limit: int,
-                    finish: Callable[[torch.fx.GraphModule], Callable], ids=_GRAPH_IDS) -> Callable:
+                    finish: Callable[[torch.fx.GraphModule], Callable], ids=_GRAPH_IDS,
+                    rest: str = "Inductor") -> Callable:
     """AOT autograd splits the model into its forward and backward graphs; each is fused (fuse_graph) and
     then handed to `finish` (run as it is, or only its shapes: explain)."""
     from torch._dynamo.backends.common import aot_autograd
@@ -723,7 +727,7 @@ def _compile_graphs(gm: torch.fx.GraphModule, example_inputs, opts: Options, hea
 
     def compiler(which: str):
         def compile_one(fx_gm, _inputs):
-            report = fuse_graph(fx_gm, opts, f"graph {graph_id} {which}", heap_limit)
+            report = fuse_graph(fx_gm, opts, f"graph {graph_id} {which}", heap_limit, rest)
             if which == "forward" and saved and saved[-1]:
                 report.saved_bytes = saved[-1]
             return finish(fx_gm)
@@ -769,7 +773,7 @@ def bspfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     if inner == "eager":
         from torch._functorch.aot_autograd import make_boxed_func
 
-        return _compile_graphs(gm, example_inputs, opts, heap_limit, make_boxed_func)
+        return _compile_graphs(gm, example_inputs, opts, heap_limit, make_boxed_func, rest=_RUNS_THE_REST[inner])
 
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -841,7 +845,7 @@ def explain(build: Callable[[Any], torch.nn.Module], inputs: Callable[[Any], Any
 
     from bspfuse.capture_fx import fake_process_group
 
-    opts, heap_limit, _ = _options(options)
+    opts, heap_limit, inner = _options(options)
     shape = tuple(mesh_shape) if mesh_shape else (world_size,)
     if len(shape) > 1 and mesh_dim_names is None:
         raise BspfuseCompileError(f"a mesh of shape {shape} needs mesh_dim_names, one name per dimension")
@@ -851,7 +855,7 @@ def explain(build: Callable[[Any], torch.nn.Module], inputs: Callable[[Any], Any
     ids = itertools.count()  # graphs numbered from 0 in every explain
 
     def backend(gm, example_inputs):
-        return _compile_graphs(gm, example_inputs, opts, heap_limit, _shapes_only, ids)
+        return _compile_graphs(gm, example_inputs, opts, heap_limit, _shapes_only, ids, _RUNS_THE_REST[inner])
 
     saved = list(_REPORTS), {g: dict(o) for g, o in _PLANNED_HEAP.items()}
     torch._dynamo.reset()

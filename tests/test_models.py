@@ -163,6 +163,9 @@ def test_all_to_all_is_named():
 def test_a_world_of_one_runs_and_says_there_is_nothing_to_fuse():
     (forward,) = explain(titan_sp, _rows(1, world=1), 1)
     assert forward.fallback == "no collectives in this graph", str(forward)
+    assert str(forward).startswith("bspfuse, graph 0 forward: left to Inductor: ")
+    (eager,) = explain(titan_sp, _rows(1, world=1), 1, options={"inner": "eager"})  # reports name what ran
+    assert str(eager).startswith("bspfuse, graph 0 forward: left to PyTorch eager: "), str(eager)
     from bspfuse.passes.fuse_gemm import choose_mode
 
     assert "a world of one rank" in choose_mode("ag_matmul", 1024, 4096, 4096, 1).reason
