@@ -32,15 +32,32 @@ class Estimate:
 @dataclass(frozen=True)
 class Decision:
     pass_name: str
-    site: str  # the ops it looked at, by value name and origin
+    site: str  # the ops it looked at, by value name, then (where) what the user wrote
     applied: bool
     reason: str
     estimate: Estimate | None = None  # when the cost model was asked
+    what: str = ""  # the pattern in plain words: "all-gather + matmul"
+    schedule: str = ""  # how the fused kernel moves data (push, pull, direct, copy_engine, a decode stage)
+
+    @property
+    def where(self) -> str:
+        """What the user wrote: a module path ("layer.self_attn.q_proj"), a file position, else the ops."""
+        names, _, origin = self.site.partition(" (")
+        origin = origin.rstrip(")")
+        return origin.split(" in ", 1)[1] if " in " in origin else origin or names
+
+    @property
+    def headline(self) -> str:
+        """One plain sentence: what was fused and how, or what was left alone."""
+        what = f"the {self.what} of {self.where}" if self.what else self.where
+        if self.applied:
+            return f"fused: {what} runs as one kernel" + (f", schedule {self.schedule}" if self.schedule else "")
+        return f"not fused: {what}"
 
     @property
     def verdict(self) -> str:
-        """The decision without the cost model's numbers: `[pass] fused: site: reason`."""
-        return f"[{self.pass_name}] {'fused' if self.applied else 'not fused'}: {self.site}: {self.reason}"
+        """The decision without the cost model's numbers: `[pass] headline: why [the ops (origin)]`."""
+        return f"[{self.pass_name}] {self.headline}: {self.reason} [{self.site}]"
 
     def __str__(self) -> str:
         return self.verdict + (f" ({self.estimate})" if self.estimate else "")

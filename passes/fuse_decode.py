@@ -138,19 +138,20 @@ def run(program: Program, options: Options) -> tuple[Program, list[Decision]]:
     for merge in program.find("merge_states"):
         out = merge.outputs[0]
         site = f"%{out.name} = merge_states(%{merge.inputs[0].name}, %{merge.inputs[1].name})" + (
-            f" from {merge.origin}" if merge.origin else "")
+            f" ({merge.origin})" if merge.origin else "")
+        what = "split-KV attention, gather and merge"
         try:
             decode, ops = _match(merge)
             _check_fusible(program, decode, ops)
             stage = _stage(options, out.name, merge, decode)
         except _NoMatch as e:
-            decisions.append(Decision(NAME, site, False, str(e)))
+            decisions.append(Decision(NAME, site, False, str(e), what=what))
             continue
         if stage is None:
-            decisions.append(Decision(NAME, site, False, "disabled by the options (mode off)"))
+            decisions.append(Decision(NAME, site, False, "disabled by the options (mode off)", what=what))
             continue
         _fuse(program, decode, ops, stage)
-        decisions.append(Decision(NAME, site, True, STAGE_PLANS[stage]))
+        decisions.append(Decision(NAME, site, True, STAGE_PLANS[stage], what=what, schedule=f"stage {stage}"))
     return program, decisions
 
 

@@ -137,10 +137,12 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     if est[best] > est["bsp"] * (1 - device.min_gain):
         return Choice("off", f"{best} is estimated less than {device.min_gain:.0%} faster than the unfused "
                              "schedule, within the spread between runs", us)
-    why = {"push": "push: peers' rows/partials move once, written by the producer, no handshake",
-           "pull": "pull: A is already on the heap and reads are consumer-paced",
-           "direct": "direct: partials go to their owner from the GEMM's epilogue, spread over the GEMM",
-           "copy_engine": "copy_engine: the copy engines put the rows into every peer, so every SM multiplies"}[best]
+    why = {"push": "each rank writes its data into its peers' buffers as soon as it is ready, and no rank "
+                   "waits to be asked",
+           "pull": "A is already on the heap, and each rank reads the rows it needs when it gets to them",
+           "direct": "each partial tile goes to the rank that owns its rows as soon as the GEMM makes it, "
+                     "so the traffic spreads over the GEMM",
+           "copy_engine": "the GPU's copy engines move the rows, so every SM multiplies"}[best]
     return Choice(best, why, us)
 
 
@@ -336,7 +338,9 @@ def _run_allgather_matmul(p: Program, options: Options):
         mms = [u for r in rows for u in users.get(r, []) if u.opcode == "matmul" and u.inputs[0] is r]
         site = _site(ag, w, *mms[:1])
         say = lambda ok, why, estimate=None: decisions.append(
-            Decision("fuse_allgather_matmul", site, ok, why, estimate))
+            Decision("fuse_allgather_matmul", site, ok, why, estimate, "all-gather + matmul",
+                     choice.mode if ok else ""))
+        choice = None
         if not mms:
             if _read_as_b(users, gathered):
                 say(False, "the gathered tensor is read only as a matmul's B operand (a weight gradient, x^T @ dy): "
@@ -414,12 +418,13 @@ def _run_allgather_matmul(p: Program, options: Options):
         names = ", ".join(_name(m) for m in joined)
         kept = (f"; the kernel also writes out the gathered A for {others} other reader{'s' if others > 1 else ''}"
                 + (" (the graph returns it: saved for the backward)" if returned else "")) if others else ""
-        say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns and not gate else "")
+        say(True, f"{choice.reason}" + (f"; the {'+'.join(fns)} after it is applied in the kernel, to each tile "
+                                        "before it is stored" if fns and not gate else "")
             + (f"; rows of each batch interleave ranks (gathered on the sequence dim): the kernel stores them "
                "in place" if d == 1 else "")
             + (f"; {names} join{'s' if len(joined) == 1 else ''} it: {1 + len(joined)} weights share the "
                "gathered A" if joined else "")
-            + (f"; silu({_name(mm)}) * {_name(up)} in the epilogue (SwiGLU): one [M, N] product is stored "
+            + (f"; silu({_name(mm)}) * {_name(up)} is computed in the kernel (SwiGLU): one [M, N] product is stored "
                "instead of two" if gate else "")
             + kept, estimate)
     return p, decisions
@@ -515,13 +520,17 @@ def _concat(p: Program, values: list[Value], dim: int, name: str, origin) -> tup
 
 
 def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: str):
+    what = "matmul + " + coll_name.replace("_", "-")
+
     def run(p: Program, options: Options):
         decisions, users = [], p.users()
         for coll in list(p.find(coll_name)):
             w = _sole_user(users, coll.outputs[0])
             mms, passed, not_mm = _summed_matmuls(p, users, coll.inputs[0])
             site = _site(*mms, coll) if mms else _site(coll)
-            say = lambda ok, why, estimate=None: decisions.append(Decision(pass_name, site, ok, why, estimate))
+            say = lambda ok, why, estimate=None: decisions.append(
+                Decision(pass_name, site, ok, why, estimate, what, choice.mode if ok else ""))
+            choice = None
             if w is None or w.opcode != "wait":
                 say(False, "the collective has no single wait")
                 continue
@@ -584,8 +593,8 @@ def _run_matmul_collective(kind: str, coll_name: str, opcode: str, pass_name: st
                       if len(mms) > 1 else "")
             rows = ("; rows of each batch interleave ranks (scattered on the sequence dim): the kernel reads them "
                     "in place" if kind == "matmul_rs" and d == 1 else "")
-            say(True, f"{choice.reason}" + (f"; epilogue {'+'.join(fns)} fused" if fns else "") + summed + rows,
-                estimate)
+            say(True, f"{choice.reason}" + (f"; the {'+'.join(fns)} after it is applied in the kernel, to each tile "
+                                            "before it is stored" if fns else "") + summed + rows, estimate)
         return p, decisions
     return run
 

@@ -95,7 +95,7 @@ def test_golden_before_after():
     assert str(fused) == AFTER
     assert str(program) == BEFORE  # the pass rewrote a copy
     (d,) = decisions
-    assert d.applied and d.reason.startswith("stage 3") and "from decode.bsp:7:3" in d.site
+    assert d.applied and d.reason.startswith("stage 3") and "(decode.bsp:7:3)" in d.site
     assert fused.ops[0].origin == "decode.bsp:7:3"
 
 
@@ -134,7 +134,8 @@ def test_not_applied_says_why(program, options, reason):
     fused, (d,) = _fuse(original, **options)
     assert not d.applied and d.reason.startswith(reason), d.reason
     assert str(fused) == str(original)
-    assert str(d).startswith("[fuse_flash_decode] not fused: %out = merge_states(%og, %lg)")
+    assert str(d).startswith("[fuse_flash_decode] not fused: the split-KV attention, gather and merge of decode.bsp:7:3: ")
+    assert str(d).endswith("[%out = merge_states(%og, %lg) (decode.bsp:7:3)]")
 
 
 def test_intermediate_read_elsewhere_is_not_fused():

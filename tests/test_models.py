@@ -117,7 +117,7 @@ def test_megatron_style_funcol_tp_fuses_its_all_reduce_with_the_bias_after_it():
             return funcol.all_reduce(partial, "sum", self.group) + self.bias
 
     (forward,) = explain(lambda mesh: RowParallel(mesh.get_group()).to(torch.bfloat16), _rows(2, world=1), 2)
-    assert _sites(forward) == {"fuse_matmul_allreduce": [True]} and "epilogue bias fused" in str(forward), str(forward)
+    assert _sites(forward) == {"fuse_matmul_allreduce": [True]} and "the bias after it is applied in the kernel" in str(forward), str(forward)
 
 
 def test_two_process_groups_fuse_the_tp_sites_and_name_the_other_groups_collective():
