@@ -271,3 +271,43 @@ def test_plain_tp_forward_matches_the_unparallelized_model_in_the_simulator(tmp_
                                     args=(tempfile.mktemp(dir=tmp_path),), timeout_s=900)):
         assert r["fused"] == [4], f"rank {rank}: fused sites {r['fused']}"
         assert r["err"] < 3e-2, f"rank {rank}: relative error {r['err']:.3g} against the unparallelized model"
+
+
+def _dynamic_forward(ctx, init_file, seqs):
+    """One rank: the TP + SP layer compiled once with dynamic=True, run at several sequence lengths."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bspfuse.backend import reports
+    from bspfuse.runtime.torch_ops import use_heap
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=ctx.rank, world_size=ctx.world_size)
+    try:
+        config, W = _config(), ctx.world_size
+        torch.manual_seed(0)
+        full = hf_llama_tp.SPLayer(config, 1).to(torch.bfloat16)
+        torch.manual_seed(0)
+        compiled = torch.compile(titan_sp(init_device_mesh("cpu", (W,)), config), backend="bspfuse", dynamic=True,
+                                 options={"mode": "push", "inner": "eager", "max_tokens": 2 * max(seqs)})
+        errors = []
+        for seq in seqs:
+            x = torch.randn(2, seq, HIDDEN, generator=torch.Generator().manual_seed(seq), dtype=torch.bfloat16)
+            rows = slice(ctx.rank * seq // W, (ctx.rank + 1) * seq // W)
+            with torch.no_grad():
+                ref = full.float()(x.float())[:, rows]
+                with use_heap(dist.group.WORLD.group_name, ctx.heap):
+                    out = compiled(x[:, rows].contiguous()).float()
+            errors.append(((out - ref).norm() / ref.norm()).item())
+        return {"errors": errors, "reports": [(len(r.fused), r.note) for r in reports()]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_dynamic_graph_runs_every_length_in_the_simulator(tmp_path):
+    from bspfuse.runtime.launch import launch
+
+    for rank, r in enumerate(launch(_dynamic_forward, 2, backend="sim", heap_bytes=16 << 20,
+                                    args=(tempfile.mktemp(dir=tmp_path), [16, 24, 12]), timeout_s=900)):
+        assert len(r["reports"]) == 1 and r["reports"][0][0] == 4, f"rank {rank}: one graph, 4 fused: {r['reports']}"
+        assert "dynamic" in r["reports"][0][1], r["reports"][0][1]
+        assert all(e < 3e-2 for e in r["errors"]), f"rank {rank}: relative errors per length {r['errors']}"
