@@ -40,6 +40,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def load_target(target: str, world: int | None, sizes: dict[str, int] | None = None):
     """The Program a TARGET names: `file.bsp` through the grammar, `file.py:function` through targets.
     `sizes` rebinds sizes of a .bsp program (`--size T=4096`)."""
+    if os.path.isdir(target):
+        raise UserError(f"{target}: is a directory; a target is path/to/file.bsp or path/to/file.py:function")
     if target.endswith(".bsp"):
         from bspfuse.grammar import parse_file
 
@@ -61,11 +63,13 @@ def _program(args):
 
 
 def _size(text: str) -> tuple[str, int]:
-    """`--size NAME=VALUE` -> (NAME, VALUE)."""
-    name, eq, value = text.partition("=")
-    if not eq or not name.strip() or not value.strip().isdigit():
+    """`--size NAME=VALUE` -> (NAME, VALUE), VALUE a positive integer."""
+    name, eq, value = (part.strip() for part in text.partition("="))
+    if not eq or not name:
         raise argparse.ArgumentTypeError(f"'{text}' should be NAME=VALUE, e.g. T=4096")
-    return name.strip(), int(value)
+    if not re.fullmatch(r"[+-]?\d+", value) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': {name} must be a positive integer")
+    return name, int(value)
 
 
 def _fuse(program, mode: str, fuse_unprofitable: bool = False):

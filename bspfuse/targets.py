@@ -54,6 +54,8 @@ def _split(target: str) -> tuple[str, str]:
         raise TargetError(f"target '{target}' should be path/to/file.py:function")
     if not func.isidentifier():
         raise TargetError(f"target '{target}': '{func}' is not a Python function name")
+    if os.path.isdir(path):
+        raise TargetError(f"{path}: is a directory; a target is path/to/file.py:function")
     if not os.path.isfile(path):
         raise TargetError(f"{path}: no such file")
     return path, func
