@@ -312,11 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "world", None) is not None and args.world < 1:
         print(f"bspfuse: error: --world must be at least 1, got {args.world}", file=sys.stderr)
         return USER_ERROR
+    hook = sys.excepthook
     try:
         return args.fn(args)
     except _user_errors() as e:
         print(_one_line(e), file=sys.stderr)
         return USER_ERROR
+    except KeyboardInterrupt:
+        print("bspfuse: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        # torch.distributed.init_process_group wraps sys.excepthook to write "[rank0]: " before every line of a
+        # traceback, and destroy_process_group leaves it: tracing a file.py:function target makes a fake
+        # group for a while. This is one process, so its tracebacks are not prefixed.
+        sys.excepthook = hook
 
 
 def _one_line(e: BaseException) -> str:
