@@ -9,7 +9,8 @@
 
 A TARGET is `file.bsp` (the source language) or `file.py:function` (a function returning an fx graph, a
 (model, inputs) pair or a Program); `--size NAME=VALUE` rebinds a size of a .bsp program. Anything the
-user got wrong prints one line to stderr and exits 2.
+user got wrong prints one line to stderr and exits 2, a run too large for this machine's memory too (before
+anything is allocated).
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from bspfuse.execute import check, choose_backend
+    from bspfuse.execute import NotEnoughMemory, check, check_memory, choose_backend
     from bspfuse.runtime.cuda import under_torchrun
 
     program = _program(args)
@@ -189,6 +190,10 @@ def cmd_run(args) -> int:
     # The simulator runs to check the kernels, not to be fast: it also fuses what the cost model keeps
     # bulk-synchronous on the GPU, and the decision says so. On GPUs the cost model decides.
     log = _fuse(program, args.mode, fuse_unprofitable=backend == "sim")
+    try:
+        check_memory(program, world, log.program, backend)  # before anything is printed or allocated
+    except NotEnoughMemory as e:
+        raise UserError(_too_large(args, program, world, e)) from None
     speaks = not under_torchrun() or os.environ["RANK"] == "0"  # under torchrun, rank 0 reports for all
     if speaks:
         print("\n".join(decision_lines(log.decisions)), flush=True)
@@ -196,6 +201,16 @@ def cmd_run(args) -> int:
     if speaks:
         print(result.report())
     return 0 if result.ok else 1
+
+
+def _too_large(args, program, world: int, e) -> str:
+    """A run that does not fit, said in what the user wrote: the --size given (or the program's own sizes) of
+    a .bsp program; of file.py:function, which tensors are largest."""
+    if args.target.endswith(".bsp"):
+        given = " ".join(f"--size {name}={value}" for name, value in args.size)
+        sizes = given or f"{args.target} (sizes {', '.join(f'{k}={v}' for k, v in program.sizes.items())})"
+        return f"{sizes}: too large to run on {world} ranks: it {e.need}"
+    return f"{args.target}: too large to run on {world} ranks: it {e.need}; its largest tensors, per rank: {e.tensors}"
 
 
 BENCH_TEXT = """\

@@ -1,4 +1,5 @@
-"""What a new user sees when something is wrong: one line on stderr and exit status 2, naming what they wrote."""
+"""What a new user sees when something is wrong: one line on stderr and exit status 2, naming what they wrote.
+Nothing here runs a kernel: a run too large for the machine is refused before anything is allocated."""
 import subprocess
 import sys
 import textwrap
@@ -8,8 +9,10 @@ import pytest
 
 from bspfuse import execute
 from bspfuse.cli import USER_ERROR, main
+from bspfuse.grammar import parse_file
 
 ROOT = Path(__file__).parent.parent
+GiB = 1 << 30
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +33,62 @@ def _argparse_error(capsys, *argv) -> str:
         main(list(argv))
     assert exit_.value.code == USER_ERROR
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def test_a_size_too_large_names_the_size_and_the_bytes(capsys):
+    # x alone is 2**27 rows of 128 bf16 on each rank: 64 GiB of inputs, and its float64 reference far more
+    err = _one_line_error(capsys, "run", "examples/sp_mlp.bsp", "--world", "2", "--size", "T=268435456",
+                          "--backend", "sim")
+    assert err.startswith("error: --size T=268435456: too large to run on 2 ranks: it needs "), err
+    assert "TiB of host memory (inputs of every rank 64.0 GiB, the float64 reference " in err
+    assert err.endswith(" is available")
+
+
+def test_the_default_sizes_of_a_python_target_name_its_largest_tensors(capsys, monkeypatch):
+    monkeypatch.setattr(execute, "available_memory", lambda: 4 * GiB)  # a small machine
+    err = _one_line_error(capsys, "run", "examples/sp_mlp.py:build", "--world", "2", "--backend", "sim")
+    assert err.startswith("examples/sp_mlp.py:build: too large to run on 2 ranks: it needs "), err
+    assert "of host memory (" in err and "; 4.0 GiB is available; its largest tensors, per rank: " in err
+    assert "bf16[8192, 14336] (224.0 MiB)" in err
+
+
+def test_a_long_flash_decode_that_does_not_fit_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(execute, "available_memory", lambda: GiB)
+    err = _one_line_error(capsys, "run", "examples/flash_decode.bsp", "--world", "2", "--size", "S=16777216",
+                          "--backend", "sim")
+    assert err.startswith("error: --size S=16777216: too large to run on 2 ranks: it needs "), err
+    assert err.endswith("; 1.0 GiB is available")
+
+
+def test_a_bsp_program_too_large_by_its_own_sizes_names_them(capsys, monkeypatch):
+    monkeypatch.setattr(execute, "available_memory", lambda: 1 << 20)
+    err = _one_line_error(capsys, "run", "examples/sp_mlp.bsp", "--world", "2", "--backend", "sim")
+    assert err.startswith("examples/sp_mlp.bsp (sizes T=256, H=128, F=256): too large to run on 2 ranks: "), err
+
+
+def test_the_bytes_counted_are_those_of_the_programs_tensors():
+    # sp_mlp at its own sizes on 2 ranks, per rank: x [128, 128], w1 [128, 128], w2 [128, 128] in bf16; the
+    # reference keeps every value in float64 except the views (the waits): inputs, the gathered [256, 128],
+    # both matmuls and gelu [256, 128] each, the reduce-scatter's [128, 128].
+    program = parse_file(str(ROOT / "examples" / "sp_mlp.bsp"), world_size=2)
+    host, shared = execute.memory_needs(program, 2, backend="sim")[:2]
+    elements = 3 * 128 * 128 + 4 * 256 * 128 + 128 * 128
+    reference = {"inputs of every rank": 2 * 3 * 128 * 128 * 2, "the float64 reference": 2 * 8 * elements}
+    assert host.memory == "host memory" and host.parts == reference
+    # unfused, the heap holds a copy of a collective's input at a time: the largest, y's [256, 128] partial sum
+    assert shared.parts == {"2 heaps": 2 * 256 * 128 * 2} and shared.memory.startswith("shared memory")
+    assert all(n.needed <= n.available for n in (host, shared))
+
+
+def test_check_refuses_before_drawing_inputs(monkeypatch):
+    program = parse_file(str(ROOT / "examples" / "sp_mlp.bsp"), world_size=2, sizes={"T": 268435456})
+    monkeypatch.setattr(execute, "random_inputs", lambda *a, **k: pytest.fail("inputs drawn"))
+    with pytest.raises(execute.NotEnoughMemory, match=r"^sp_mlp on 2 ranks needs .* of host memory .*; the largest "
+                                                      r"tensors, per rank: %xg_start bf16\[268435456, 128\]"):
+        execute.check(program, 2)
 
 
 # ----------------------------------------------------------------------------------------------- arguments
