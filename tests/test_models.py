@@ -14,11 +14,10 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from transformers import LlamaConfig, LlamaForCausalLM  # a test dependency (.ci/run installs it)
+
 import bspfuse
 from bspfuse.backend import explain
-
-transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("hf_llama_tp", ROOT / "examples" / "hf_llama_tp.py")
