@@ -10,7 +10,7 @@
 A TARGET is `file.bsp` (the source language) or `file.py:function` (a function returning an fx graph, a
 (model, inputs) pair or a Program); `--size NAME=VALUE` rebinds a size of a .bsp program. Anything the
 user got wrong prints one line to stderr and exits 2, a run too large for this machine's memory too (before
-anything is allocated).
+anything is allocated). `run` shows each rank's op and tiles on stderr while it runs (`--no-progress`).
 """
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ def cmd_run(args) -> int:
     speaks = not under_torchrun() or os.environ["RANK"] == "0"  # under torchrun, rank 0 reports for all
     if speaks:
         print("\n".join(decision_lines(log.decisions)), flush=True)
-    result = check(program, world, log.program, backend=backend, seed=args.seed)
+    result = check(program, world, log.program, backend=backend, seed=args.seed,
+                   progress=False if args.no_progress else None)
     if speaks:
         print(result.report())
     return 0 if result.ok else 1
@@ -303,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto (default): cuda when there is a GPU per rank, else the simulator")
     r.add_argument("--mode", choices=modes, default="auto")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true", dest="no_progress",
+                   help="no progress lines on stderr (also BSPFUSE_PROGRESS=0); by default they show on a "
+                        "terminal, and in a log once the ranks have run a few seconds")
     r.set_defaults(fn=cmd_run)
 
     e = sub.add_parser("explain", help="what torch.compile(backend='bspfuse') fuses in a model, forward and backward, "

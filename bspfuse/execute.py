@@ -267,6 +267,7 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
     through `rma_collective`. `config`: the fused GEMMs' TileConfig (default: the simulator's small one
     on the CPU, choose_config's on a GPU)."""
     from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
+    from bspfuse.runtime.launch import report_progress
 
     heap = ctx.heap
     device = heap.device
@@ -276,13 +277,17 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
     ex = Execution([], device="simulator (Triton interpreter)" if device.type == "cpu"
                    else torch.cuda.get_device_name(device))
     env: dict[Value, torch.Tensor] = {v: inputs[v.name].to(device) for v in program.inputs}
-    for op in program.ops:
+    for step, op in enumerate(program.ops, 1):
         xs = [env[v] for v in op.inputs]
         code, a = op.opcode, op.attrs
         key = (op.outputs[0].name, code)
+        what = f"%{op.outputs[0].name} {code}" + (f" ({a['mode']})" if "mode" in a else
+                                                  f" (stage {a['stage']})" if "stage" in a else "")
+        report_progress(what, step, len(program.ops))
         if code in ("fused_allgather_matmul", "fused_matmul_reduce_scatter", "fused_matmul_allreduce"):
             if key not in cache:
                 cache[key] = make_fused_gemm(heap, op, program, config, debug)
+            report_progress(what, step, len(program.ops), tiles=gemm_tiles(cache[key], xs[0]))
             n = a.get("weights", 1)
             bias = xs[1 + n] if "bias" in a.get("epilogue", ()) else None
             res = cache[key](xs[0], xs[1] if n == 1 else list(xs[1:1 + n]), bias)
@@ -311,6 +316,16 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
             env[v] = t
     ex.outputs = [env[v].cpu() for v in program.outputs]
     return ex
+
+
+def gemm_tiles(host, a: torch.Tensor) -> int:
+    """The output tiles a call of the fused GEMM `host` (bspfuse.kernels.gemm) with A `a` walks on this rank:
+    every rank's rows times the column tiles (of every weight, unless a gated epilogue pairs them)."""
+    cfg, W, rows = host.config, host.world, math.prod(a.shape[:-1])
+    if host.kind == "ag_matmul":  # a holds this rank's rows
+        widths = host.Ns[:1] if host.gated else host.Ns
+        return W * -(-rows // cfg.BM) * sum(-(-n // cfg.BN) for n in widths)
+    return W * -(-(rows // W) // cfg.BM) * -(-host.N // cfg.BN)  # a holds every rank's rows, partial sums
 
 
 def _rank_main(ctx, program: Program, inputs_by_rank, debug: bool = False) -> Execution:
@@ -558,10 +573,10 @@ def check_memory(program: Program, world: int, fused: Program | None = None, bac
 
 
 def check(program: Program, world_size: int | None = None, fused: Program | None = None, backend: str = "sim",
-          seed: int = 0, timeout_s: float = 600.0) -> CheckResult:
+          seed: int = 0, timeout_s: float = 600.0, progress: bool | None = None) -> CheckResult:
     """Run `fused` (default: `program` itself) on every rank and compare it with the reference of `program`.
     backend: sim | cuda | auto, as in `choose_backend`. A run that would not fit in memory raises
-    NotEnoughMemory before anything is allocated."""
+    NotEnoughMemory before anything is allocated. `progress`: the ranks' progress lines (see `launch`)."""
     from bspfuse.runtime import launch
 
     world = world_size or program.world_size
@@ -571,7 +586,7 @@ def check(program: Program, world_size: int | None = None, fused: Program | None
     inputs = random_inputs(program, world, seed)
     ref = reference(program, inputs)
     runs = launch(_rank_main, world, backend=backend, args=(fused, inputs), heap_bytes=heap_bytes_for(program, world),
-                  timeout_s=timeout_s)
+                  timeout_s=timeout_s, progress=progress)
     rows = []
     for rank, (run, expected) in enumerate(zip(runs, ref)):
         for v, out, want in zip(program.outputs, run.outputs, expected):

@@ -1,10 +1,15 @@
-"""The bspfuse command, in-process: golden `inspect` output per stage, analyze, and one-line user errors."""
+"""The bspfuse command, in-process: golden `inspect` output per stage, analyze, one-line user errors, and the
+progress `run` shows on stderr."""
+import io
 import json
+import multiprocessing
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from bspfuse import execute
 from bspfuse.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -174,3 +179,126 @@ def test_collective_on_int_dtype(capsys, tmp_path):
         "    return b.build()\n")
     err = _one_line_error(capsys, "analyze", f"{target}:build")
     assert len(err.splitlines()) == 1 and "i32" in err and "all_gather" in err
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+def test_run_shows_each_ranks_op_and_tiles_on_stderr(capsys, monkeypatch):
+    monkeypatch.setenv("BSPFUSE_PROGRESS", "1")  # every second, though stderr is not a terminal
+    code = main(["run", "examples/row_parallel_allreduce.bsp", "--world", "2", "--backend", "sim"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.rstrip().endswith("PASS"), out + err
+    assert "] rank 0: starting" in err and "] rank 1: " in err, err
+    assert re.search(r"\] rank [01]: op 1/1 %y fused_matmul_allreduce \(\w+\), tile \d+/32, \d+ s", err), err
+    assert "rank 0:" not in out
+
+
+def test_run_without_progress(capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(execute, "check", lambda *args, **kwargs: seen.update(kwargs) or _passed())
+    assert main(["run", "examples/sp_mlp.bsp", "--world", "2", "--backend", "sim", "--no-progress"]) == 0
+    assert seen["progress"] is False
+    assert main(["run", "examples/sp_mlp.bsp", "--world", "2", "--backend", "sim"]) == 0
+    assert seen["progress"] is None  # the default: a terminal, or a launch that takes a while
+
+
+def _passed():
+    return execute.CheckResult("sp_mlp", 2, [], [], [], "simulator")
+
+
+def count_tiles(ctx):
+    """On this rank: each fused GEMM's tiles as the simulator counted them in a call, and gemm_tiles' count."""
+    import importlib
+
+    import torch
+
+    from bspfuse.execute import gemm_tiles, sim_config
+    from bspfuse.kernels import gemm
+
+    launcher = importlib.import_module("bspfuse.runtime.launch")  # the module (bspfuse.runtime.launch is the function)
+
+    heap, cfg = ctx.heap, sim_config()  # 16 x 32 tiles: 24 rows and 40 columns end in part tiles
+    a, a_all = torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(48, 16, dtype=torch.bfloat16)
+    b32, b40 = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 40, dtype=torch.bfloat16)
+    calls = [(gemm.FusedAllGatherMatmul(heap, 24, 40, 16, config=cfg, name="ag"), a, b40),
+             (gemm.FusedAllGatherMatmul(heap, 24, (32, 40), 16, config=cfg, name="ag_two"), a, [b32, b40]),
+             (gemm.FusedAllGatherMatmul(heap, 24, (32, 32), 16, epilogue=("swiglu",), config=cfg, name="ag_swiglu"),
+              a, [b32, b32]),
+             (gemm.FusedMatmulReduceScatter(heap, 48, 40, 16, config=cfg, name="rs"), a_all, b40),
+             (gemm.FusedMatmulAllReduce(heap, 48, 40, 16, config=cfg, name="ar"), a_all, b40)]
+    counts = {}
+    for host, a_, b in calls:
+        launcher.report_progress(host.name, tiles=gemm_tiles(host, a_))
+        host(a_, b)
+        counts[host.name] = (launcher._progress.numbers[launcher.RankProgress.TILE_COUNT], gemm_tiles(host, a_))
+    return counts
+
+
+def test_the_simulator_counts_the_tiles_the_host_objects_expect():
+    from bspfuse.runtime import launch
+
+    for rank, counts in enumerate(launch(count_tiles, 2, heap_bytes=4 << 20, timeout_s=240, progress=False)):
+        assert counts == {"ag": (8, 8), "ag_two": (12, 12), "ag_swiglu": (4, 4), "rs": (8, 8), "ar": (8, 8)}, rank
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _lines(stream=None, enabled=None, world=2):
+    from bspfuse.runtime.launch import RankProgress, _ProgressLines
+
+    records = [RankProgress(multiprocessing.get_context("spawn")) for _ in range(world)]
+    return records, _ProgressLines(records, count_tiles, enabled, stream=stream or io.StringIO())
+
+
+def test_progress_lines_say_op_tiles_and_time(monkeypatch):
+    monkeypatch.delenv("BSPFUSE_PROGRESS", raising=False)
+    (r0, r1), lines = _lines()
+    r0.start("%h fused_allgather_matmul (push)", 1, 2, tiles=64)
+    for _ in range(17):
+        r0.tile()
+    start = lines.start
+    lines.show(start + 4, ready={0, 1}, pending={0, 1})
+    assert lines.stream.getvalue() == ""  # not a terminal: nothing from a launch shorter than a few seconds
+    lines.show(start + 6, ready={0, 1}, pending={0, 1})
+    first, second = lines.stream.getvalue().splitlines()  # (the clock here is the test's: 6 s in the op too)
+    assert first == "[6 s] rank 0: op 1/2 %h fused_allgather_matmul (push), tile 17/64, 5 s, about 17 s left"
+    assert second == "[6 s] rank 1: running count_tiles"
+    lines.show(start + 7, ready={0, 1}, pending={0, 1})
+    assert len(lines.stream.getvalue().splitlines()) == 2  # the next lines come 10 s later
+    r1.start("%out flash_decode (stage 3)", 1, 1, tiles=0)
+    r1.kernel("fused_decode_kernel")
+    r1.programs(8)
+    r1.program(3)
+    lines.show(start + 16, ready={0, 1}, pending={1})
+    assert lines.stream.getvalue().splitlines()[2:] == [
+        "[16 s] rank 0: done",
+        "[16 s] rank 1: op 1/1 %out flash_decode (stage 3), fused_decode_kernel program 3/8, 15 s, about 47 s left"]
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place_and_cleared(monkeypatch):
+    monkeypatch.delenv("BSPFUSE_PROGRESS", raising=False)
+    monkeypatch.setenv("COLUMNS", "60")
+    records, lines = _lines(_Terminal())
+    records[0].start("%y_matmul_and_a_long_name fused_matmul_reduce_scatter (push)", 2, 2, tiles=1024)
+    lines.show(lines.start + 1, ready=set(), pending={0, 1})
+    lines.show(lines.start + 2, ready=set(), pending={0, 1})
+    lines.close()
+    text = lines.stream.getvalue()
+    assert text.count("\x1b[2F") == 2 and text.endswith("\x1b[2F\x1b[J")  # up over the 2 lines, then cleared
+    drawn = [line.removeprefix("\x1b[2F").removeprefix("\x1b[2K") for line in text.split("\n")[2:4]]
+    assert drawn == ["[2 s] rank 0: op 2/2 %y_matmul_and_a_l..., tile 0/1024, 1 s",  # the op's name gives way
+                     "[2 s] rank 1: starting (imports, heap)"]
+
+
+def test_progress_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("BSPFUSE_PROGRESS", "0")
+    _, lines = _lines(_Terminal())
+    lines.show(lines.start + 100, ready=set(), pending={0, 1})
+    assert lines.stream.getvalue() == ""
+    _, lines = _lines(_Terminal(), enabled=False)
+    lines.show(lines.start + 100, ready=set(), pending={0, 1})
+    assert lines.stream.getvalue() == ""

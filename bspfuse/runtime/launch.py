@@ -15,6 +15,12 @@ it by name) and its result must pickle. A rank's exception is re-raised here wit
 rank and its traceback; ranks still running after ``timeout_s`` are killed
 (``LaunchTimeout``).
 
+Spawned ranks show their progress on stderr: a line per rank with what ``fn`` said it runs
+(``report_progress``), the tiles or programs of the running kernel in the simulator, and the
+time. On a terminal the lines are redrawn every second; elsewhere (a log) they come every
+10 s once a launch has run 5 s. ``progress=False`` or ``BSPFUSE_PROGRESS=0`` turns them off,
+``progress=True`` or ``BSPFUSE_PROGRESS=1`` shows them every second anywhere.
+
 Example::
 
     from bspfuse.runtime import launch, iris
@@ -36,10 +42,13 @@ Example::
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
+import shutil
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -82,11 +91,13 @@ def resolve_backend(backend: str) -> str:
 
 def launch(fn: Callable[..., Any], world_size: int, backend: str = "sim",
            heap_bytes: int = DEFAULT_HEAP_BYTES, args: tuple = (), kwargs: dict | None = None,
-           timeout_s: float = 300.0) -> list[Any]:
+           timeout_s: float = 300.0, progress: bool | None = None) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
 
     ``timeout_s`` bounds the run of ``fn`` (process start-up is bounded separately).
     Under torchrun with backend "cuda" the returned list holds every rank's result.
+    ``progress``: show the spawned ranks' progress on stderr (None: BSPFUSE_PROGRESS, else
+    on a terminal, or in a log once the launch has run a few seconds; see the module's text).
     """
     kwargs = dict(kwargs or {})
     backend = resolve_backend(backend)
@@ -100,7 +111,7 @@ def launch(fn: Callable[..., Any], world_size: int, backend: str = "sim",
             raise RuntimeError(f"backend 'cuda' needs {world_size} GPUs, "
                                f"found {torch.cuda.device_count()}")
     _check_picklable(fn)
-    return _Supervisor(fn, world_size, backend, heap_bytes, args, kwargs, timeout_s).run()
+    return _Supervisor(fn, world_size, backend, heap_bytes, args, kwargs, timeout_s, progress).run()
 
 
 # ---- torchrun: this process is one rank ---------------------------------------------
@@ -138,10 +149,11 @@ def _check_picklable(fn) -> None:
 
 
 class _Supervisor:
-    def __init__(self, fn, world_size, backend, heap_bytes, args, kwargs, timeout_s):
+    def __init__(self, fn, world_size, backend, heap_bytes, args, kwargs, timeout_s, progress=None):
         self.fn, self.world_size, self.backend = fn, world_size, backend
         self.heap_bytes, self.args, self.kwargs = heap_bytes, args, kwargs
         self.timeout_s = timeout_s
+        self.progress = progress
         self.results: dict[int, Any] = {}
         self.failures: list[tuple[int, str, str, str, bytes | None]] = []
         self.others_killed: list[int] = []
@@ -161,12 +173,14 @@ class _Supervisor:
         else:
             env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                    "WORLD_SIZE": str(self.world_size)}
+        records = [RankProgress(mp) for _ in range(self.world_size)]
+        lines = _ProgressLines(records, self.fn, self.progress)
         try:
             for rank in range(self.world_size):
                 parent_end, child_end = mp.Pipe(duplex=False)
                 p = mp.Process(target=_rank_main, name=f"bspfuse-rank{rank}", daemon=True,
                                args=(rank, self.world_size, setup, child_end, self.fn,
-                                     self.args, self.kwargs))
+                                     self.args, self.kwargs, records[rank]))
                 rank_env = dict(env, **({"RANK": str(rank), "LOCAL_RANK": str(rank)}
                                         if self.backend == "cuda" else {}))
                 with _environment(rank_env):
@@ -174,8 +188,9 @@ class _Supervisor:
                 child_end.close()
                 procs.append(p)
                 conns.append(parent_end)
-            self._supervise(procs, conns)
+            self._supervise(procs, conns, lines)
         finally:
+            lines.close()
             for p in procs:
                 if p.is_alive():
                     p.kill()
@@ -190,7 +205,7 @@ class _Supervisor:
             self._raise_failure()
         return [self.results[r] for r in range(self.world_size)]
 
-    def _supervise(self, procs, conns) -> None:
+    def _supervise(self, procs, conns, lines: "_ProgressLines") -> None:
         pending = set(range(self.world_size))
         ready: set[int] = set()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -201,8 +216,9 @@ class _Supervisor:
             limit = deadline if give_up_at is None else min(deadline, give_up_at)
             if now >= limit:
                 break
+            lines.show(now, ready, pending)
             wait_for([conns[r] for r in pending] + [procs[r].sentinel for r in pending],
-                     timeout=limit - now)
+                     timeout=max(0.0, min(limit, lines.next_at) - now))
             for r in sorted(pending):
                 state = self._drain(r, conns[r], ready)
                 if state == "closed" or (state == "open" and not procs[r].is_alive()
@@ -277,8 +293,170 @@ class _Supervisor:
         raise RankFailed(text, rank, type_name, tb) from None
 
 
-def _rank_main(rank, world_size, setup, conn, fn, args, kwargs) -> None:
+# ---- progress: what each spawned rank runs, on the launcher's stderr ---------------------
+
+PROGRESS_ENV = "BSPFUSE_PROGRESS"  # "0": never, "1": every second anywhere; unset: see _ProgressLines
+_SETTINGS = {"0": False, "off": False, "no": False, "1": True, "on": True, "yes": True}
+TERMINAL_EVERY_S = 1.0
+LOG_AFTER_S, LOG_EVERY_S = 5.0, 10.0  # not a terminal: the first lines after 5 s, then every 10 s
+
+
+class RankProgress:
+    """One rank's progress in shared memory: the rank writes it (``report_progress``, and the
+    simulator as a kernel runs), the launcher reads it. Numbers are single int64 stores; the two
+    names are guarded by a sequence number, so a reader never sees half of one and half of the
+    next."""
+
+    SEQ, SINCE_NS, STEP, STEPS, TILES, TILE_COUNT, PROGRAM, PROGRAMS = range(8)
+    TEXT = 120
+
+    def __init__(self, mp):
+        self.numbers = mp.RawArray(ctypes.c_int64, 8)
+        self.what = mp.RawArray(ctypes.c_char, self.TEXT)
+        self.kernel_name = mp.RawArray(ctypes.c_char, self.TEXT)
+
+    # the rank's side
+    def start(self, what: str, step: int, steps: int, tiles: int) -> None:
+        n = self.numbers
+        n[self.SEQ] += 1  # odd: the names are being written
+        self.what.value = what.encode()[:self.TEXT - 1]
+        self.kernel_name.value = b""
+        n[self.SEQ] += 1
+        n[self.SINCE_NS] = time.monotonic_ns()
+        n[self.STEP], n[self.STEPS], n[self.TILES], n[self.TILE_COUNT] = step, steps, tiles, 0
+        n[self.PROGRAM] = n[self.PROGRAMS] = 0
+
+    def kernel(self, name: str) -> None:
+        n = self.numbers
+        n[self.SEQ] += 1
+        self.kernel_name.value = name.encode()[:self.TEXT - 1]
+        n[self.SEQ] += 1
+
+    def programs(self, count: int) -> None:
+        self.numbers[self.PROGRAM], self.numbers[self.PROGRAMS] = 0, count
+
+    def program(self, index: int) -> None:
+        self.numbers[self.PROGRAM] = index
+
+    def tile(self) -> None:
+        self.numbers[self.TILE_COUNT] += 1
+
+    # the launcher's side
+    def read(self) -> tuple[str, str, list[int]] | None:
+        """(what, kernel, numbers), or None before the rank said anything."""
+        n = self.numbers
+        for _ in range(100):
+            seq = n[self.SEQ]
+            if seq % 2 == 0:
+                what, kernel, numbers = self.what.value.decode(errors="replace"), \
+                    self.kernel_name.value.decode(errors="replace"), list(n)
+                if n[self.SEQ] == seq:
+                    return (what, kernel, numbers) if seq else None
+            time.sleep(1e-4)
+        return None
+
+
+_progress: RankProgress | None = None  # in a spawned rank: its record
+
+
+def report_progress(what: str, step: int = 0, steps: int = 0, tiles: int = 0) -> None:
+    """Tell the launcher what this rank runs now; its progress line shows ``what``, ``step`` of
+    ``steps`` when given, and the time since this call. ``tiles``: the tiles the kernel about to
+    run walks, when the caller knows (the simulator counts them as they finish). Does nothing
+    outside a spawned rank (under torchrun, or in the launching process)::
+
+        report_progress(f"%{name} fused_allgather_matmul", step=2, steps=5, tiles=64)
+    """
+    if _progress is not None:
+        _progress.start(what, step, steps, tiles)
+
+
+class _ProgressLines:
+    """The launcher's stderr lines, one per rank: on a terminal redrawn in place every second (and
+    cleared at the end), elsewhere printed as they are every LOG_EVERY_S once the launch has run
+    LOG_AFTER_S, so a test log or a pipe gets nothing from a short launch."""
+
+    def __init__(self, records: list[RankProgress], fn, enabled: bool | None, stream=None):
+        self.records, self.fn_name = records, getattr(fn, "__name__", "fn")
+        self.stream = stream or sys.stderr
+        self.terminal = _isatty(self.stream)
+        if enabled is None:
+            enabled = _SETTINGS.get(os.environ.get(PROGRESS_ENV, "").strip().lower())  # None when unset
+        often = enabled or self.terminal
+        first, self.every = (TERMINAL_EVERY_S, TERMINAL_EVERY_S) if often else (LOG_AFTER_S, LOG_EVERY_S)
+        self.start = time.monotonic()
+        self.next_at = self.start + first if enabled is not False else float("inf")
+        self.drawn = 0  # lines on the terminal to redraw
+
+    def show(self, now: float, ready: set[int], pending: set[int]) -> None:
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every
+        width = shutil.get_terminal_size().columns - 1 if self.terminal else None
+        lines = [_fit(*self._line(r, now, r in ready, r in pending), width) for r in range(len(self.records))]
+        if self.terminal:
+            up = f"\x1b[{self.drawn}F" if self.drawn else ""
+            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+            self.drawn = len(lines)
+        else:
+            self.stream.write("".join(line + "\n" for line in lines))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:  # the results follow where the progress was
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.stream.flush()
+            self.drawn = 0
+
+    def _line(self, rank: int, now: float, ready: bool, pending: bool) -> tuple[str, str, str]:
+        """(head, what the rank runs, how far it is): on a terminal, `what` gives way to fit its width."""
+        head = f"[{_duration(now - self.start)}] rank {rank}: "
+        if not pending:
+            return head, "done", ""
+        said = self.records[rank].read()
+        if said is None:
+            return head, f"running {self.fn_name}" if ready else "starting (imports, heap)", ""
+        what, kernel, n = said
+        since = n[RankProgress.SINCE_NS] / 1e9 or self.start  # 0: fn never said what it runs
+        what, op = what or f"running {self.fn_name}", now - since
+        step = f"op {n[RankProgress.STEP]}/{n[RankProgress.STEPS]} " if n[RankProgress.STEPS] else ""
+        # the item running now, of how many: the tiles the caller announced, else the grid's programs
+        at, total, unit = n[RankProgress.TILE_COUNT], n[RankProgress.TILES], "tile"
+        if not total and n[RankProgress.PROGRAMS] > 1:
+            at, total, unit = n[RankProgress.PROGRAM], n[RankProgress.PROGRAMS], f"{kernel} program"
+        work = f", {unit} {at}/{total}" if total else (f", {kernel}" if kernel else "")
+        rest = op * (total - at + 1) / (at - 1) if total and at > 1 else 0  # the items before this one took op
+        left = f", about {_duration(rest)} left" if rest >= 1 else ""
+        return head, f"{step}{what}", f"{work}, {_duration(op)}{left}"
+
+
+def _fit(head: str, what: str, tail: str, width: int | None) -> str:
+    over = len(head) + len(what) + len(tail) - width if width else 0
+    if over > 0:
+        what = what[:max(8, len(what) - over - 3)] + "..."
+    return (head + what + tail)[:width] if width else head + what + tail
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _rank_main(rank, world_size, setup, conn, fn, args, kwargs, progress=None) -> None:
     """Body of a spawned rank process."""
+    global _progress
+    _progress = progress
     try:
         heap = _make_rank_heap(rank, world_size, setup)
         conn.send(("ready",))
@@ -304,7 +482,7 @@ def _make_rank_heap(rank, world_size, setup) -> SymmetricHeap:
     if setup["backend"] == "sim":
         from . import sim
         torch.set_num_threads(1)
-        sim.patch_interpreter()
+        sim.patch_interpreter(_progress)
         backing = sim.SharedMemoryBacking(rank, world_size, setup["segments"],
                                           setup["heap_bytes"], setup["barrier"],
                                           max(setup["timeout_s"], 1.0))

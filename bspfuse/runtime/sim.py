@@ -22,6 +22,10 @@ What the interpreter does and does not give (triton 3.6):
 - Calls of ``@triton.jit`` device functions from a kernel re-patch ``triton.language``
   each time (about 2 ms a call); ``patch_interpreter`` skips that while a kernel runs,
   which makes kernels that call ``iris.*`` in loops about 1.5x faster.
+- Given the rank's progress record (``launch.RankProgress``), ``patch_interpreter`` keeps
+  it up to date as kernels run: the kernel's name, the program running and, in the fused
+  GEMMs, the tiles begun (the generated kernels map every tile through one call of
+  ``_swizzle``). The launcher shows it.
 """
 from __future__ import annotations
 
@@ -90,8 +94,9 @@ _patched = False
 SPIN_BACKOFF_S = 2e-4
 
 
-def patch_interpreter() -> None:
-    """Make the interpreter's atomics cross-process safe and let spinning ranks yield."""
+def patch_interpreter(progress=None) -> None:
+    """Make the interpreter's atomics cross-process safe and let spinning ranks yield; with
+    ``progress`` (a ``launch.RankProgress``), count the running kernel's programs and tiles in it."""
     global _patched
     if _patched:
         return
@@ -99,7 +104,43 @@ def patch_interpreter() -> None:
     interpreter._interpreter = _CrossProcessAtomics(interpreter._interpreter)
     _patch_nested_calls(interpreter)
     _patch_bf16_dot(interpreter)
+    if progress is not None:
+        _patch_progress(interpreter, progress)
     _patched = True
+
+
+TILE_FUNCTION = "_swizzle"  # bspfuse.codegen.triton: every fused GEMM tile starts with one call of it
+
+
+def _patch_progress(interpreter, progress) -> None:
+    """Write what the interpreter runs into ``progress``: each launch's kernel name and program count,
+    the program it is on (the grid runs one program after another), and a tile at each call of
+    TILE_FUNCTION. A few integer stores a call, against milliseconds the call itself takes."""
+    executor, function = interpreter.GridExecutor, interpreter.InterpretedFunction
+    builder = interpreter.InterpreterBuilder
+    run_grid, call = executor.__call__, function.__call__
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def grid_call(self, *args, **kwargs):
+        progress.kernel(self.fn.__name__)
+        return run_grid(self, *args, **kwargs)
+
+    def device_call(self, *args, **kwargs):
+        if self.fn.__name__ == TILE_FUNCTION:
+            progress.tile()
+        return call(self, *args, **kwargs)
+
+    def set_grid_dim(self, nx, ny, nz):
+        progress.programs(nx * ny * nz)
+        return set_dim(self, nx, ny, nz)
+
+    def set_grid_idx(self, x, y, z):
+        _, ny, nz = self.grid_dim
+        progress.program((x * ny + y) * nz + z + 1)
+        return set_idx(self, x, y, z)
+
+    executor.__call__, function.__call__ = grid_call, device_call
+    builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
 
 
 def _patch_bf16_dot(interpreter) -> None:
