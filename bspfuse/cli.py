@@ -207,11 +207,12 @@ def cmd_run(args) -> int:
 def _too_large(args, program, world: int, e) -> str:
     """A run that does not fit, said in what the user wrote: the --size given (or the program's own sizes) of
     a .bsp program; of file.py:function, which tensors are largest."""
+    on = f"too large to run on {world} rank{'s' if world > 1 else ''}"
     if args.target.endswith(".bsp"):
         given = " ".join(f"--size {name}={value}" for name, value in args.size)
         sizes = given or f"{args.target} (sizes {', '.join(f'{k}={v}' for k, v in program.sizes.items())})"
-        return f"{sizes}: too large to run on {world} ranks: it {e.need}"
-    return f"{args.target}: too large to run on {world} ranks: it {e.need}; its largest tensors, per rank: {e.tensors}"
+        return f"{sizes}: {on}: it {e.need}"
+    return f"{args.target}: {on}: it {e.need}; its largest tensors, per rank: {e.tensors}"
 
 
 BENCH_TEXT = """\

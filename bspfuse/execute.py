@@ -422,7 +422,8 @@ class NotEnoughMemory(ExecuteError):
     def __init__(self, program: Program, world: int, need: "MemoryNeed"):
         self.need = need
         self.largest = largest_tensors(program)
-        super().__init__(f"{program.name} on {world} ranks {need}; the largest tensors, per rank: {self.tensors}")
+        ranks = f"{world} rank{'s' if world > 1 else ''}"
+        super().__init__(f"{program.name} on {ranks} {need}; the largest tensors, per rank: {self.tensors}")
 
     @property
     def tensors(self) -> str:

@@ -47,6 +47,12 @@ def test_a_size_too_large_names_the_size_and_the_bytes(capsys):
     assert err.endswith(" is available")
 
 
+def test_one_rank_is_one_rank(capsys):
+    err = _one_line_error(capsys, "run", "examples/sp_mlp.bsp", "--world", "1", "--size", "T=268435456",
+                          "--backend", "sim")
+    assert err.startswith("error: --size T=268435456: too large to run on 1 rank: it needs "), err
+
+
 def test_the_default_sizes_of_a_python_target_name_its_largest_tensors(capsys, monkeypatch):
     monkeypatch.setattr(execute, "available_memory", lambda: 4 * GiB)  # a small machine
     err = _one_line_error(capsys, "run", "examples/sp_mlp.py:build", "--world", "2", "--backend", "sim")
