@@ -110,8 +110,9 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def inspect_text(program, stage: str, mode: str = "auto") -> str:
-    """What `bspfuse inspect` prints for one stage (plain text)."""
+def inspect_text(program, stage: str, mode: str = "auto", target: str = "H200") -> str:
+    """What `bspfuse inspect` prints for one stage (plain text); tile and triton are planned for `target`
+    (lowering.TARGETS: a GPU model, or "sim"), each fused op's tile program under its `launch:` line."""
     if stage == "graph":
         return str(program)
     log = _fuse(program, mode)
@@ -121,14 +122,16 @@ def inspect_text(program, stage: str, mode: str = "auto") -> str:
         lines += decision_lines(log.decisions, "  ") or ["  (no candidates)"]
         return "\n".join(lines)
     from bspfuse.codegen.triton import generate
-    from bspfuse.lowering import lower_fused
+    from bspfuse.lowering import TARGETS, plan_fused
     from bspfuse.tile import print_tile_program
 
-    parts = []
+    parts, machine = [], TARGETS[target]
     for op in fused.ops:
-        tp = lower_fused(op, fused)
-        if tp is not None:
-            parts.append(print_tile_program(tp) if stage == "tile" else generate(tp, tma=True).source)
+        plan = plan_fused(op, fused, machine)
+        if plan is not None:
+            tp = plan.tile_program
+            parts.append(f"{plan.launch_line} (%{op.outputs[0].name} on {machine})\n" + print_tile_program(tp)
+                         if stage == "tile" else generate(tp, tma=not machine.sim).source)
         elif op.opcode == "flash_decode" and stage == "tile":
             parts.append(f"%{op.outputs[0].name} = flash_decode stage {op.attrs.get('stage')}: hand-written "
                          "kernels (bspfuse/kernels/decode.py), no tile program")
@@ -160,7 +163,7 @@ def highlight(text: str, stage: str) -> str:
 
 def cmd_inspect(args) -> int:
     program = _program(args)
-    text = inspect_text(program, args.stage, args.mode)
+    text = inspect_text(program, args.stage, args.mode, args.machine)
     print(highlight(text, args.stage) if sys.stdout.isatty() else text)
     return 0
 
@@ -291,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     _target_arguments(i)
     i.add_argument("--stage", choices=("graph", "fused", "tile", "triton"), default="fused")
     i.add_argument("--mode", choices=modes, default="auto")
+    i.add_argument("--target", dest="machine", choices=("H200", "H100", "sim"), default="H200",
+                   help="the machine the tile and triton stages are planned for (default H200)")
     i.set_defaults(fn=cmd_inspect)
 
     c = sub.add_parser("compile", help="write a standalone module: Triton kernels + run(ctx, inputs)")

@@ -235,13 +235,6 @@ def rma_collective(heap, code: str, x: torch.Tensor, dim: int = 0, reduce: str =
 
 
 
-def sim_config():
-    """A TileConfig small enough for Triton's interpreter (the GPU uses choose_config's)."""
-    from bspfuse.tile import TileConfig
-
-    return TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
-
-
 def make_fused_gemm(heap, op: Op, program: Program, config=None, debug: bool = False):
     """The host object from bspfuse.kernels.gemm that runs a fused GEMM op (constructing it is collective)."""
     from bspfuse.kernels import gemm
@@ -264,15 +257,13 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
               debug: bool = False) -> Execution:
     """Run `program` on this rank (inside `launch`): fused GEMMs through their host objects (cached in
     `cache` by op), flash_decode through FlashDecode, plain ops through torch, unfused collectives
-    through `rma_collective`. `config`: the fused GEMMs' TileConfig (default: the simulator's small one
-    on the CPU, choose_config's on a GPU)."""
+    through `rma_collective`. `config`: the fused GEMMs' TileConfig (default: lowering.plan_kernel's for
+    the target the heap is on)."""
     from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
     from bspfuse.runtime.launch import report_progress
 
     heap = ctx.heap
     device = heap.device
-    if config is None and device.type == "cpu":
-        config = sim_config()
     cache = cache if cache is not None else {}
     ex = Execution([], device="simulator (Triton interpreter)" if device.type == "cpu"
                    else torch.cuda.get_device_name(device))
@@ -296,7 +287,8 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
             res = (res[0].reshape(_shape(program, op.outputs[0])), *res[1:])  # swiglu: shaped as the product was
             if a.get("gathered_out"):  # the gathered A feeds other ops too
                 res = (*res, cache[key].gathered(xs[0]))
-            ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})")
+            ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})\n    {cache[key].plan.launch_line} "
+                            f"(%{op.outputs[0].name} on {cache[key].target})")
         elif code == "flash_decode":
             if key not in cache:
                 cache[key] = FlashDecode.from_op(op, heap, sizes=program.sizes)
@@ -606,7 +598,7 @@ def compile_module(program: Program, source: str = "<program>") -> str:
     (pointer loads for the simulator, TMA for GPUs), and `run(ctx, inputs) -> outputs`, one line per op,
     on bspfuse's host objects and runtime. Names in the text are checked identifiers or repr() strings."""
     from bspfuse.codegen.triton import generate
-    from bspfuse.lowering import GEMM_KINDS, gemm_config, gemm_shape, lower_fused, weight_widths
+    from bspfuse.lowering import GEMM_KINDS, SIM, TARGETS, gemm_shape, plan_fused, weight_widths
 
     W = program.world_size
     if W is None:
@@ -626,8 +618,9 @@ def compile_module(program: Program, source: str = "<program>") -> str:
         name = op.outputs[0].name
         if code in GEMM_KINDS:
             srcs = {}
-            for target, cfg, tma in (("sim", sim_config(), False), ("gpu", gemm_config(op, program), True)):
-                ks = generate(lower_fused(op, program, cfg), tma=tma)
+            for target, plan, tma in (("sim", plan_fused(op, program, SIM), False),
+                                      ("gpu", plan_fused(op, program, TARGETS["H200"]), True)):
+                ks = generate(plan.tile_program, tma=tma)
                 srcs[target] = ks.name
                 kernels.append(f"KERNELS[({name!r}, {target!r})] = ({ks.name!r}, {ks.source!r})\n")
             m, n, k = gemm_shape(op, program)
@@ -637,11 +630,11 @@ def compile_module(program: Program, source: str = "<program>") -> str:
             if code == "fused_allgather_matmul":
                 widths = weight_widths(op, program) if n_w > 1 else n
                 ctor = (f"gemm.FusedAllGatherMatmul(heap, {m}, {widths}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, "
-                        f"epilogue={epi!r}, config=_config(heap, {name!r}), name={name!r})")
+                        f"epilogue={epi!r}, name={name!r})")
             else:
                 cls = "FusedMatmulReduceScatter" if code == "fused_matmul_reduce_scatter" else "FusedMatmulAllReduce"
                 ctor = (f"gemm.{cls}(heap, {m}, {n}, {k}, {dtype}, mode={a.get('mode', 'push')!r}, epilogue={epi!r}, "
-                        f"config=_config(heap, {name!r}), name={name!r})")
+                        f"name={name!r})")
             makers.append(f"def _make_{name}(heap):\n    return _inline({ctor}, {name!r})\n")
             bias = ins[1 + n_w] if "bias" in epi else "None"
             weights = ins[1] if n_w == 1 else f"[{', '.join(ins[1:1 + n_w])}]"
@@ -716,11 +709,6 @@ WORLD_SIZE = {world}
 KERNELS = {{}}  # (op, "sim" | "gpu") -> (kernel name, Triton source)
 {kernels}
 _OPS = {{}}
-
-
-def _config(heap, name):
-    # Triton's interpreter on the CPU wants small tiles; on a GPU the host object chooses.
-    return _rt.sim_config() if heap.device.type == "cpu" else None
 
 
 def _inline(host, name):

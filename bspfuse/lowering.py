@@ -7,15 +7,22 @@
 Shapes come from the op's operands with the program's sizes bound; the tile config from `choose_config`
 (the same choice the host objects in `bspfuse.kernels.gemm` make), unless one is given.
 
+`plan_kernel` is the one place that turns (op, shapes, target) into the tile program and its config: the
+CLI (`inspect`, `compile`, `run`), the backend and the host objects all ask it, so what `inspect --target`
+prints is what runs there. A Target names the machine: a GPU model and its SM count, or the simulator.
+
 Example::
 
     log = run_passes(program)
     for op in log.program.ops:
-        tp = lower_fused(op, log.program)      # None for ops that are not fused GEMMs
+        plan = plan_fused(op, log.program, TARGETS["H100"])      # None for ops that are not fused GEMMs
+        print(plan.launch_line)    # launch: matmul_rs direct, tile 128x256x64 (8 warps, 3 stages), 132 programs, ...
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 from bspfuse.ir import Op, Program, concrete
 from bspfuse.tile import (STAGING, TileConfig, TileProgram, ag_config, choose_config, lower_allgather_matmul,
@@ -47,28 +54,84 @@ def weights_of(op: Op) -> tuple:
     return op.inputs[1:1 + op.attrs.get("weights", 1)]
 
 
-def gemm_config(op: Op, program: Program) -> TileConfig:
-    """The tile config the host object would choose for `op` on a GPU (AG push/pull: one comm program at least;
-    copy_engine and direct: none)."""
-    kind = GEMM_KINDS[op.opcode]
-    W = program.world_size
-    m, n, k = gemm_shape(op, program)
-    if kind != "ag_matmul":
-        return choose_config(kind, m, n, k, W)
-    gated = "swiglu" in op.attrs.get("epilogue", ())
-    return ag_config(choose_config(kind, m * W, n, k, W), op.attrs.get("mode"), gated)
+@dataclass(frozen=True)
+class Target:
+    """The machine a kernel is planned for: a GPU model and its SM count, or the simulator."""
+
+    name: str
+    num_sms: int
+    sim: bool = False
+
+    def __str__(self) -> str:
+        return "the simulator" if self.sim else f"{self.name} ({self.num_sms} SMs)"
 
 
-def lower_fused(op: Op, program: Program, config: TileConfig | None = None) -> TileProgram | None:
-    """The tile program of a fused GEMM op (pull/push staging applied), or None for any other op."""
+SIM = Target("sim", 132, sim=True)
+TARGETS = {"sim": SIM, "H100": Target("H100", 132), "H200": Target("H200", 132)}
+# Triton's interpreter runs every program of a grid one after another on the CPU: small tiles keep it quick.
+SIM_CONFIG = TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
+
+
+def target_of(device) -> Target:
+    """The Target a torch device is: the simulator for the CPU, else the GPU's model and SM count."""
+    import torch
+
+    if device.type != "cuda":
+        return SIM
+    props = torch.cuda.get_device_properties(device)
+    return Target(next((m for m in ("H100", "H200") if m in props.name), props.name), props.multi_processor_count)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What runs for one fused op on one target: its tile program (config included) and its grid."""
+
+    tile_program: TileProgram
+    programs: int
+
+    @property
+    def config(self) -> TileConfig:
+        return self.tile_program.config
+
+    @property
+    def launch_line(self) -> str:
+        tp, c = self.tile_program, self.config
+        return (f"launch: {tp.kind} {tp.mode}, tile {c.BM}x{c.BN}x{c.BK} ({c.num_warps} warps, {c.num_stages} "
+                f"stages, group {c.GROUP_M}), {self.programs} programs, {c.comm_programs} comm programs")
+
+
+def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype: str, epilogue: tuple,
+                target: Target, *, b_layout: str = "kn", weights: int = 1, config: TileConfig | None = None,
+                name: str = "kernel") -> KernelPlan:
+    """(op, target) -> (tile program, config): the tile chosen for the shape on the target (or `config`), the
+    pull/push/copy_engine rewrite, how many programs move data and the grid. M, N, K as the host objects
+    take them: AG+GEMM (M_local, N, K), GEMM+RS/AR (M, N, K_local).
+
+    The simulator's differences from a GPU are here and nowhere else: its tile (SIM_CONFIG), one program per
+    role (Triton's interpreter runs a grid's programs one after another), at most one AG comm program, and
+    GEMM+RS/AR with no comm program (each GEMM program moves its own staged tiles)."""
+    rows = M * world if kind == "ag_matmul" else M
+    cfg = config or (SIM_CONFIG if target.sim else choose_config(kind, rows, N, K, world, target.num_sms))
+    if kind == "ag_matmul":
+        cfg = ag_config(cfg, mode, gated="swiglu" in epilogue and config is None)  # a given config keeps its tile
+    more = {"weights": weights} if weights > 1 else {}
+    tp = _LOWER[kind](name, dtype, tuple(epilogue), cfg, b_layout, **more)
+    tp = STAGING[mode](tp) if mode in STAGING else tp
+    if kind == "ag_matmul":
+        comm = min(cfg.comm_programs, 1) if target.sim else cfg.comm_programs
+    else:  # comm programs move staged tiles on a GPU
+        comm = max(1, cfg.comm_programs) if (tp.per_chunk or tp.per_own_chunk) and not target.sim else 0
+    tp = tp.with_(config=dataclasses.replace(cfg, comm_programs=comm))
+    programs = ((comm + 1) if kind == "ag_matmul" else 1) if target.sim else target.num_sms
+    return KernelPlan(tp, programs)
+
+
+def plan_fused(op: Op, program: Program, target: Target, config: TileConfig | None = None) -> KernelPlan | None:
+    """plan_kernel for a fused GEMM op of a program (None for any other op)."""
     kind = GEMM_KINDS.get(op.opcode)
     if kind is None:
         return None
-    dtype = op.outputs[0].type.dtype
-    epilogue = tuple(op.attrs.get("epilogue", ()))
-    more = {"weights": op.attrs["weights"]} if op.attrs.get("weights", 1) > 1 else {}
-    tp = _LOWER[kind](op.outputs[0].name, dtype, epilogue, config or gemm_config(op, program), **more)
-    mode = op.attrs.get("mode", "push")
-    if mode in STAGING:
-        tp = STAGING[mode](tp)
-    return tp
+    m, n, k = gemm_shape(op, program)
+    return plan_kernel(kind, op.attrs.get("mode", "push"), m, n, k, program.world_size, op.outputs[0].type.dtype,
+                       tuple(op.attrs.get("epilogue", ())), target, weights=op.attrs.get("weights", 1),
+                       config=config, name=op.outputs[0].name)

@@ -317,7 +317,7 @@ def test_a_rank_that_recompiles_alone_gets_an_error_not_a_hang(tmp_path):
 
 
 def _heap_use(ctx, cases):
-    from bspfuse.execute import sim_config
+    from bspfuse.lowering import SIM_CONFIG
     from bspfuse.kernels import gemm
 
     out = []
@@ -326,7 +326,7 @@ def _heap_use(ctx, cases):
         cls = {"fused_allgather_matmul": gemm.FusedAllGatherMatmul, "fused_matmul_reduce_scatter":
                gemm.FusedMatmulReduceScatter, "fused_matmul_allreduce": gemm.FusedMatmulAllReduce}[opcode]
         kw = {"mode": mode} if opcode == "fused_allgather_matmul" else {}
-        cls(ctx.heap, M, N, K, torch.bfloat16, config=sim_config(), **kw)
+        cls(ctx.heap, M, N, K, torch.bfloat16, config=SIM_CONFIG, **kw)
         out.append(ctx.heap.used_bytes - before)
     return out
 

@@ -213,12 +213,13 @@ def count_tiles(ctx):
 
     import torch
 
-    from bspfuse.execute import gemm_tiles, sim_config
+    from bspfuse.execute import gemm_tiles
+    from bspfuse.lowering import SIM_CONFIG
     from bspfuse.kernels import gemm
 
     launcher = importlib.import_module("bspfuse.runtime.launch")  # the module (bspfuse.runtime.launch is the function)
 
-    heap, cfg = ctx.heap, sim_config()  # 16 x 32 tiles: 24 rows and 40 columns end in part tiles
+    heap, cfg = ctx.heap, SIM_CONFIG  # 16 x 32 tiles: 24 rows and 40 columns end in part tiles
     a, a_all = torch.randn(24, 16, dtype=torch.bfloat16), torch.randn(48, 16, dtype=torch.bfloat16)
     b32, b40 = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 40, dtype=torch.bfloat16)
     calls = [(gemm.FusedAllGatherMatmul(heap, 24, 40, 16, config=cfg, name="ag"), a, b40),

@@ -30,7 +30,6 @@ writes flags, all-reduce returns a slot): those calls pass it, and only they can
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
@@ -43,8 +42,8 @@ from bspfuse.codegen.triton import generate
 from bspfuse.runtime.errors import ERR_RECORD_LEN, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
-from bspfuse.tile import (AG_MODES, SCATTER_MODES, STAGING, TileConfig, ag_config, choose_config,
-                          lower_allgather_matmul, lower_matmul_allreduce, lower_matmul_reduce_scatter)
+from bspfuse.lowering import plan_kernel, target_of
+from bspfuse.tile import AG_MODES, SCATTER_MODES, TileConfig
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _PER_CALL = ("a_ptr", "a_desc", "out_ptr")  # kernel parameters that get a call's own tensors (and every C)
@@ -156,8 +155,7 @@ class _Fused:
         why = tma_unsupported(dtype, N=N, K=K)
         if why:
             raise ValueError(f"{name or self.kind}: {why}")
-        self.sms = num_programs(heap)
-        self.config = config or choose_config(self.kind, M, N, K, self.world, num_sms=self.sms or 132)
+        self.target = target_of(heap.device)
         # A bounded wait turns a hang into an error naming rank and flag; release mode spins freely. The
         # bound is generous: in the simulator one rank may still be busy with earlier work for seconds.
         self.max_spins = (1 << 24 if not _sim(heap) else 1 << 21) if debug else 0
@@ -172,6 +170,16 @@ class _Fused:
         # Construction is collective: a peer that is ahead could otherwise raise a flag here before this
         # rank's zeroing of the same flags, and the zeroing would erase it.
         self.heap.barrier()
+
+    def _plan(self, mode: str, M: int, N: int, K: int, config, b_layout: str, weights: int = 1, name: str = ""):
+        """The tile program and grid this object runs (lowering.plan_kernel: what `inspect --target` prints)."""
+        self.plan = plan_kernel(self.kind, mode, M, N, K, self.world, IR_DTYPE[self.dtype], self.epilogue,
+                                self.target, b_layout=b_layout, weights=weights, config=config,
+                                name=name or self.name)
+        self.config = self.plan.config
+
+    def _lower(self, b_layout: str):
+        return self.plan.tile_program.with_(b_layout=b_layout)
 
     def _compile(self, b_layout: str):
         """Build the kernel for the B layout the constructor names; a call with B in the other layout
@@ -291,10 +299,8 @@ class FusedAllGatherMatmul(_Fused):
         self.M_local, self.mode = M_local, mode
         if mode not in AG_MODES:
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(AG_MODES)}")
-        cfg = ag_config(self.config, mode, gated=self.gated and config is None)  # a given config keeps its tile
-        if _sim(heap) and cfg.comm_programs > 1:
-            cfg = TileConfig(cfg.BM, cfg.BN, cfg.BK, cfg.GROUP_M, cfg.num_warps, cfg.num_stages, 1)
-        self.config = cfg
+        self._plan(mode, M_local, sum(self.Ns), K, config, b_layout, len(self.Ns), f"{self.name}_{mode}")
+        cfg = self.config
         self._compile(b_layout)
         W, nb = self.world, triton.cdiv(M_local, cfg.BM)
         sizes = {"entered": W, "staged": W * nb, "arrived": W * nb, "done_reading": W}
@@ -307,11 +313,6 @@ class FusedAllGatherMatmul(_Fused):
         if mode == "copy_engine":
             self._copies = _CopyEngineRows(self, nb)
         self._ready()
-
-    def _lower(self, b_layout: str):
-        tp = lower_allgather_matmul(f"{self.name}_{self.mode}", IR_DTYPE[self.dtype], self.epilogue, self.config,
-                                    b_layout, weights=len(self.Ns))
-        return STAGING[self.mode](tp) if self.mode != "direct" else tp
 
     def __call__(self, a: torch.Tensor, b, bias: torch.Tensor | None = None,
                  out: torch.Tensor | None = None):
@@ -350,7 +351,7 @@ class FusedAllGatherMatmul(_Fused):
                 more_c.append(torch.empty(*shape, n, dtype=self.dtype, device=a.device))
             more += [storage, more_c[-1] if more_c else c, n, storage.stride(0), n]
         staging = self.staging if self.staging is not None else a
-        programs = (cfg.comm_programs + 1) if _sim(self.heap) else self.sms
+        programs = self.plan.programs
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
         epoch = self.epoch.next()
@@ -474,8 +475,6 @@ def _write_flag(flags: torch.Tensor, i: int, value: int) -> None:
 
 
 class _FusedScatter(_Fused):
-    lower = None
-
     def __init__(self, heap, M: int, N: int, K_local: int, dtype=torch.bfloat16, epilogue=(),
                  config: TileConfig | None = None, debug: bool = False, name: str | None = None, b_layout: str = "kn",
                  mode: str = "direct"):
@@ -486,11 +485,7 @@ class _FusedScatter(_Fused):
         if mode not in SCATTER_MODES:
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(SCATTER_MODES)}")
         self.M, self.M_local, self.mode = M, M // W, mode
-        tp = self._lower(b_layout)
-        # Comm programs move staged tiles on a GPU; the simulator runs programs one after another, so there
-        # each GEMM program moves its own tiles right after staging them (COMM = 0).
-        moves = bool(tp.per_chunk or tp.per_own_chunk) and not _sim(heap)
-        self.config = dataclasses.replace(self.config, comm_programs=max(1, self.config.comm_programs) if moves else 0)
+        self._plan(mode, M, N, K_local, config, b_layout)
         self._compile(b_layout)
         tp, cfg = self.tile_program, self.config
         tiles = triton.cdiv(self.M_local, cfg.BM) * triton.cdiv(N, cfg.BN)
@@ -502,10 +497,6 @@ class _FusedScatter(_Fused):
                         if "staging" in tp.heap_buffers else None)
         self.out_heap = heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.out") if "out" in tp.heap_buffers else None
         self._ready()
-
-    def _lower(self, b_layout: str):
-        tp = type(self).lower(self.name, IR_DTYPE[self.dtype], self.epilogue, self.config, b_layout)
-        return STAGING[self.mode](tp) if self.mode != "direct" else tp
 
     def buffers(self) -> list[torch.Tensor]:
         """The heap buffers this object holds (a caller that is done with it frees these)."""
@@ -563,7 +554,7 @@ class _FusedScatter(_Fused):
     def _launch(self, a, b, bias, out, epoch: int, rank: int, world: int, batch: int, seg: int):
         cfg = self.config
         a, b_layout, b, b_desc = self._operands(a, b)
-        programs = 1 if _sim(self.heap) else self.sms
+        programs = self.plan.programs
         segmented = batch > 1
         launch = self._launcher((b_layout, world, segmented), b_layout, programs, lambda: dict(
             WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
@@ -599,7 +590,6 @@ class FusedMatmulReduceScatter(_FusedScatter):
     the owner reads them in its epilogue)."""
 
     kind = "matmul_rs"
-    lower = staticmethod(lower_matmul_reduce_scatter)
 
 
 class FusedMatmulAllReduce(_FusedScatter):
@@ -611,7 +601,6 @@ class FusedMatmulAllReduce(_FusedScatter):
     static output."""
 
     kind = "matmul_ar"
-    lower = staticmethod(lower_matmul_allreduce)
 
 
 def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push") -> int:

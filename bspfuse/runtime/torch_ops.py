@@ -145,15 +145,11 @@ def _new_host_object(key, op, group_name, a, bs, mode, epilogue):
     from bspfuse.kernels import gemm
 
     heap = heap_for(group_name, a.device)
-    config = None
-    if heap.device.type == "cpu":
-        from bspfuse.execute import sim_config
-        config = sim_config()
     cls = {"all_gather_matmul": gemm.FusedAllGatherMatmul, "matmul_reduce_scatter": gemm.FusedMatmulReduceScatter,
            "matmul_all_reduce": gemm.FusedMatmulAllReduce}[op]
     _, _, rows, widths, K = key[:5]  # rows: the bound, where the call gave one
     _OPS[key] = cls(heap, rows, widths if len(widths) > 1 else widths[0], K, a.dtype, mode=mode,
-                    epilogue=tuple(f for f in epilogue.split("+") if f), config=config,
+                    epilogue=tuple(f for f in epilogue.split("+") if f),
                     name=f"bspfuse_{op}_{len(_OPS)}", b_layout=gemm.b_operand(bs[0])[0])
     return _OPS[key]
 
