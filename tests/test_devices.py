@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from bspfuse import devices
 from bspfuse.devices import DEVICES, SOURCE_KINDS, Device, Figure
 from bspfuse.ir import Builder, local, sharded
 from bspfuse.passes import Options, run_passes
@@ -38,6 +39,15 @@ def test_measured_figures_name_where_and_when():
             if fig["source"].startswith("measured here"):
                 assert re.search(r"\b20\d\d-\d\d-\d\d\b", fig["source"]), (dev.name, name)
                 assert re.search(r"\w+_bench\.py|benchmarks/results/", fig["source"]), (dev.name, name)
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    outside = "BASELINES" + ".md"  # measurements once kept beside the repository; the table copies them in
+    files = [*ROOT.glob("*.md"), *(p for folder in ("bspfuse", "passes", "grammar", "benchmarks", "examples", "tests")
+                                   for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".bsp", ".sh"))]
+    assert len(files) > 50
+    for path in files:
+        assert outside not in path.read_text(errors="replace"), path
 
 
 def test_the_cost_model_reads_the_table():
@@ -81,3 +91,12 @@ def test_options_device_picks_the_figures():
 def test_an_unknown_device_is_named():
     with pytest.raises(ValueError, match=r"Options\(device='B200'\): unknown device 'B200' \(known: H100, H200"):
         Options(device="B200")
+
+
+def test_the_tiles_are_sized_with_the_h200_figures():
+    # the comm programs a fused kernel runs follow from the H200's matmul and push rates, whatever device
+    # the cost model is asked about (the kernels take the same tiles everywhere)
+    from bspfuse.tile import default_comm_programs
+
+    rate, push = devices.H200.matmul_tflops.value * 1e12, devices.H200.sm_push_gbps.value * 1e9
+    assert default_comm_programs("ag_matmul", 8192, 4096, 8192, 2) == -(-rate / 4096 / 2 // push) + 1
