@@ -14,8 +14,10 @@ import os
 import sys
 
 # The top-level folders grammar/ and passes/ are the subpackages bspfuse.grammar and bspfuse.passes
-# (pyproject maps them when installed). Running from a checkout without installing, map them here.
+# (pyproject maps them when installed). Running from a checkout, map them here, ahead of any installed
+# copy: an editable install of another checkout would otherwise give this checkout's bspfuse its passes/.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IN_CHECKOUT = os.path.isfile(os.path.join(_ROOT, "pyproject.toml"))
 
 
 class _CheckoutFolders(importlib.abc.MetaPathFinder):
@@ -34,8 +36,8 @@ class _CheckoutFolders(importlib.abc.MetaPathFinder):
         return None
 
 
-if not any(isinstance(f, _CheckoutFolders) for f in sys.meta_path):
-    sys.meta_path.append(_CheckoutFolders())
+if _IN_CHECKOUT and not any(isinstance(f, _CheckoutFolders) for f in sys.meta_path):
+    sys.meta_path.insert(0, _CheckoutFolders())
 
 
 def capture(gm, world_size=None, name=None):

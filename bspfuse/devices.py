@@ -1,35 +1,59 @@
-"""Device profiles for the cost model: every number carries where it came from.
+"""The device table: every figure the analysis (bspfuse/analysis.py) and the fusion cost model
+(passes/fuse_gemm.py) compute with, per device, each with where it came from.
 
-The H200 numbers are the ones measured on this project's 2 x H200 machine (shared BASELINES.md); the
-others are datasheet values or stated assumptions, and say so. A measured number beats a datasheet
-one: replace a figure's value and source together.
+A source starts with its kind:
+    measured here   this project measured it: what, with which benchmark, in which results file, when
+    datasheet       the vendor's published number
+    fitted          chosen so the cost model reproduces measured times (it says which)
+    assumed         nobody measured it for this device; the text says what it was taken from
+
+A measured figure beats a datasheet or assumed one: replace a figure's value and source together. The
+cost model reads the entry that `Options.device` names (default "H200").
 
 Example::
 
     dev = device("H200")
-    dev.matmul_tflops.value   # 790.0
-    dev.matmul_tflops.source  # 'measured here: cuBLAS bf16 ...'
+    dev.matmul_tflops.value   # 750.0
+    dev.matmul_tflops.kind    # 'measured here'
+    dev.sources()["hbm_gbps"] # {'value': 4140.0, 'source': 'measured here: a 2 GiB device copy ...'}
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+SOURCE_KINDS = ("measured here", "datasheet", "fitted", "assumed")
+
 
 @dataclass(frozen=True)
 class Figure:
     value: float
-    source: str  # "datasheet: ...", "measured here: ..." or "assumed: ..."
+    source: str  # "<kind>: <what, where, when>", kind one of SOURCE_KINDS
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
 class Device:
     name: str
+    # the roofline (the analysis and the cost model)
     peak_bf16_tflops: Figure  # dense, no sparsity
     matmul_tflops: Figure  # what a large bf16 GEMM achieves
     hbm_gbps: Figure  # GB/s of HBM traffic (bytes read + bytes written)
     link_gbps: Figure  # GB/s one GPU sends to its peers, per direction
     launch_us: Figure  # cost of one kernel launch
     collective_latency_us: Figure  # the alpha of a collective: its time at zero bytes
+    # the fusion cost model's (passes/fuse_gemm.py, choose_mode)
+    num_sms: Figure  # SMs (CUs): a fused kernel's programs, comm programs taken from the GEMM's
+    sm_push_gbps: Figure  # GB/s one program's stores move to a peer
+    nccl_efficiency: Figure  # NCCL's bulk rate over link_gbps
+    flag_round_trip_us: Figure  # a flag raised on a peer and the answer seen back
+    direct_exposed_gbps: Figure  # GEMM+RS/AR direct: the rate its epilogue's remote stores add time at
+    direct_hop_us: Figure  # GEMM+RS/AR direct and push: the tail per dependent hop after the GEMM
+    comm_program_gbps: Figure  # GEMM+RS/AR push: GB/s one comm program moves staged tiles (wait, copy, flag)
+    copy_engine_fixed_us: Figure  # AG+GEMM copy_engine: the fixed cost per call (stream waits, flag writes)
+    min_gain: Figure  # a fused schedule must be estimated this fraction faster than BSP to be chosen
 
     def sources(self) -> dict[str, dict]:
         """{field: {"value": ..., "source": ...}} for reports."""
@@ -37,54 +61,137 @@ class Device:
                 for f in fields(self) if isinstance(getattr(self, f.name), Figure)}
 
 
-_ASSUMED_LAUNCH = Figure(3.0, "assumed: typical host cost of one CUDA kernel launch (2-5 us); not measured here")
+# ------------------------------------------------------------------------------------------------ H200
+# 2 x H200 SXM joined by 18 NVLinks, NVLink multicast off; torch 2.11, triton 3.6, NCCL 2.28.3.
 
 H200 = Device(
     name="H200",
     peak_bf16_tflops=Figure(989.0, "datasheet: H200 SXM, dense BF16 (1979 with sparsity)"),
-    matmul_tflops=Figure(790.0, "measured here: cuBLAS bf16 1024x8192x8192 in 172 us (about 798 TFLOP/s), "
-                                "larger shapes 660-700 (BASELINES.md)"),
-    hbm_gbps=Figure(4200.0, "measured here: HBM copy rate, read + write (BASELINES.md, decode section); "
-                            "datasheet 4800"),
-    # NCCL's large all_gather / reduce_scatter measured here imply about 236 GB/s and a 55 us intercept at
-    # world size 2, so with these two numbers the model is up to 1.6x optimistic for big NCCL collectives.
-    link_gbps=Figure(366.0, "measured here: peer copy 512 MiB through a symmetric buffer, 1.47 ms, per direction "
-                            "(BASELINES.md)"),
-    launch_us=_ASSUMED_LAUNCH,
-    collective_latency_us=Figure(32.0, "measured here: NCCL all_gather of 48 KiB at world size 2, 32 us "
-                                       "(BASELINES.md)"),
+    matmul_tflops=Figure(750.0, "measured here: cuBLAS bf16 matmul alone, back to back, on an H200 at the fused "
+                                "GEMMs' shapes (gemm_bench.py, benchmarks/results/gemm_h200x2.json and "
+                                "gemm_ag_copy_engine_h200x2.json, 2026-11-22): 630-787 TFLOP/s over 21 shapes of "
+                                "1024-16384 rows, median 741 (128 rows: 380, bound by reading B); a probe the "
+                                "same day timed 1024x8192x8192 alone at 172 us (798), larger shapes 660-700. The "
+                                "fitted figures below were fitted with 750"),
+    hbm_gbps=Figure(4140.0, "measured here: a 2 GiB device copy, read + write, median of 10, on an H200 "
+                            "(decode_bench.py, benchmarks/results/decode_h200x2.json, 2026-11-22: 4.14 TB/s; "
+                            "decode_h200x2_b.json and decode_h200x4.json: 4.18); a 512 MiB copy gave 3.81 "
+                            "(rma_h200x2.json, local copy_ 1905 GB/s each way); datasheet 4800"),
+    link_gbps=Figure(366.0, "measured here: a 512 MiB peer copy through a symmetric buffer on 2xH200, both ranks "
+                            "at once, 1.47 ms, median of 30, per direction (2026-11-22); rma_bench.py's copy engine "
+                            "copies of 512 MiB ran at 370 (from the peer) and 384 GB/s (into it), Triton remote "
+                            "writes from 132 programs at 350 (benchmarks/results/rma_h200x2.json); datasheet 450"),
+    launch_us=Figure(3.0, "assumed: typical cost of one CUDA kernel launch (2-5 us); not measured as such here: "
+                          "host_bench.py timed the host's side of one call on an H100 machine at 6.2 us (empty "
+                          "Triton kernel, FastLaunch) to 22.5 us (cuBLAS 64x64) (benchmarks/results/host_h100.json, "
+                          "2026-11-22)"),
+    collective_latency_us=Figure(32.0, "measured here: NCCL all_gather of decode's fp32 partials at world size 2 "
+                                       "on 2xH200, both ranks launched after a host barrier: 32 us at 48 KiB, 34 "
+                                       "at batch 8, 45 at batch 32 (2026-11-22); back to back, NCCL's all_gather, "
+                                       "reduce_scatter and all_reduce moving 2-134 MB fit lines with 21-28 us "
+                                       "intercepts (benchmarks/results/gemm_h200x2.json, 'collective alone')"),
+    num_sms=Figure(132, "datasheet: H200 SXM, 132 SMs (torch reported 132: benchmarks/results/decode_h200x2.json)"),
+    sm_push_gbps=Figure(20.0, "measured here: Triton remote writes of 512 MiB to the peer on 2xH200 "
+                              "(rma_bench.py, benchmarks/results/rma_h200x2.json, 2026-11-22): 217 GB/s from 8 "
+                              "programs (27 a program), 304 from 16 (19 a program); 20 a program for the few comm "
+                              "programs a fused kernel runs"),
+    nccl_efficiency=Figure(0.65, "fitted: the slope of NCCL's time against bytes moved at world size 2 on 2xH200 "
+                                 "over link_gbps: single all_gathers moving 8-134 MB to each rank, 236 GB/s with a "
+                                 "55 us intercept (84, 197, 361 and 624 us, 2026-11-22); back to back 233 GB/s "
+                                 "(all_gather) and 230 (reduce_scatter) (benchmarks/results/gemm_h200x2.json, "
+                                 "'collective alone')"),
+    flag_round_trip_us=Figure(2.93, "measured here: a flag ping-pong between the two H200s, 10,000 rounds in one "
+                                    "kernel (rma_bench.py, benchmarks/results/rma_h200x2.json, 2026-11-22); "
+                                    "decode_bench.py measured 2.95 and 2.94 (decode_h200x2.json, _b)"),
+    direct_exposed_gbps=Figure(445.0, "fitted: with direct_hop_us, to gemm_bench.py's back-to-back times on 2xH200 "
+                                      "(2026-11-22, a run before benchmarks/results/gemm_h200x2.json): GEMM+AR "
+                                      "direct 45 and 143 us at 128 and 1024 rows, GEMM+RS direct 123 us at 1024 "
+                                      "rows, against our GEMM alone at 30, 95 and 96 us (gemm_h200x2.json, the "
+                                      "final code: 49, 142 and 121 us direct)"),
+    direct_hop_us=Figure(5.0, "fitted: with direct_exposed_gbps, to the same GEMM+AR/RS direct times: the last "
+                              "tiles' partials reach their owner after the GEMM ends, and AR's finished tiles then "
+                              "travel back"),
+    comm_program_gbps=Figure(9.0, "fitted: to gemm_bench.py's GEMM+RS/AR push times back to back on 2xH200 "
+                                  "(2026-11-22): push's comm programs start after the first wave of tiles and "
+                                  "move staged tiles at this rate each"),
+    copy_engine_fixed_us=Figure(40.0, "fitted: to gemm_bench.py's AG+GEMM copy_engine times back to back on "
+                                      "2xH200 (2026-11-22): the matmul alone plus 15-45 us at 1024-16384 rows and N "
+                                      "4096-28672; in benchmarks/results/gemm_ag_copy_engine_h200x2.json the excess "
+                                      "is at most 44 us up to N = 8192 and 79-99 us at N = 28672"),
+    min_gain=Figure(0.03, "measured here: the same fused kernel's back-to-back time moved up to 2.9% between two "
+                          "machine starts (gemm_bench.py on 2xH200, 14 shapes, 2026-11-22); the unfused "
+                          "fallback is never slower than the baseline"),
 )
+
+
+# ------------------------------------------------------------------------------------------------ H100
+# One H100 SXM (H100 80GB HBM3) measured here; no H100 pair: its link and collective figures are assumed.
+
+def _as_on_the_h200(figure: Figure, what: str, why_not: str = "not measured on H100s") -> Figure:
+    """The H200 pair's figure, taken for a device it was not measured on; `what` says it with {v}."""
+    return Figure(figure.value, f"assumed: as on the H200 pair, where {what.format(v=figure.value)}; {why_not}")
+
 
 H100 = Device(
     name="H100",
     peak_bf16_tflops=Figure(989.0, "datasheet: H100 SXM, dense BF16 (1979 with sparsity)"),
-    matmul_tflops=Figure(790.0, "assumed: the rate measured on the H200 (same GH100 compute die); not measured "
-                                "on an H100"),
-    hbm_gbps=Figure(3350.0, "datasheet: H100 SXM HBM3 peak; not measured"),
-    link_gbps=Figure(450.0, "datasheet: NVLink 4, 900 GB/s bidirectional = 450 per direction; not measured"),
-    launch_us=_ASSUMED_LAUNCH,
-    collective_latency_us=Figure(32.0, "assumed: the NCCL small all_gather measured on the H200s; not measured "
-                                       "on H100s"),
+    matmul_tflops=Figure(707.0, "measured here: cuBLAS bf16 on one H100, do_bench medians (core_bench.py, "
+                                "benchmarks/results/core_h100.json and core_ag_h100.json, 2026-11-22): 676-765 "
+                                "TFLOP/s over 10 shapes of 4096-16384 rows, median 707"),
+    hbm_gbps=Figure(3010.0, "measured here: a 2 GiB device copy, read + write, on one H100 (decode_core_bench.py, "
+                            "benchmarks/results/decode_core_h100.json, 2026-11-22: 3.01 TB/s); datasheet 3350"),
+    link_gbps=Figure(366.0, "assumed: the rate measured between the two H200s (see H200), which have the same "
+                            "NVLink 4 with 18 links (datasheet 450 per direction for both); no H100 pair measured "
+                            "here"),
+    launch_us=H200.launch_us,
+    collective_latency_us=_as_on_the_h200(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us"),
+    num_sms=Figure(132, "datasheet: H100 SXM, 132 SMs (torch reported 132: "
+                        "benchmarks/results/decode_core_h100.json)"),
+    sm_push_gbps=_as_on_the_h200(H200.sm_push_gbps, "one program's remote writes moved {v:g} GB/s"),
+    nccl_efficiency=_as_on_the_h200(H200.nccl_efficiency, "NCCL moved {v:g} of the link rate"),
+    flag_round_trip_us=_as_on_the_h200(H200.flag_round_trip_us, "a flag round trip took {v:g} us"),
+    direct_exposed_gbps=_as_on_the_h200(H200.direct_exposed_gbps, "the fit gave {v:g} GB/s"),
+    direct_hop_us=_as_on_the_h200(H200.direct_hop_us, "the fit gave {v:g} us"),
+    comm_program_gbps=_as_on_the_h200(H200.comm_program_gbps, "the fit gave {v:g} GB/s"),
+    copy_engine_fixed_us=_as_on_the_h200(H200.copy_engine_fixed_us, "the fit gave {v:g} us"),
+    min_gain=_as_on_the_h200(H200.min_gain, "runs spread by up to {v:.0%}"),
 )
+
+
+# ------------------------------------------------------------------------------------------------ MI300X
+# Nothing measured: datasheet values, the rest assumed from the H200s.
+
+def _not_measured_on_mi300x(figure: Figure, what: str) -> Figure:
+    return _as_on_the_h200(figure, what, "RCCL and AMD GPUs not measured here")
+
 
 MI300X = Device(
     name="MI300X",
     peak_bf16_tflops=Figure(1307.4, "datasheet: MI300X, dense BF16"),
-    matmul_tflops=Figure(round(1307.4 * 790.0 / 989.0, 1),
-                         "assumed: the H200's measured fraction of peak (0.80) times the MI300X datasheet peak; "
-                         "not measured"),
+    matmul_tflops=Figure(round(1307.4 * H200.matmul_tflops.value / H200.peak_bf16_tflops.value, 1),
+                         f"assumed: the H200's measured fraction of peak "
+                         f"({H200.matmul_tflops.value / H200.peak_bf16_tflops.value:.2f}) times the MI300X "
+                         "datasheet peak; not measured"),
     hbm_gbps=Figure(5300.0, "datasheet: MI300X HBM3 peak; not measured"),
     link_gbps=Figure(448.0, "datasheet: 7 Infinity Fabric links x 64 GB/s per direction; not measured"),
     launch_us=Figure(3.0, "assumed: typical host cost of one HIP kernel launch; not measured"),
-    collective_latency_us=Figure(32.0, "assumed: the NCCL small all_gather measured on the H200s; RCCL not "
-                                       "measured"),
+    collective_latency_us=_not_measured_on_mi300x(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us"),
+    num_sms=Figure(304, "datasheet: MI300X, 304 compute units"),
+    sm_push_gbps=_not_measured_on_mi300x(H200.sm_push_gbps, "one program's remote writes moved {v:g} GB/s"),
+    nccl_efficiency=_not_measured_on_mi300x(H200.nccl_efficiency, "NCCL moved {v:g} of the link rate"),
+    flag_round_trip_us=_not_measured_on_mi300x(H200.flag_round_trip_us, "a flag round trip took {v:g} us"),
+    direct_exposed_gbps=_not_measured_on_mi300x(H200.direct_exposed_gbps, "the fit gave {v:g} GB/s"),
+    direct_hop_us=_not_measured_on_mi300x(H200.direct_hop_us, "the fit gave {v:g} us"),
+    comm_program_gbps=_not_measured_on_mi300x(H200.comm_program_gbps, "the fit gave {v:g} GB/s"),
+    copy_engine_fixed_us=_not_measured_on_mi300x(H200.copy_engine_fixed_us, "the fit gave {v:g} us"),
+    min_gain=_not_measured_on_mi300x(H200.min_gain, "runs spread by up to {v:.0%}"),
 )
 
 DEVICES = {d.name: d for d in (H100, H200, MI300X)}
 
 
 def device(name: str | Device) -> Device:
-    """The profile called `name` (case-insensitive: 'H100', 'H200', 'MI300X'), or `name` if it is one."""
+    """The table's entry called `name` (case-insensitive: 'H100', 'H200', 'MI300X'), or `name` if it is one."""
     if isinstance(name, Device):
         return name
     for key, dev in DEVICES.items():

@@ -7,15 +7,18 @@ A fused GEMM kernel is a persistent grid with two kinds of programs:
 
 A `TileProgram` lists both as statements. Lowering a fused graph op gives the *direct* form, where a
 tile reads a peer's rows with a remote load (correct, but every N-tile would pull the same A tile across
-NVLink again: 5-7x slower, BASELINES.md). The rewrites `stage_pull` and `stage_push` turn that remote
-load into "fetch each chunk once into a local buffer + per-chunk flag" and "wait on the flag + local
-load"; pull and push differ only in which side issues the transfer and where the flags live. Tile sizes
-and the number of comm programs are attributes, so one autotuner can search both together.
+NVLink again: on 2xH200, 2026-11-22, such a kernel took 5.7-6.5x the time of the matmul alone at four
+shapes, 1.18 against 0.21 ms at 1024x8192x8192). The rewrites `stage_pull` and `stage_push` turn that
+remote load into "fetch each chunk once into a local buffer + per-chunk flag" and "wait on the flag +
+local load"; pull and push differ only in which side issues the transfer and where the flags live. Tile
+sizes and the number of comm programs are attributes, so one autotuner can search both together.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from bspfuse.devices import H200 as TILES_MEASURED_ON
 
 
 # ----------------------------------------------------------------------------------------------- statements
@@ -383,8 +386,10 @@ def choose_config(kind: str, M: int, N: int, K: int, world_size: int, num_sms: i
     - AG+GEMM keeps at least 3 waves of tiles, or the rows of this rank (the first wave) cannot hide the
       peers' first chunks: at 1024 rows 64x256 tiles (4 waves) took 0.21 ms against 0.26 with 128x256.
 
-    128x256x64 with 3 stages and 8 warps is the tile that reached cuBLAS speed on an H200 (BASELINES.md);
-    smaller problems (decode-sized M, or a reduce-scatter's per-rank rows) need smaller tiles to fill 132 SMs.
+    128x256x64 with 3 stages and 8 warps is the tile that reached cuBLAS speed on an H200 (a persistent TMA
+    kernel: 0.91-1.02x cuBLAS's speed at four shapes of 1024-16384 rows, 2026-11-22; the generated kernels'
+    GEMM core on an H100: BENCHMARKS.md, "The GEMM core against cuBLAS"); smaller problems (decode-sized M,
+    or a reduce-scatter's per-rank rows) need smaller tiles to fill 132 SMs.
     """
     rows = M // world_size if kind in ("matmul_rs", "matmul_ar") else M
     blocks_per_row_block = world_size if kind != "ag_matmul" else 1  # RS/AR: one row block per owner
@@ -427,16 +432,18 @@ def group_rows(BM: int, BN: int, num_sms: int) -> int:
 def default_comm_programs(kind: str, M: int, N: int, K: int, world_size: int) -> int:
     """Programs that move data while the GEMM computes; how many follows from the rate it must move.
 
-    AG+GEMM eats A at (bytes of A) / (GEMM time); at ~750 TFLOP/s that is 2*K bytes per 2*N*K flops, so
-    remote rows are needed at about 750e12 / N bytes/s times (W-1)/W. GEMM+RS/AR (K is K_local there)
+    AG+GEMM eats A at (bytes of A) / (GEMM time); at a matmul rate of R flop/s that is 2*K bytes per 2*N*K
+    flops, so remote rows are needed at about R / N bytes/s times (W-1)/W. GEMM+RS/AR (K is K_local there)
     make an output element per 2*K flops and send (W-1)/W of them as partials, AR as many again as
-    finished tiles. One SM moves roughly 20-25 GB/s over NVLink (rma_bench.py measures it); add one
-    program of slack.
+    finished tiles. Each program moves `sm_push_gbps`; add one program of slack. R and the push rate are
+    the H200's in the device table, where the tiles were measured: the kernels take the same tiles on every
+    device, so the cost model estimates the tiles that run.
     """
     if world_size == 1:
         return 0
+    rate, per_program = TILES_MEASURED_ON.matmul_tflops.value * 1e12, TILES_MEASURED_ON.sm_push_gbps.value * 1e9
     if kind == "ag_matmul":
-        need = 750e12 / N * (world_size - 1) / world_size  # bytes/s of remote A
+        need = rate / N * (world_size - 1) / world_size  # bytes/s of remote A
     else:  # K is K_local: each output element costs 2*K flops; its partial (RS), and for AR its final, go out
-        need = 750e12 / (2 * K) * 2 * (world_size - 1) / world_size * (2 if kind == "matmul_ar" else 1)
-    return int(min(32, max(2, -(-need // 20e9) + 1)))
+        need = rate / (2 * K) * 2 * (world_size - 1) / world_size * (2 if kind == "matmul_ar" else 1)
+    return int(min(32, max(2, -(-need // per_program) + 1)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bspfuse.devices import device as lookup_device
 from bspfuse.ir import Program
 from bspfuse.verify import verify
 
@@ -67,10 +68,15 @@ class Decision:
 class Options:
     """What the user can force. mode: auto | pull | push | direct | copy_engine | off (per fusion), plus device
     and tuning knobs. direct: AG+GEMM loads remote rows in place; GEMM+RS/AR store partials from the GEMM
-    epilogue. copy_engine (AG+GEMM; elsewhere the cost model decides): the host's copy stream moves the rows."""
+    epilogue. copy_engine (AG+GEMM; elsewhere the cost model decides): the host's copy stream moves the rows.
+
+    Example::
+
+        run_passes(program, options=Options(device="H100"))  # the cost model on the H100's figures
+    """
 
     mode: str = "auto"
-    device: str = "H200"
+    device: str = "H200"  # the device table's entry the cost model reads (bspfuse.devices.DEVICES)
     modes: dict = field(default_factory=dict)  # per-site override: {value name: mode}
     # Fuse where the kernels can although the cost model picks BSP (the simulator does, since it runs to
     # check the kernels, not to be fast); the decision says so and keeps the model's estimate.
@@ -86,6 +92,12 @@ class Options:
     # Training: keep the forward's gathered activations for the backward (the fused AG+GEMM writes them out),
     # or save the shard and gather again in the backward (backend.recompute_gathers).
     save_gathered: bool = True
+
+    def __post_init__(self):
+        try:
+            lookup_device(self.device)
+        except ValueError as e:
+            raise ValueError(f"Options(device={self.device!r}): {e}") from None
 
     def mode_for(self, site: str) -> str:
         return self.modes.get(site, self.mode)

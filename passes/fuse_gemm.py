@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from bspfuse.devices import Device, device as lookup_device
 from bspfuse.ir import Op, Program, Value, concrete, dims_equal, infer
 from bspfuse.passes import Decision, Estimate, Options, Pass
 from bspfuse.tile import HOST_SIDE_AG_MODES
@@ -24,40 +25,44 @@ DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """Rates the choice is made with (H200 figures measured on the 2-GPU machine, BASELINES.md)."""
-    name: str = "H200"
-    matmul_flops: float = 750e12  # achieved bf16 matmul rate
-    link_bytes: float = 366e9  # peer copy, per direction
-    sm_push_bytes: float = 20e9  # one SM storing to a peer (rma_bench.py measures it)
-    nccl_latency_s: float = 30e-6  # a small NCCL collective, launch to completion
-    nccl_efficiency: float = 0.65  # NCCL's bulk rate over the link rate (all_gather 64 MB: 0.197 ms)
-    flag_round_trip_s: float = 3e-6  # 2.9 us measured (rma_bench.py, 2026-11-22)
-    hbm_bytes: float = 3.8e12
-    num_sms: int = 132
-    # GEMM+RS / GEMM+AR, fitted to gemm_bench.py's back-to-back timings on 2xH200 (2026-11-22): the
-    # model estimates device time in a stream of calls, where the host launches ahead (as in a forward
-    # pass); a single call after an idle host adds 15-50 us of launch to every schedule (host_bench.py).
-    # The direct kernel's epilogue stores (partials; AR also finished tiles) cost time beyond the GEMM: the
-    # traffic at an exposed rate, plus a tail per dependent hop (the last tiles' partials reach their owner
-    # after the GEMM ends; AR's finished tiles then travel back). Fitted at M = 128 and 1024 (AR 45 and 143
-    # us, RS 123 us against our GEMM alone at 30, 95 and 96 us). push's comm programs each move staged
-    # tiles at a rate (wait, copy, flag).
-    direct_exposed_bytes: float = 0.445e12
-    direct_hop_s: float = 5e-6
-    comm_program_bytes: float = 9e9
-    # AG+GEMM copy_engine: the side stream's copies move at the peer copy rate and leave every SM to the GEMM;
-    # a fixed cost per call (stream waits, flag writes) fitted to gemm_bench on 2xH200 (2026-11-22, back to
-    # back): every shape took its matmul alone plus 15-45 us (1024-16384 rows, N 4096-28672).
-    copy_engine_fixed_s: float = 40e-6
+    """The cost model's view of one device-table entry (bspfuse.devices, where each figure's source is), in
+    seconds, bytes/s and flop/s: `DeviceModel.of("H100")`. The estimates are device times per call in a stream
+    of calls, the host launching ahead (as in a forward pass); a single call after an idle host adds 15-50 us of
+    launch to every schedule (host_bench.py)."""
+    name: str
+    matmul_flops: float  # achieved bf16 matmul rate
+    link_bytes: float  # peer copy, per direction
+    sm_push_bytes: float  # one program storing to a peer
+    nccl_latency_s: float  # a small NCCL collective
+    nccl_efficiency: float  # NCCL's bulk rate over the link rate
+    flag_round_trip_s: float
+    hbm_bytes: float  # read + write
+    num_sms: int
+    # GEMM+RS/AR direct: the epilogue's remote stores (partials; AR also finished tiles) cost time beyond the
+    # GEMM, the traffic at an exposed rate plus a tail per dependent hop; push's comm programs each move staged
+    # tiles at a rate (wait, copy, flag)
+    direct_exposed_bytes: float
+    direct_hop_s: float
+    comm_program_bytes: float
+    # AG+GEMM copy_engine: the side stream's copies move at the peer copy rate and leave every SM to the GEMM,
+    # plus a fixed cost per call (stream waits, flag writes)
+    copy_engine_fixed_s: float
+    # a fused schedule must be estimated this much faster than BSP to be chosen (the spread between runs)
+    min_gain: float
     # the AG+GEMM schedules auto chooses among (all are estimated and shown)
     ag_auto_modes: tuple = ("push", "pull", "copy_engine")
-    # A fused schedule must be estimated this much faster than BSP to be chosen: the same fused kernel's
-    # back-to-back time moved up to 2.9% between two machine starts (gemm_bench, 14 shapes, 2026-11-22),
-    # and the unfused fallback is never slower than the baseline.
-    min_gain: float = 0.03
 
-
-H200 = DeviceModel()
+    @classmethod
+    def of(cls, name: str | Device) -> DeviceModel:
+        """The table's figures for `name` ('H200', 'H100', ... or a Device), converted."""
+        d = lookup_device(name)
+        return cls(d.name, matmul_flops=d.matmul_tflops.value * 1e12, link_bytes=d.link_gbps.value * 1e9,
+                   sm_push_bytes=d.sm_push_gbps.value * 1e9, nccl_latency_s=d.collective_latency_us.value * 1e-6,
+                   nccl_efficiency=d.nccl_efficiency.value, flag_round_trip_s=d.flag_round_trip_us.value * 1e-6,
+                   hbm_bytes=d.hbm_gbps.value * 1e9, num_sms=int(d.num_sms.value),
+                   direct_exposed_bytes=d.direct_exposed_gbps.value * 1e9, direct_hop_s=d.direct_hop_us.value * 1e-6,
+                   comm_program_bytes=d.comm_program_gbps.value * 1e9,
+                   copy_engine_fixed_s=d.copy_engine_fixed_us.value * 1e-6, min_gain=d.min_gain.value)
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,14 @@ class Choice:
 
 
 def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str = "bf16",
-                device: DeviceModel = H200, a_on_heap: bool = False, copy_bytes: int = 0) -> Choice:
-    """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) and pick the
-    fastest: AG+GEMM push or pull, GEMM+RS/AR direct or push. The estimates are first-order device times
-    per call in a stream of calls (the host's launch is left out: every schedule pays one); they say which
-    resource bounds each schedule."""
+                device: str | Device | DeviceModel = "H200", a_on_heap: bool = False, copy_bytes: int = 0) -> Choice:
+    """Estimate BSP and the fused schedules of one op (M, N, K of the whole logical matmul) on `device` (a name
+    in the device table, an entry, or a DeviceModel) and pick the fastest: AG+GEMM push or pull, GEMM+RS/AR
+    direct or push. The estimates are first-order device times per call in a stream of calls (the host's
+    launch is left out: every schedule pays one); they say which resource bounds each schedule."""
     from bspfuse.tile import choose_config
 
+    device = device if isinstance(device, DeviceModel) else DeviceModel.of(device)
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
     if W == 1:
         t = 2 * M * N * K / device.matmul_flops
@@ -273,14 +279,16 @@ def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N:
     """The mode to fuse with ("off": not at all) and the cost model's view, which the Decision carries
     apart from the reason so that recalibrating the model changes only the estimate."""
     forced = options.mode_for(site_value)
-    device = replace(H200, ag_auto_modes=("push", "pull")) if options.replayable else H200
+    device = DeviceModel.of(options.device)
+    if options.replayable:
+        device = replace(device, ag_auto_modes=("push", "pull"))
     auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=device, copy_bytes=copy_bytes)
-    estimate = Estimate(H200.name, auto.mode, auto.estimates_us)
+    estimate = Estimate(device.name, auto.mode, auto.estimates_us)
     if options.replayable and kind == "ag_matmul" and forced in HOST_SIDE_AG_MODES:
         return Choice(auto.mode, f"{forced} cannot replay from a CUDA graph ({HOST_SIDE_AG_MODES[forced]}); "
                                  f"{auto.reason}", auto.estimates_us), estimate
     if forced == "auto" and auto.mode == "off" and options.fuse_unprofitable:
-        return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {H200.name} ({auto.reason})",
+        return Choice("push", f"push, to check the kernel: the cost model keeps BSP on {device.name} ({auto.reason})",
                       auto.estimates_us), estimate
     if forced == "auto":
         return auto, estimate

@@ -1,5 +1,6 @@
 """The three-tax analysis, checked against arithmetic done by hand on a toy device with round numbers."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -8,9 +9,11 @@ from bspfuse.devices import DEVICES, Device, Figure, device
 from bspfuse.ir import Builder, local, sharded
 from bspfuse.plot import bsp_schedule, overlapped_schedule, plot_timeline
 
-# 100 TFLOP/s = 1e8 flop/us; 1000 GB/s of HBM = 1e6 B/us; 100 GB/s of link = 1e5 B/us.
-TOY = Device("toy", Figure(200.0, "test"), Figure(100.0, "test"), Figure(1000.0, "test"), Figure(100.0, "test"),
-             Figure(5.0, "test"), Figure(10.0, "test"))
+# 100 TFLOP/s = 1e8 flop/us; 1000 GB/s of HBM = 1e6 B/us; 100 GB/s of link = 1e5 B/us (the analysis reads
+# these six; the cost model's figures stay the H200's).
+TOY = replace(device("H200"), name="toy", peak_bf16_tflops=Figure(200.0, "test"), matmul_tflops=Figure(100.0, "test"),
+              hbm_gbps=Figure(1000.0, "test"), link_gbps=Figure(100.0, "test"), launch_us=Figure(5.0, "test"),
+              collective_latency_us=Figure(10.0, "test"))
 
 
 def small(rows="512"):
@@ -102,8 +105,8 @@ def test_h200_all_gather_uses_the_measured_numbers():
     r = analyze(small(), "h200")
     ag = r.rows[1]
     assert ag.op_time_us == pytest.approx(32 + 2_097_152 / 2 / 366e3)
-    # matmul: 4,294,967,296 flop at 790 TFLOP/s = 7.9e8 flop/us
-    assert r.rows[3].op_time_us == pytest.approx(4_294_967_296 / 7.9e8)
+    # matmul: 4,294,967,296 flop at 750 TFLOP/s = 7.5e8 flop/us
+    assert r.rows[3].op_time_us == pytest.approx(4_294_967_296 / 7.5e8)
 
 
 def test_table_is_readable():
@@ -130,10 +133,10 @@ def test_unknown_device():
 def test_every_device_number_says_where_it_came_from():
     for dev in DEVICES.values():
         for name, fig in dev.sources().items():
-            assert fig["source"].split(":")[0] in ("datasheet", "measured here", "assumed"), (dev.name, name)
+            assert fig["source"].split(":")[0] in ("datasheet", "measured here", "fitted", "assumed"), (dev.name, name)
     h200 = device("H200")
     assert (h200.matmul_tflops.value, h200.hbm_gbps.value, h200.link_gbps.value,
-            h200.collective_latency_us.value) == (790.0, 4200.0, 366.0, 32.0)
+            h200.collective_latency_us.value) == (750.0, 4140.0, 366.0, 32.0)
     assert not any(f["source"].startswith("measured") for f in device("MI300X").sources().values())
 
 
@@ -156,8 +159,8 @@ def test_captured_sp_mlp_example():
 
     p = load_program(str(Path(__file__).resolve().parent.parent / "examples" / "sp_mlp.py") + ":build", 8)
     t = analyze(p, "H200").totals()
-    # two matmuls of 2 * 8192 * 3584 * 8192 flop each at 7.9e8 flop/us
-    assert t["compute_us"] == pytest.approx(2 * 2 * 8192 * 3584 * 8192 / 7.9e8 + 0.0)
+    # two matmuls of 2 * 8192 * 3584 * 8192 flop each at 7.5e8 flop/us
+    assert t["compute_us"] == pytest.approx(2 * 2 * 8192 * 3584 * 8192 / 7.5e8 + 0.0)
     assert t["bsp_time_us"] > t["overlap_bound_us"] > 0
 
 

@@ -53,10 +53,10 @@ def _estimate_lines(out: str) -> list[str]:
 def _model_estimates(T: int, H: int, F: int, world: int = 2) -> list[str]:
     """What the cost model says of sp_mlp's two candidates: AG+GEMM [T, H] x [H, F/W], GEMM+RS [T, F/W] x [F/W, H]."""
     from bspfuse.passes import Estimate
-    from bspfuse.passes.fuse_gemm import H200, choose_mode
+    from bspfuse.passes.fuse_gemm import choose_mode
 
     choices = [choose_mode("ag_matmul", T, F // world, H, world), choose_mode("matmul_rs", T, H, F, world)]
-    return [str(Estimate(H200.name, c.mode, c.estimates_us)) for c in choices]
+    return [str(Estimate("H200", c.mode, c.estimates_us)) for c in choices]
 
 
 def test_inspect_estimates_come_from_the_cost_model(capsys):
@@ -73,11 +73,15 @@ def test_direct_mode_can_be_forced(capsys):
 
 
 def test_recalibrating_the_model_keeps_the_golden(capsys, monkeypatch):
-    from bspfuse.passes import fuse_gemm
+    from dataclasses import replace
+
+    from bspfuse import devices
 
     _, before, _ = _run(capsys, "inspect", "examples/sp_mlp.bsp", "--stage", "fused", "--mode", "push")
-    slower = fuse_gemm.DeviceModel(matmul_flops=fuse_gemm.H200.matmul_flops / 10, nccl_latency_s=1e-6)
-    monkeypatch.setattr(fuse_gemm, "H200", slower)
+    h200 = devices.DEVICES["H200"]
+    slower = replace(h200, matmul_tflops=devices.Figure(h200.matmul_tflops.value / 10, "assumed: a slower GPU"),
+                     collective_latency_us=devices.Figure(1.0, "assumed: a faster network"))
+    monkeypatch.setitem(devices.DEVICES, "H200", slower)
     _, after, _ = _run(capsys, "inspect", "examples/sp_mlp.bsp", "--stage", "fused", "--mode", "push")
     assert _estimate_lines(after) != _estimate_lines(before)
     assert _without_estimates(after) == _without_estimates(before)

@@ -55,12 +55,13 @@ def test_a_near_tie_keeps_the_unfused_schedule():
     # estimate as is.
     from dataclasses import replace
 
-    from bspfuse.passes.fuse_gemm import H200
+    from bspfuse.passes.fuse_gemm import DeviceModel
 
     tie = choose_mode("ag_matmul", 4096, 57344, 8192, 2)
     assert tie.mode == "off" and "less than 3% faster" in tie.reason
     assert tie.estimates_us["push"] < tie.estimates_us["bsp"]
-    assert choose_mode("ag_matmul", 4096, 57344, 8192, 2, device=replace(H200, min_gain=0.0)).mode == "copy_engine"
+    no_margin = replace(DeviceModel.of("H200"), min_gain=0.0)
+    assert choose_mode("ag_matmul", 4096, 57344, 8192, 2, device=no_margin).mode == "copy_engine"
     assert choose_mode("ag_matmul", 4096, 28672, 8192, 2).mode == "push"  # a 4.7% gain fuses
 
 
