@@ -351,7 +351,7 @@ class CheckResult:
         return all(err <= tol for *_, err, tol in self.rows)
 
     def report(self) -> str:
-        lines = [f"{self.program} on {self.world_size} ranks, {self.device}"]
+        lines = [f"{self.program} on {self.world_size} rank{'s' if self.world_size != 1 else ''}, {self.device}"]
         lines += [f"  fused: {f}" for f in self.fused] or ["  fused: nothing"]
         lines += [f"  fallback: {f}" for f in self.fallbacks]
         for rank, name, dtype, err, tol in self.rows:
