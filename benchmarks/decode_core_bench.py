@@ -104,6 +104,7 @@ def run(ctx, opts) -> dict:
     from bspfuse.kernels import decode as K
     from bspfuse.kernels import flash_decode as F
     from bspfuse.runtime.fastlaunch import FastLaunch
+    from bspfuse.runtime.target import device_target
 
     torch.manual_seed(0)
     sms = F._num_sms(ctx.device)
@@ -136,7 +137,8 @@ def run(ctx, opts) -> dict:
             launch(*args)  # the states the merges below fold
             for chunk in (1, 2, 4, 8, 16):
                 merge = FastLaunch(K.merge_states_kernel, (t.num_tiles,), **dict(t.constexprs(), BLOCK_H=F.merge_h(t)),
-                                   CHUNK=chunk, WAIT=False, MAX_SPINS=0, SLEEP_NS=0, num_warps=t.num_warps)
+                                   CHUNK=chunk, WAIT=False, MAX_SPINS=0, SLEEP_NS=0,
+                                   TARGET=device_target(ctx.device), num_warps=t.num_warps)
                 margs = F._merge_args(t, mid_o, mid_lse, splits, B * Hq * D, B * Hq, *out, out[1])
                 row["us"][f"merge s{splits} chunk{chunk}"] = us_per_call(lambda: merge(*margs))
             chunks = [{"merge_chunk": c} for c in (1, 2, 4, 16)]

@@ -48,14 +48,14 @@ COMPILE = textwrap.dedent('''
         out.append(compile_one(K.decode_split_kernel, ptr, attend, **opts))
         out.append(compile_one(K.merge_states_kernel, ptr,
                                dict(t.constexprs(), BLOCK_H=merge_h(t), CHUNK=1 if page else chunk, WAIT=bool(page),
-                                    MAX_SPINS=0, SLEEP_NS=256 if page else 0),
+                                    MAX_SPINS=0, SLEEP_NS=256 if page else 0, TARGET="cuda"),
                                num_warps=t.num_warps))
         out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
         out.append(compile_one(K.fused_decode_kernel, ptr,
                                dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
-                                    FENCE=True, TIMELINE=bool(page),
+                                    TARGET="cuda", TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
                                **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))

@@ -49,7 +49,8 @@ FAST_LAUNCH = PRELUDE + textwrap.dedent('''
     from bspfuse.runtime.fastlaunch import FastLaunch
 
     t = decode_tiling(2, 8, 2, 64, device="cuda")
-    meta = dict(t.constexprs(), CHUNK=merge_chunk(4, t), WAIT=False, MAX_SPINS=0, SLEEP_NS=0, num_warps=t.num_warps)
+    meta = dict(t.constexprs(), CHUNK=merge_chunk(4, t), WAIT=False, MAX_SPINS=0, SLEEP_NS=0, TARGET="cuda",
+                num_warps=t.num_warps)
     o, lse = torch.randn(16, 2, 8, 64), torch.randn(16, 2, 8)
     out_o, out_lse = torch.empty(2, 8, 64, dtype=torch.bfloat16), torch.empty(2, 8)
     kernel = K.merge_states_kernel

@@ -73,7 +73,8 @@ def _one_gpu(ctx, seed):
     t = decode_tiling(2, 4, 2, 16)
     o, lse = torch.randn(5, 2, 4, 16, generator=g), torch.randn(5, 2, 4, generator=g)
     outs = [(torch.empty(2, 4, 16), torch.empty(2, 4)) for _ in range(3)]
-    meta = dict(t.constexprs(), CHUNK=merge_chunk(5, t), WAIT=False, MAX_SPINS=0, SLEEP_NS=0, num_warps=t.num_warps)
+    meta = dict(t.constexprs(), CHUNK=merge_chunk(5, t), WAIT=False, MAX_SPINS=0, SLEEP_NS=0, TARGET="sim",
+                num_warps=t.num_warps)
     fast = FastLaunch(K.merge_states_kernel, (t.num_tiles,), **meta)
     for out_o, out_lse in outs[:2]:
         fast(o, lse, out_o, out_lse, 5, 2 * 4 * 16, 2 * 4, 4, 2, out_lse, 0, 0, out_lse)

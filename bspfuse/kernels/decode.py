@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bspfuse.runtime import iris
+from bspfuse.runtime import iris, target
 
 LOG2E = 1.4426950408889634  # the host passes qk_scale = scale * LOG2E
 
@@ -138,7 +138,7 @@ def _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, 
 @triton.jit
 def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags, flag_stride, epoch, cur_rank,
                 err_ptr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                WAIT: tl.constexpr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr):
+                WAIT: tl.constexpr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr, TARGET: tl.constexpr):
     """Merge n_states states of a tile's heads (rows `row` = b * Hq + head): state i is
     o_ptr[i * stride_on + row * D + :D] and lse_ptr[i * stride_ln + row]. WAIT: first wait until
     flags[i * flag_stride] reaches `epoch` (the tile's flag from source i), polling every SLEEP_NS (iris.wait_until).
@@ -159,7 +159,8 @@ def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flag
         if WAIT:
             for j in tl.static_range(CHUNK):
                 if i0 + j < n_states:
-                    iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS, SLEEP_NS)
+                    iris.wait_until(flags + (i0 + j) * flag_stride, epoch, cur_rank, err_ptr, MAX_SPINS, SLEEP_NS,
+                                    TARGET)
         state = i0 + offs_c
         smask = state < n_states
         # .cg: other programs (or peers) wrote these; read them from L2, never from a stale L1 line
@@ -177,24 +178,23 @@ TIMELINE_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
-def _read_timer(x, WHAT: tl.constexpr):
-    """The GPU's global timer in ns (WHAT "time") or this program's SM ("sm"); 0 when WHAT is "" (the
-    simulator runs no inline assembly). x: any scalar (inline assembly takes an operand)."""
+def _read_timer(x, WHAT: tl.constexpr, TARGET: tl.constexpr):
+    """The GPU's global timer in ns (WHAT "time") or this program's SM ("sm"); 0 when WHAT is "". x: any
+    scalar (inline assembly takes an operand)."""
     if WHAT == "time":
-        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False,
-                                         pack=1)
+        return target.global_timer(x, TARGET)
     elif WHAT == "sm":
-        return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=tl.int32, is_pure=False,
-                                         pack=1).to(tl.int64)
+        return target.sm_id(x, TARGET).to(tl.int64)
     else:
         return tl.zeros([], tl.int64)
 
 
 @triton.jit
-def _stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr):
+def _stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr, TARGET: tl.constexpr):
     """TIMELINE (GPU only): timeline[t, k] = the global timer (ns); k = 1 records the SM instead."""
     if ENABLED:
-        tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + k, _read_timer(t, "sm" if k == 1 else "time"))
+        tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + k,
+                 _read_timer(t, "sm" if k == 1 else "time", TARGET))
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -227,16 +227,16 @@ def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, str
                         flags, epoch, cur_rank, err_ptr,
                         GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr,
-                        SLEEP_NS: tl.constexpr):
+                        SLEEP_NS: tl.constexpr, TARGET: tl.constexpr):
     """Grid (tiles,): merge n_states states per head into out_o [B, Hq, D] (any float dtype) and
     out_lse [B, Hq] fp32. WAIT: wait for the tile's flag from each source, flags[i * tiles + tile] >= epoch,
-    just before reading that source's state (per-tile waits, no barrier)."""
+    just before reading that source's state (per-tile waits, no barrier). TARGET: runtime.target."""
     tile = tl.program_id(0)
     b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
     row = b.to(tl.int64) * Hq + heads
     o, lse = _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags + tile,
                          tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, CHUNK, WAIT, MAX_SPINS,
-                         SLEEP_NS)
+                         SLEEP_NS, TARGET)
     offs_d = tl.arange(0, BLOCK_D)
     omask = hmask[:, None] & (offs_d < D)[None, :]
     tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
@@ -270,18 +270,18 @@ def put_states_kernel(gather_o, gather_lse, stride_on, stride_ln, Hq, Hkv, flags
 
 @triton.jit
 def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile, num_tiles,
-               epoch, heap_bases, WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FENCE: tl.constexpr):
+               epoch, heap_bases, WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TARGET: tl.constexpr):
     """Put a merged tile into this rank's slot of every rank's gather buffer, then raise its flag there:
-    the peers' flags first (the long pole), this rank's own last, behind one release fence (iris.signal_all).
-    From the merged tile to its flags raised on H200s (FlashDecode.timeline): 1.3-3.1 us at world 2 and
-    1.8-5.4 at world 4, against 2.3-4.4 and 4.3-9.7 with a release atomic a flag."""
+    the peers' flags first (the long pole), this rank's own last, behind one release fence on NVIDIA GPUs
+    (iris.signal_all). From the merged tile to its flags raised on H200s (FlashDecode.timeline): 1.3-3.1 us
+    at world 2 and 1.8-5.4 at world 4, against 2.3-4.4 and 4.3-9.7 with a release atomic a flag."""
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
     l_ptrs = gather_lse + rank * stride_ln + row
     for peer in tl.static_range(WORLD):
         iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
         iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
-    iris.signal_all(flags + rank * num_tiles + tile, epoch, rank, heap_bases, WORLD, FENCE)
+    iris.signal_all(flags + rank * num_tiles + tile, epoch, rank, heap_bases, WORLD, TARGET)
 
 
 @triton.jit
@@ -295,7 +295,7 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
                         HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
                         SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr,
                         MERGE_H: tl.constexpr, RANK_CHUNK: tl.constexpr, SLEEP_NS: tl.constexpr,
-                        FENCE: tl.constexpr, TIMELINE: tl.constexpr):
+                        TARGET: tl.constexpr, TIMELINE: tl.constexpr):
     """One launch per decode step. Grid (tiles * splits + tiles,).
 
     Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
@@ -313,19 +313,19 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
     program waits for its tile's flags RANK_CHUNK ranks at a time and merges each chunk as it arrives. Merges
     hold only the group's MERGE_H head rows (BLOCK_H pads them for tl.dot). No host work between steps.
     A waiting merge program shares its SM with split programs still streaming K/V: it polls every SLEEP_NS.
-    FENCE (GPUs): the flags of a pushed tile follow one release fence (iris.signal_all).
+    TARGET: runtime.target (the flags of a pushed tile, the waits' sleep, the timeline's clock).
     TIMELINE (a diagnostic, GPU only): each program writes the global timer at its phases into
     timeline [programs, TIMELINE_FIELDS] (by ticket; FlashDecode(timeline=True), FlashDecode.timeline()).
     """
     num_work = num_tiles * num_splits
     n = num_work + num_tiles
-    started = _read_timer(n, "time" if TIMELINE else "")
+    started = _read_timer(n, "time" if TIMELINE else "", TARGET)
     ticket_all = tl.atomic_add(ticket, 1, sem="relaxed", scope="gpu")
     epoch = (ticket_all // n + 1).to(tl.int32)
     t = (ticket_all % n).to(tl.int32)
     if TIMELINE:
         tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS, started)
-        _stamp(timeline, t, 1, TIMELINE)
+        _stamp(timeline, t, 1, TIMELINE, TARGET)
     parity = (epoch % 2).to(tl.int64)
     gather_o += parity * stride_parity
     gather_lse += parity * stride_parity
@@ -342,30 +342,31 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         o, lse = _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
                          stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                          stride_bt, qk_scale, BLOCK_H, D, BLOCK_D, BLOCK_N, PAGE, HAS_LENS, DOT_F32)
-        _stamp(timeline, t, 2, TIMELINE)
+        _stamp(timeline, t, 2, TIMELINE, TARGET)
         omask = hmask[:, None] & dmask
         row = b.to(tl.int64) * Hq + heads
         if ONE_SPLIT:
             _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile,
-                       num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, FENCE)
+                       num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, TARGET)
         else:
             srow = split.to(tl.int64) * B * Hq + row
             tl.store(mid_o + srow[:, None] * D + offs_d[None, :], o, mask=omask)
             tl.store(mid_lse + srow, lse, mask=hmask)
             tl.debug_barrier()  # every thread's stores come before the count that publishes them
             done = tl.atomic_add(tile_count + tile, 1, sem="acq_rel", scope="gpu")
-            _stamp(timeline, t, 3, TIMELINE)
+            _stamp(timeline, t, 3, TIMELINE, TARGET)
             if done == num_splits - 1:
                 tl.atomic_xchg(tile_count + tile, 0, sem="relaxed", scope="gpu")
                 # the merge holds only the group's heads (MERGE_H <= BLOCK_H rows): a larger SPLIT_CHUNK fits
                 _, _, mheads, mmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
                 mrow = b.to(tl.int64) * Hq + mheads
                 mo, mlse = _merge_tile(mid_o, mid_lse, mrow, mmask, num_splits, B * Hq * D, B * Hq,
-                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0, 0)
-                _stamp(timeline, t, 4, TIMELINE)
+                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0, 0,
+                                       TARGET)
+                _stamp(timeline, t, 4, TIMELINE, TARGET)
                 _push_tile(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
-                           stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, FENCE)
-                _stamp(timeline, t, 5, TIMELINE)
+                           stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, TARGET)
+                _stamp(timeline, t, 5, TIMELINE, TARGET)
                 if TIMELINE:
                     tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + 6, 1)
     else:
@@ -375,10 +376,10 @@ def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, g
         # RANK_CHUNK sources at once: every flag of the chunk is waited for, then one load of their states
         ro, rlse = _merge_tile(gather_o, gather_lse, rrow, rmask, WORLD, stride_on, stride_ln, flags + tile,
                                num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS,
-                               SLEEP_NS)
-        _stamp(timeline, t, 3, TIMELINE)
+                               SLEEP_NS, TARGET)
+        _stamp(timeline, t, 3, TIMELINE, TARGET)
         tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty),
                  mask=rmask[:, None] & dmask)
         tl.store(out_lse + rrow, rlse, mask=rmask)
-        _stamp(timeline, t, 5, TIMELINE)
+        _stamp(timeline, t, 5, TIMELINE, TARGET)
 

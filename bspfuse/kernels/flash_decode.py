@@ -44,6 +44,7 @@ from bspfuse.kernels import decode as K
 from bspfuse.runtime import Epoch
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
+from bspfuse.runtime.target import device_target
 
 STAGES = (0, 1, 2, 3)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -253,12 +254,13 @@ def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float,
             qk_scale)
 
 
-def _merge_launch(tiling: DecodeTiling, n_states: int, wait: bool = False, max_spins: int = 0,
+def _merge_launch(tiling: DecodeTiling, n_states: int, target: str, wait: bool = False, max_spins: int = 0,
                   sleep_ns: int = 0) -> FastLaunch:
     # a waiting merge takes its sources one at a time, as their tiles arrive
     chunk = 1 if wait else merge_chunk(n_states, tiling)
     return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **dict(tiling.constexprs(), BLOCK_H=merge_h(tiling)),
-                      CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, SLEEP_NS=sleep_ns, num_warps=tiling.num_warps)
+                      CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, SLEEP_NS=sleep_ns, TARGET=target,
+                      num_warps=tiling.num_warps)
 
 
 def _merge_args(tiling: DecodeTiling, o, lse, n, stride_on, stride_ln, out_o, out_lse, flags, epoch=0, rank=0,
@@ -297,8 +299,8 @@ def decode_partial(q, k, v, kv_lens=None, block_table=None, *, scale: float | No
     _cached_split_launch(tiling, splits, kv.layout)(*_split_args(kv, tiling, splits, qk_scale, mid_o, mid_lse))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-    _cached_merge_launch(tiling, splits)(*_merge_args(tiling, mid_o, mid_lse, splits, B * Hq * D, B * Hq, out, lse,
-                                                      lse))
+    _cached_merge_launch(tiling, splits, device_target(q.device))(
+        *_merge_args(tiling, mid_o, mid_lse, splits, B * Hq * D, B * Hq, out, lse, lse))
     return out, lse
 
 
@@ -315,7 +317,8 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype | No
     tiling = decode_tiling(B, H, 1, D, device=o.device)  # all heads as one group: any H works
     out = torch.empty(B, H, D, dtype=out_dtype or o.dtype, device=o.device)
     out_lse = torch.empty(B, H, dtype=torch.float32, device=o.device)
-    _cached_merge_launch(tiling, n)(*_merge_args(tiling, o, lse, n, B * H * D, B * H, out, out_lse, out_lse))
+    _cached_merge_launch(tiling, n, device_target(o.device))(
+        *_merge_args(tiling, o, lse, n, B * H * D, B * H, out, out_lse, out_lse))
     return out, out_lse
 
 
@@ -377,12 +380,13 @@ class FlashDecode:
         self.scale = scale if scale is not None else D ** -0.5
         self.qk_scale = self.scale * K.LOG2E
         self.device = heap.device
+        self.target = device_target(self.device)
         self.tiling = decode_tiling(B, Hq, Hkv, D, block_n, num_warps, num_stages, self.device)
         self.num_splits = num_splits
         self.split_merge_chunk = merge_chunk
         self.num_stages = num_stages  # None: the tiling's, or a deeper pipeline for one wave (_prepare)
         self.max_spins = max_spins
-        gpu = self.device.type == "cuda"  # the simulator runs no inline assembly (iris.nanosleep)
+        gpu = self.target != "sim"  # the simulator's waits spin: its programs share no SM
         self.wait_sleep_ns = (WAIT_SLEEP_NS if wait_sleep_ns is None else wait_sleep_ns) if gpu else 0
         if timeline and not (gpu and stage == 3):
             raise ValueError("FlashDecode: timeline=True needs stage 3 on a GPU (it reads the GPU's global timer)")
@@ -550,15 +554,16 @@ class FlashDecode:
                 WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
                 RANK_CHUNK=min(triton.next_power_of_2(W), 4),
                 SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t),
-                MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, FENCE=self.device.type == "cuda",
+                MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, TARGET=self.target,
                 TIMELINE=self._want_timeline))
         else:
             fine = self.stage == 2
             launches = _StepLaunches(
-                split=_split_launch(t, splits, kv.layout, stages), merge_splits=_merge_launch(t, splits),
+                split=_split_launch(t, splits, kv.layout, stages), merge_splits=_merge_launch(t, splits, self.target),
                 put=FastLaunch(K.put_states_kernel, (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=fine,
                                num_warps=t.num_warps),
-                merge_ranks=_merge_launch(t, W, wait=fine, max_spins=self.max_spins, sleep_ns=self.wait_sleep_ns))
+                merge_ranks=_merge_launch(t, W, self.target, wait=fine, max_spins=self.max_spins,
+                                          sleep_ns=self.wait_sleep_ns))
         self._launches[kv.layout] = launches
         return launches
 

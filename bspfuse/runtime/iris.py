@@ -39,6 +39,8 @@ Example (each rank pushes its block to the next rank and raises a flag there)::
 import triton
 import triton.language as tl
 
+from bspfuse.runtime import target
+
 # Atomics' defaults. (A plain string default of a constexpr parameter does not compile
 # when the caller omits it; a tl.constexpr default does.)
 DEFAULT_SEM = tl.constexpr("acq_rel")
@@ -193,34 +195,20 @@ def signal(flag_ptr, value, from_rank, to_rank, heap_bases):
 
 
 @triton.jit
-def signal_all(flag_ptr, value, from_rank, heap_bases, WORLD: tl.constexpr, FENCE: tl.constexpr = True):
+def signal_all(flag_ptr, value, from_rank, heap_bases, WORLD: tl.constexpr, TARGET: tl.constexpr):
     """``signal`` the same flag on every rank, the peers first (``from_rank + 1``, ...) and ``from_rank``'s own
-    last. ``FENCE``: one ``fence.acq_rel.sys`` and then a relaxed ("sys") write of each flag, which makes every
-    write a release of what came before the fence (a fence followed by a strong write is a release pattern):
-    a release atomic each would wait at its fence for the previous flag's round trip to the peer, once per
-    rank. ``FENCE=False`` (the CPU simulator, which runs no inline assembly): a release atomic each."""
-    if FENCE:
-        tl.debug_barrier()
-        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, $1;", "=r,r", [tl.cast(value, tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-        for i in tl.static_range(1, WORLD + 1):
-            remote = translate(flag_ptr, from_rank, (from_rank + i) % WORLD, heap_bases)
-            tl.atomic_xchg(remote, value, sem="relaxed", scope="sys")
-    else:
-        for i in tl.static_range(1, WORLD + 1):
-            signal(flag_ptr, value, from_rank, (from_rank + i) % WORLD, heap_bases)
+    last, as one group of releases (``target.begin_release``: on NVIDIA GPUs one ``fence.acq_rel.sys`` and a
+    relaxed write a flag, elsewhere a release atomic a flag)."""
+    tl.debug_barrier()
+    target.begin_release(tl.cast(value, tl.int32), TARGET)
+    for i in tl.static_range(1, WORLD + 1):
+        remote = translate(flag_ptr, from_rank, (from_rank + i) % WORLD, heap_bases)
+        target.release_flag(remote, value, TARGET)
 
 
 @triton.jit
-def nanosleep(ns):
-    """Suspend the calling threads for about ``ns`` nanoseconds (PTX ``nanosleep``; GPU only: the CPU
-    simulator runs no inline assembly, so callers pass a constexpr that is 0 there)."""
-    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, $1;", "=r,r", [tl.cast(ns, tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr = 0):
+def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr = 0,
+               TARGET: tl.constexpr = None):
     """Spin (acquire, "sys" scope) until the local flag ``*flag_ptr >= value``; return what it read.
 
     ``MAX_SPINS == 0`` spins forever (release mode; ``err_ptr`` may be None).
@@ -230,9 +218,10 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEE
     and later waits on a rank with a recorded timeout give up at once.
     ``errors.raise_if_wait_timed_out(err, heap)`` turns the record into an exception.
 
-    ``SLEEP_NS > 0`` (GPU only): a waiter that shares its SM with programs doing work polls with plain
-    ("relaxed", "sys") loads, sleeping about SLEEP_NS between them, and acquires once the flag is up; a tight
-    loop of acquire atomics takes issue slots and L2 atomic throughput from its neighbours. 0: the tight loop.
+    ``SLEEP_NS > 0``: a waiter that shares its SM with programs doing work polls with plain ("relaxed", "sys")
+    loads, sleeping about SLEEP_NS between them (``target.sleep``: name the ``TARGET``), and acquires once the
+    flag is up; a tight loop of acquire atomics takes issue slots and L2 atomic throughput from its
+    neighbours. 0: the tight loop.
     """
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
     if MAX_SPINS > 0:
@@ -241,7 +230,7 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEE
             spins = MAX_SPINS
         while (seen < value) & (spins < MAX_SPINS):
             if SLEEP_NS > 0:
-                nanosleep(SLEEP_NS)
+                target.sleep(SLEEP_NS, TARGET)
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
             spins += 1
         if seen < value:  # record layout: errors.ERR_*
@@ -257,7 +246,7 @@ def wait_until(flag_ptr, value, cur_rank, err_ptr, MAX_SPINS: tl.constexpr, SLEE
     elif SLEEP_NS > 0:
         if seen < value:
             while seen < value:
-                nanosleep(SLEEP_NS)
+                target.sleep(SLEEP_NS, TARGET)
                 seen = tl.load(flag_ptr, volatile=True)  # ld.volatile: relaxed at "sys" scope, not cached in L1
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")  # orders the reads that follow
     else:
