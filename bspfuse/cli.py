@@ -123,6 +123,7 @@ def inspect_text(program, stage: str, mode: str = "auto", target: str = "H200") 
         return "\n".join(lines)
     from bspfuse.codegen.triton import generate
     from bspfuse.lowering import TARGETS, plan_fused
+    from bspfuse.runtime.target import uses_tma
     from bspfuse.tile import print_tile_program
 
     parts, machine = [], TARGETS[target]
@@ -131,7 +132,7 @@ def inspect_text(program, stage: str, mode: str = "auto", target: str = "H200") 
         if plan is not None:
             tp = plan.tile_program
             parts.append(f"{plan.launch_line} (%{op.outputs[0].name} on {machine})\n" + print_tile_program(tp)
-                         if stage == "tile" else generate(tp, tma=not machine.sim).source)
+                         if stage == "tile" else generate(tp, tma=uses_tma(machine.kernel_target)).source)
         elif op.opcode == "flash_decode" and stage == "tile":
             parts.append(f"%{op.outputs[0].name} = flash_decode stage {op.attrs.get('stage')}: hand-written "
                          "kernels (bspfuse/kernels/decode.py), no tile program")
@@ -294,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     _target_arguments(i)
     i.add_argument("--stage", choices=("graph", "fused", "tile", "triton"), default="fused")
     i.add_argument("--mode", choices=modes, default="auto")
-    i.add_argument("--target", dest="machine", choices=("H200", "H100", "sim"), default="H200",
+    i.add_argument("--target", dest="machine", choices=("H200", "H100", "MI300X", "sim"), default="H200",
                    help="the machine the tile and triton stages are planned for (default H200)")
     i.set_defaults(fn=cmd_inspect)
 

@@ -594,11 +594,13 @@ _TORCH_NAME = {"f16": "torch.float16", "bf16": "torch.bfloat16", "f32": "torch.f
 
 
 def compile_module(program: Program, source: str = "<program>") -> str:
-    """A standalone Python module for the fused `program`: the Triton source of every fused GEMM inline
-    (pointer loads for the simulator, TMA for GPUs), and `run(ctx, inputs) -> outputs`, one line per op,
-    on bspfuse's host objects and runtime. Names in the text are checked identifiers or repr() strings."""
+    """A standalone Python module for the fused `program`: the Triton source of every fused GEMM inline, one per
+    kernel target (runtime.target: TMA on NVIDIA GPUs, pointer loads on AMD's and in the simulator), and
+    `run(ctx, inputs) -> outputs`, one line per op, on bspfuse's host objects and runtime. Names in the text
+    are checked identifiers or repr() strings."""
     from bspfuse.codegen.triton import generate
     from bspfuse.lowering import GEMM_KINDS, SIM, TARGETS, gemm_shape, plan_fused, weight_widths
+    from bspfuse.runtime.target import uses_tma
 
     W = program.world_size
     if W is None:
@@ -618,9 +620,9 @@ def compile_module(program: Program, source: str = "<program>") -> str:
         name = op.outputs[0].name
         if code in GEMM_KINDS:
             srcs = {}
-            for target, plan, tma in (("sim", plan_fused(op, program, SIM), False),
-                                      ("gpu", plan_fused(op, program, TARGETS["H200"]), True)):
-                ks = generate(plan.tile_program, tma=tma)
+            for machine in (SIM, TARGETS["H200"], TARGETS["MI300X"]):  # kernel targets sim, cuda, hip
+                target = machine.kernel_target
+                ks = generate(plan_fused(op, program, machine).tile_program, tma=uses_tma(target))
                 srcs[target] = ks.name
                 kernels.append(f"KERNELS[({name!r}, {target!r})] = ({ks.name!r}, {ks.source!r})\n")
             m, n, k = gemm_shape(op, program)
@@ -706,13 +708,13 @@ from bspfuse.kernels.flash_decode import FlashDecode
 from bspfuse.tile import TileConfig
 
 WORLD_SIZE = {world}
-KERNELS = {{}}  # (op, "sim" | "gpu") -> (kernel name, Triton source)
+KERNELS = {{}}  # (op, kernel target: "cuda" | "hip" | "sim") -> (kernel name, Triton source)
 {kernels}
 _OPS = {{}}
 
 
 def _inline(host, name):
-    kname, source = KERNELS[(name, "sim" if host.heap.device.type == "cpu" else "gpu")]
+    kname, source = KERNELS[(name, host.target.kernel_target)]
     host.kernel = load_kernel(KernelSource(kname, source, [], []))
     return host
 

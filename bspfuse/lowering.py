@@ -56,30 +56,39 @@ def weights_of(op: Op) -> tuple:
 
 @dataclass(frozen=True)
 class Target:
-    """The machine a kernel is planned for: a GPU model and its SM count, or the simulator."""
+    """The machine a kernel is planned for: a GPU model and its SM count, or the simulator, and the kernel
+    target its kernels compile for (runtime.target's TARGET: "cuda", "hip" or "sim")."""
 
     name: str
     num_sms: int
-    sim: bool = False
+    kernel_target: str = "cuda"
+
+    @property
+    def sim(self) -> bool:
+        return self.kernel_target == "sim"
 
     def __str__(self) -> str:
         return "the simulator" if self.sim else f"{self.name} ({self.num_sms} SMs)"
 
 
-SIM = Target("sim", 132, sim=True)
-TARGETS = {"sim": SIM, "H100": Target("H100", 132), "H200": Target("H200", 132)}
+SIM = Target("sim", 132, "sim")
+# MI300X: 304 compute units; kernel target "hip" (pointer loads, AMDGCN), compiled in CI but not yet run
+TARGETS = {"sim": SIM, "H100": Target("H100", 132), "H200": Target("H200", 132), "MI300X": Target("MI300X", 304, "hip")}
 # Triton's interpreter runs every program of a grid one after another on the CPU: small tiles keep it quick.
 SIM_CONFIG = TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
 
 
 def target_of(device) -> Target:
-    """The Target a torch device is: the simulator for the CPU, else the GPU's model and SM count."""
+    """The Target a torch device is: the simulator for the CPU, else the GPU's model, SM count and kernel target."""
     import torch
+
+    from bspfuse.runtime.target import device_target
 
     if device.type != "cuda":
         return SIM
     props = torch.cuda.get_device_properties(device)
-    return Target(next((m for m in ("H100", "H200") if m in props.name), props.name), props.multi_processor_count)
+    return Target(next((m for m in ("H100", "H200", "MI300X") if m in props.name), props.name),
+                  props.multi_processor_count, device_target(device))
 
 
 @dataclass(frozen=True)

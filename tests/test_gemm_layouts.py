@@ -108,7 +108,7 @@ COMPILE = textwrap.dedent('''
         cfg, ty = tp.config, TY[tp.dtype]
         b_block = [cfg.BK, cfg.BN] if tp.b_layout == "kn" else [cfg.BN, cfg.BK]
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16, FLAG_BLOCKS=8,
+                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, TARGET="cuda", VEC=16, FLAG_BLOCKS=8,
                       SEGMENTED=False)
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
@@ -221,9 +221,11 @@ def test_a_and_b_of_one_shape_get_descriptors_of_their_own():
     from types import SimpleNamespace
 
     from bspfuse.kernels.gemm import _Fused
+    from bspfuse.lowering import TARGETS
 
     op = _Fused.__new__(_Fused)
     op.heap, op._descs, op._last_b = SimpleNamespace(device=torch.device("cuda")), {}, (None, None)
+    op.target = TARGETS["H100"]  # what the constructor derives from the heap's device (lowering.target_of)
     op.config = TileConfig(BM=128, BN=128, BK=64)
     a, w = torch.randn(256, 128), torch.randn(256, 128)
     _, layout, storage, b_desc = op._operands(a, w.t())

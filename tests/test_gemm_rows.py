@@ -331,7 +331,7 @@ COMPILE = textwrap.dedent('''
         fn = load_kernel(ks)
         cfg = tp.config
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, PROXY_FENCE=True, VEC=16, FLAG_BLOCKS=8,
+                      LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, TARGET="cuda", VEC=16, FLAG_BLOCKS=8,
                       SEGMENTED=segmented)
         b_block = [cfg.BK, cfg.BN] if tp.b_layout == "kn" else [cfg.BN, cfg.BK]
         a_block = [1, cfg.BM, cfg.BK] if segmented else [cfg.BM, cfg.BK]  # the host's A descriptor (RS)

@@ -43,6 +43,7 @@ from bspfuse.runtime.errors import ERR_RECORD_LEN, raise_if_wait_timed_out
 from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
 from bspfuse.lowering import plan_kernel, target_of
+from bspfuse.runtime.target import device_target, uses_tma
 from bspfuse.tile import AG_MODES, SCATTER_MODES, TileConfig
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -73,7 +74,7 @@ def _scratch_on_heap(size: int, alignment: int, stream):
 def _set_allocator(heap):
     """Descriptors made on the device (the AG kernel's A operand) need scratch space from this allocator.
     Triton keeps its allocator per thread (a context variable): every launching thread sets it."""
-    if _sim(heap):
+    if not uses_tma(device_target(heap.device)):
         return
     if _scratch["heap"] is not heap:
         if _scratch["buffer"] is not None:
@@ -185,7 +186,7 @@ class _Fused:
         """Build the kernel for the B layout the constructor names; a call with B in the other layout
         compiles that variant once (`_kernel_for`), so neither layout is ever copied."""
         self.tile_program = self._lower(b_layout)
-        self.kernel_source = generate(self.tile_program, tma=not _sim(self.heap))
+        self.kernel_source = self._generate(self.tile_program)
         # the positions of the parameters that get a call's own tensors (every B layout's kernel has the same)
         self._per_call_args = tuple(i for i, p in enumerate(self.kernel_source.params)
                                     if p in _PER_CALL or re.fullmatch(r"c\d*_ptr", p))
@@ -197,8 +198,11 @@ class _Fused:
         if b_layout == self.tile_program.b_layout:
             return self.kernel
         if b_layout not in self._other_layouts:
-            self._other_layouts[b_layout] = load_kernel(generate(self._lower(b_layout), tma=not _sim(self.heap)))
+            self._other_layouts[b_layout] = load_kernel(self._generate(self._lower(b_layout)))
         return self._other_layouts[b_layout]
+
+    def _generate(self, tp):
+        return generate(tp, tma=uses_tma(self.target.kernel_target))
 
     def _forget_call(self, launcher: FastLaunch) -> None:
         """After a launch: keep no tensor of this call (its A, its outputs; see FastLaunch.forget), since
@@ -249,9 +253,10 @@ class _Fused:
         the launch on it, took a large part of a call's host time. One is kept per operand, block and dtype
         (a call of other rows replaces it), so calls of ever new lengths keep no more.
         Each operand has its own: A and B of one call can have the same shape (a square weight given as
-        weight.t() with BM == BN), and rebasing one descriptor for both would read A twice. The simulator's
-        kernels load through pointers (generate(tma=False)); any valid value fills the slot there."""
-        if _sim(self.heap):
+        weight.t() with BM == BN), and rebasing one descriptor for both would read A twice. Kernels without
+        TMA (the simulator's, AMD's) load through pointers (generate(tma=False)); any valid value fills the slot
+        there."""
+        if not uses_tma(self.target.kernel_target):
             return t
         key = (operand, tuple(block), t.dtype)
         desc = self._descs.get(key)
@@ -361,7 +366,7 @@ class FusedAllGatherMatmul(_Fused):
         segmented = batch > 1
         launch = self._launcher((b_layout, segmented), b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-            NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, PROXY_FENCE=not _sim(self.heap),
+            NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, TARGET=self.target.kernel_target,
             VEC=_vec(self.K), SEGMENTED=segmented, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
         # copy_engine's flags are written by the host: its kernel takes the host's epoch; the others count
