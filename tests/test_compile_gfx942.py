@@ -176,5 +176,5 @@ def test_a_device_names_its_target_and_only_cuda_uses_tma(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.4.0")  # PyTorch's ROCm build: AMD GPUs are "cuda" devices
     assert device_target("cuda") == "hip"
     assert [uses_tma(t) for t in ("cuda", "hip", "sim")] == [True, False, False]
-    with pytest.raises(ValueError, match="unknown target 'rocm'"):
+    with pytest.raises(ValueError, match="unknown kernel target 'rocm'"):
         uses_tma("rocm")

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-TARGETS = ("cuda", "hip", "sim")
+KERNEL_TARGETS = ("cuda", "hip", "sim")
 
 
 def device_target(device) -> str:
@@ -46,8 +46,8 @@ def uses_tma(target: str) -> bool:
     """Whether kernels for `target` move operand tiles through tensor descriptors (Hopper's TMA). gfx942 has
     no TMA, and Triton's interpreter misreads bf16 through descriptors: both load through pointers
     (``codegen.triton.generate(tp, tma=False)``, host descriptors replaced by the tensors)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
+    if target not in KERNEL_TARGETS:
+        raise ValueError(f"unknown kernel target {target!r}: one of {', '.join(KERNEL_TARGETS)}")
     return target == "cuda"
 
 
