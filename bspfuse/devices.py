@@ -132,6 +132,23 @@ def _as_on_the_h200(figure: Figure, what: str, why_not: str = "not measured on H
     return Figure(figure.value, f"assumed: as on the H200 pair, where {what.format(v=figure.value)}; {why_not}")
 
 
+# The figures of a GPU pair's data movement and the fitted ones, as {field: what the H200 figure says}.
+_PEER_FIGURES = {
+    "sm_push_gbps": "one program's remote writes moved {v:g} GB/s",
+    "nccl_efficiency": "NCCL moved {v:g} of the link rate",
+    "flag_round_trip_us": "a flag round trip took {v:g} us",
+    "direct_exposed_gbps": "the fit gave {v:g} GB/s",
+    "direct_hop_us": "the fit gave {v:g} us",
+    "comm_program_gbps": "the fit gave {v:g} GB/s",
+    "copy_engine_fixed_us": "the fit gave {v:g} us",
+    "min_gain": "runs spread by up to {v:.0%}",
+}
+
+
+def _peer_figures_as_on_the_h200(why_not: str = "not measured on H100s") -> dict[str, Figure]:
+    return {name: _as_on_the_h200(getattr(H200, name), what, why_not) for name, what in _PEER_FIGURES.items()}
+
+
 H100 = Device(
     name="H100",
     peak_bf16_tflops=Figure(989.0, "datasheet: H100 SXM, dense BF16 (1979 with sparsity)"),
@@ -147,23 +164,12 @@ H100 = Device(
     collective_latency_us=_as_on_the_h200(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us"),
     num_sms=Figure(132, "datasheet: H100 SXM, 132 SMs (torch reported 132: "
                         "benchmarks/results/decode_core_h100.json)"),
-    sm_push_gbps=_as_on_the_h200(H200.sm_push_gbps, "one program's remote writes moved {v:g} GB/s"),
-    nccl_efficiency=_as_on_the_h200(H200.nccl_efficiency, "NCCL moved {v:g} of the link rate"),
-    flag_round_trip_us=_as_on_the_h200(H200.flag_round_trip_us, "a flag round trip took {v:g} us"),
-    direct_exposed_gbps=_as_on_the_h200(H200.direct_exposed_gbps, "the fit gave {v:g} GB/s"),
-    direct_hop_us=_as_on_the_h200(H200.direct_hop_us, "the fit gave {v:g} us"),
-    comm_program_gbps=_as_on_the_h200(H200.comm_program_gbps, "the fit gave {v:g} GB/s"),
-    copy_engine_fixed_us=_as_on_the_h200(H200.copy_engine_fixed_us, "the fit gave {v:g} us"),
-    min_gain=_as_on_the_h200(H200.min_gain, "runs spread by up to {v:.0%}"),
+    **_peer_figures_as_on_the_h200(),
 )
 
 
 # ------------------------------------------------------------------------------------------------ MI300X
 # Nothing measured: datasheet values, the rest assumed from the H200s.
-
-def _not_measured_on_mi300x(figure: Figure, what: str) -> Figure:
-    return _as_on_the_h200(figure, what, "RCCL and AMD GPUs not measured here")
-
 
 MI300X = Device(
     name="MI300X",
@@ -175,16 +181,10 @@ MI300X = Device(
     hbm_gbps=Figure(5300.0, "datasheet: MI300X HBM3 peak; not measured"),
     link_gbps=Figure(448.0, "datasheet: 7 Infinity Fabric links x 64 GB/s per direction; not measured"),
     launch_us=Figure(3.0, "assumed: typical host cost of one HIP kernel launch; not measured"),
-    collective_latency_us=_not_measured_on_mi300x(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us"),
+    collective_latency_us=_as_on_the_h200(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us",
+                                          "RCCL and AMD GPUs not measured here"),
     num_sms=Figure(304, "datasheet: MI300X, 304 compute units"),
-    sm_push_gbps=_not_measured_on_mi300x(H200.sm_push_gbps, "one program's remote writes moved {v:g} GB/s"),
-    nccl_efficiency=_not_measured_on_mi300x(H200.nccl_efficiency, "NCCL moved {v:g} of the link rate"),
-    flag_round_trip_us=_not_measured_on_mi300x(H200.flag_round_trip_us, "a flag round trip took {v:g} us"),
-    direct_exposed_gbps=_not_measured_on_mi300x(H200.direct_exposed_gbps, "the fit gave {v:g} GB/s"),
-    direct_hop_us=_not_measured_on_mi300x(H200.direct_hop_us, "the fit gave {v:g} us"),
-    comm_program_gbps=_not_measured_on_mi300x(H200.comm_program_gbps, "the fit gave {v:g} GB/s"),
-    copy_engine_fixed_us=_not_measured_on_mi300x(H200.copy_engine_fixed_us, "the fit gave {v:g} us"),
-    min_gain=_not_measured_on_mi300x(H200.min_gain, "runs spread by up to {v:.0%}"),
+    **_peer_figures_as_on_the_h200("RCCL and AMD GPUs not measured here"),
 )
 
 DEVICES = {d.name: d for d in (H100, H200, MI300X)}
