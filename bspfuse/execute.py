@@ -619,11 +619,9 @@ def compile_module(program: Program, source: str = "<program>") -> str:
         code, a = op.opcode, op.attrs
         name = op.outputs[0].name
         if code in GEMM_KINDS:
-            srcs = {}
             for machine in (SIM, TARGETS["H200"], TARGETS["MI300X"]):  # kernel targets sim, cuda, hip
                 target = machine.kernel_target
                 ks = generate(plan_fused(op, program, machine).tile_program, tma=uses_tma(target))
-                srcs[target] = ks.name
                 kernels.append(f"KERNELS[({name!r}, {target!r})] = ({ks.name!r}, {ks.source!r})\n")
             m, n, k = gemm_shape(op, program)
             dtype = _TORCH_NAME[op.outputs[0].type.dtype]
