@@ -126,8 +126,8 @@ def _val(node: torch.fx.Node) -> torch.Tensor:
 
 
 def _static(*nodes) -> bool:
-    """Every node is a tensor of known sizes: the rewrites below leave symbolic shapes to the passes, which
-    decline them with a reason."""
+    """Every node is a tensor of known sizes: the rewrites below that need them leave a dynamic graph's
+    nodes as they are (capture and the passes handle its symbolic sizes)."""
     return all(isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
                and all(isinstance(d, int) for d in n.meta["val"].shape) for n in nodes)
 

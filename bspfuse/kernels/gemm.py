@@ -88,13 +88,6 @@ def _sim(heap) -> bool:
     return heap.device.type == "cpu"
 
 
-def num_programs(heap) -> int:
-    """One program per SM on a GPU; in the simulator programs run one after another, so one per role."""
-    if _sim(heap):
-        return 0
-    return torch.cuda.get_device_properties(heap.device).multi_processor_count
-
-
 def tma_unsupported(dtype: torch.dtype, **dims: int) -> str | None:
     """Why the tensor-memory (TMA) loads cannot serve these sizes, or None. Rows must be 16-byte aligned."""
     item = torch.empty((), dtype=dtype).element_size()
