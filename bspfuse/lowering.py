@@ -71,10 +71,12 @@ class Target:
         return "the simulator" if self.sim else f"{self.name} ({self.num_sms} SMs)"
 
 
-SIM = Target("sim", 132, "sim")
+# The simulator: a few "SMs", so a persistent kernel has programs of every role (a comm program and two GEMM
+# programs where the GPU has comm programs) and they interleave as on a GPU (runtime.sim.Programs).
+SIM = Target("sim", 3, "sim")
 # MI300X: 304 compute units; kernel target "hip" (pointer loads, AMDGCN), compiled in CI but not yet run
 TARGETS = {"sim": SIM, "H100": Target("H100", 132), "H200": Target("H200", 132), "MI300X": Target("MI300X", 304, "hip")}
-# Triton's interpreter runs every program of a grid one after another on the CPU: small tiles keep it quick.
+# Triton's interpreter runs every program on the CPU: small tiles keep it quick.
 SIM_CONFIG = TileConfig(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=2, comm_programs=1)
 
 
@@ -116,9 +118,9 @@ def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype:
     pull/push/copy_engine rewrite, how many programs move data and the grid. M, N, K as the host objects
     take them: AG+GEMM (M_local, N, K), GEMM+RS/AR (M, N, K_local).
 
-    The simulator's differences from a GPU are here and nowhere else: its tile (SIM_CONFIG), one program per
-    role (Triton's interpreter runs a grid's programs one after another), at most one AG comm program, and
-    GEMM+RS/AR with no comm program (each GEMM program moves its own staged tiles)."""
+    The simulator's differences from a GPU are here and nowhere else: its tile (SIM_CONFIG) and its few
+    programs (SIM.num_sms); the roles, how many programs move data (one, as SIM_CONFIG asks) and the
+    protocol are the GPU's."""
     rows = M * world if kind == "ag_matmul" else M
     cfg = config or (SIM_CONFIG if target.sim else choose_config(kind, rows, N, K, world, target.num_sms))
     if kind == "ag_matmul":
@@ -127,12 +129,13 @@ def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype:
     tp = _LOWER[kind](name, dtype, tuple(epilogue), cfg, b_layout, **more)
     tp = STAGING[mode](tp) if mode in STAGING else tp
     if kind == "ag_matmul":
-        comm = min(cfg.comm_programs, 1) if target.sim else cfg.comm_programs
-    else:  # comm programs move staged tiles on a GPU
-        comm = max(1, cfg.comm_programs) if (tp.per_chunk or tp.per_own_chunk) and not target.sim else 0
+        comm = cfg.comm_programs
+    else:  # comm programs move the staged tiles
+        comm = max(1, cfg.comm_programs) if (tp.per_chunk or tp.per_own_chunk) else 0
+    if comm >= target.num_sms:
+        raise ValueError(f"{name}: {comm} comm programs leave no GEMM program on {target}")
     tp = tp.with_(config=dataclasses.replace(cfg, comm_programs=comm))
-    programs = ((comm + 1) if kind == "ag_matmul" else 1) if target.sim else target.num_sms
-    return KernelPlan(tp, programs)
+    return KernelPlan(tp, target.num_sms)
 
 
 def plan_fused(op: Op, program: Program, target: Target, config: TileConfig | None = None) -> KernelPlan | None:

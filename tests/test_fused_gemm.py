@@ -157,7 +157,7 @@ def _tickets_after_calls(ctx):
             shards = _inputs(call, *[(21, 24)] * W, dtype=torch.bfloat16)
             (b,) = _inputs(50 + call, (24, 40), dtype=torch.bfloat16)
             worst = max(worst, _rel(op(shards[r], b), torch.cat(shards).double() @ b.double()))
-        out[f"ag {mode}"] = (int(op.ticket), op.config.comm_programs + 1, calls, worst)
+        out[f"ag {mode}"] = (int(op.ticket), op.plan.programs, calls, worst)
     for mode in ("push", "pull", "direct"):
         op = FusedMatmulReduceScatter(ctx.heap, 16 * W, 32, 24, torch.bfloat16, config=SMALL, mode=mode)
         worst = 0.0
@@ -166,7 +166,7 @@ def _tickets_after_calls(ctx):
             b_all = _inputs(50 + call, *[(24, 32)] * W, dtype=torch.bfloat16)
             ref = sum(a.double() @ b.double() for a, b in zip(a_all, b_all)).chunk(W)[r]
             worst = max(worst, _rel(op(a_all[r], b_all[r]), ref))
-        out[f"rs {mode}"] = (int(op.ticket), 1, calls, worst)
+        out[f"rs {mode}"] = (int(op.ticket), op.plan.programs, calls, worst)
     return out
 
 

@@ -13,12 +13,16 @@ What the interpreter does and does not give (triton 3.6):
   atomic across processes, and bf16 ``atomic_add``/``atomic_xchg`` are not supported
   at all. ``patch_interpreter`` replaces both with a compare-and-swap loop on the
   aligned 32-bit word around the element (real hardware CAS).
-- The programs of one launch run one after another in one process: a program that
-  waits for a later program of the same launch on the same rank never sees it
-  (a bounded ``wait_until`` reports it). Waits between ranks work.
-- A spinning rank sleeps 0.2 ms when a flag read returns the same value as its
-  previous read (``patch_interpreter``), so world sizes above the core count still
-  make progress quickly.
+- The interpreter runs the programs of a launch one after another. ``patch_interpreter``
+  runs them as a GPU does instead: concurrently, each program a thread, one running at a
+  time (``Programs``). A program hands over when it spins on a flag (it read the same
+  value twice) or raises one, so a comm program moves a tile while the GEMM programs
+  compute, and a program may wait for any other program of its launch. Programs start
+  in order, a new one when the running one finishes or hands over as the last started,
+  so a launch that never waits runs exactly as before. When every started program of
+  every launch on this rank spins, the rank sleeps 0.2 ms before the next hand-over,
+  leaving the core to the rank that will write the flag (world sizes above the core
+  count still make progress quickly).
 - Calls of ``@triton.jit`` device functions from a kernel re-patch ``triton.language``
   each time (about 2 ms a call); ``patch_interpreter`` skips that while a kernel runs,
   which makes kernels that call ``iris.*`` in loops about 1.5x faster.
@@ -30,12 +34,14 @@ What the interpreter does and does not give (triton 3.6):
 from __future__ import annotations
 
 import ctypes
-import time
+import inspect
 import threading
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
 import torch
+import triton
 
 from .errors import BspfuseRuntimeError
 
@@ -102,6 +108,7 @@ def patch_interpreter(progress=None) -> None:
         return
     from triton.runtime import interpreter
     interpreter._interpreter = _CrossProcessAtomics(interpreter._interpreter)
+    _patch_concurrent_programs(interpreter)
     _patch_nested_calls(interpreter)
     _patch_bf16_dot(interpreter)
     if progress is not None:
@@ -161,6 +168,166 @@ def _patch_bf16_dot(interpreter) -> None:
     builder.create_dot = create_dot
 
 
+# ---- the programs of a launch, run concurrently
+
+_thread = threading.local()
+
+
+def _program_state():
+    """The calling program's state (its last flag read); outside a launch, the thread's."""
+    if not hasattr(_thread, "last_read"):
+        _thread.last_read = None
+    return _thread
+
+
+class _Abort(BaseException):
+    """Unwinds a program whose launch failed in another program."""
+
+
+class Programs:
+    """The programs of one launch, each a thread, one running at a time: the running program holds the turn
+    and hands it over at a flag (``hand_over``), as an SM's warps leave the issue slots to others while they
+    poll. The order is round robin over started programs; the last started hands over to a new program
+    while there are any, so every program starts within one round (a persistent kernel's programs are all
+    resident on a GPU). One error stops every program and is raised from ``run``."""
+
+    current: "Programs | None" = None  # the launch running in this process (launches do not nest)
+
+    def __init__(self, count: int, body):
+        self.count, self.body = count, body
+        self.cv = threading.Condition()
+        self.started, self.live, self.spinning = 0, [], set()
+        self.turn, self.error = None, None
+
+    def run(self) -> None:
+        if self.count == 1:  # nothing to interleave
+            self.body(0)
+            return
+        Programs.current = self
+        try:
+            with self.cv:
+                self._start()
+                self.cv.wait_for(lambda: self.error is not None or (not self.live and self.started == self.count))
+                error = self.error
+                if error is not None:  # the others unwind (_Abort) at their next turn
+                    self.cv.wait_for(lambda: not self.live)
+        finally:
+            Programs.current = None
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def hand_over(spinning: bool) -> None:
+        """Called by the running program at a flag read that saw nothing new (spinning) or a flag write."""
+        self = Programs.current
+        if self is None or getattr(_thread, "program", None) is None:
+            if spinning:
+                time.sleep(SPIN_BACKOFF_S)
+            return
+        me = _thread.program
+        with self.cv:
+            if spinning:
+                self.spinning.add(me)
+            else:
+                self.spinning.clear()
+            if spinning and self.started == self.count and self.spinning >= set(self.live):
+                time.sleep(SPIN_BACKOFF_S)  # every program waits for another rank: give it the core
+            self._pass(me)
+            self.cv.wait_for(lambda: self.turn == me or self.error is not None)
+            if self.error is not None:
+                raise _Abort()
+
+    @staticmethod
+    def progressed() -> None:
+        self = Programs.current
+        if self is not None:
+            self.spinning.clear()
+
+    def _start(self) -> None:
+        i = self.started
+        self.started += 1
+        self.live.append(i)
+        self.turn = i
+        threading.Thread(target=self._program, args=(i,), name=f"program {i}", daemon=True).start()
+
+    def _pass(self, me: int) -> None:
+        """The turn goes to the next started program, or to a new one after the last started."""
+        at = self.live.index(me)
+        if at == len(self.live) - 1 and self.started < self.count:
+            self._start()
+        else:
+            self.turn = self.live[(at + 1) % len(self.live)]
+        self.cv.notify_all()
+
+    def _program(self, i: int) -> None:
+        _thread.program, _thread.last_read = i, None
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+        try:
+            if self.error is None:
+                self.body(i)
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001 - raised again by run()
+            with self.cv:
+                self.error = self.error or e
+        finally:
+            with self.cv:
+                at = self.live.index(i)
+                self.live.remove(i)
+                self.spinning.discard(i)
+                if self.error is None and (self.live or self.started < self.count):
+                    if self.started < self.count:
+                        self._start()
+                    else:
+                        self.turn = self.live[at % len(self.live)]
+                self.cv.notify_all()
+
+
+def _patch_concurrent_programs(interpreter) -> None:
+    """Run a launch's programs as ``Programs`` instead of one after another. The builder's program index
+    becomes per thread; the rest of GridExecutor.__call__ is triton 3.6's."""
+    executor, builder = interpreter.GridExecutor, interpreter.InterpreterBuilder
+    needed = ("_init_args_hst", "_restore_args_dev")
+    if not all(hasattr(executor, n) for n in needed) or not hasattr(interpreter, "_implicit_cvt"):
+        return  # another triton version: keep its behaviour
+    builder.grid_idx = property(lambda self: getattr(_thread, "grid_idx", None),
+                                lambda self, value: setattr(_thread, "grid_idx", value))
+    run_builder = interpreter.interpreter_builder
+
+    def grid_call(self, *args_dev, **kwargs):
+        argspec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in argspec.args}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        for hook in self.pre_run_hooks:
+            hook(*args_hst, **kwargs_hst)
+        patch_scope = interpreter._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {name: arg if name in self.constexprs else interpreter._implicit_cvt(arg)
+                    for name, arg in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1, ) * (3 - len(grid))
+            run_builder.set_grid_dim(*grid)
+            _, ny, nz = grid
+
+            def program(i: int) -> None:
+                run_builder.set_grid_idx(i // (ny * nz), i // nz % ny, i % nz)
+                self.fn(**args)
+
+            try:
+                Programs(grid[0] * ny * nz, program).run()
+            except Exception as e:
+                if triton.knobs.compilation.front_end_debugging:
+                    raise
+                raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            patch_scope.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    executor.__call__ = grid_call
+
+
 def _patch_nested_calls(interpreter) -> None:
     """Skip re-patching triton.language on every nested @triton.jit call.
 
@@ -213,7 +380,6 @@ class _CrossProcessAtomics:
         self._native = native
         self._fadd, self._xchg = native.RMW_OP.FADD, native.RMW_OP.XCHG
         self._add = native.RMW_OP.ADD
-        self._last_read = None
 
     def __getattr__(self, name):
         return getattr(self._native, name)
@@ -222,8 +388,11 @@ class _CrossProcessAtomics:
         if val.dtype.itemsize == 2 and op in (self._fadd, self._xchg):
             return self._rmw16(op, ptr, val, mask, sem)
         out = self._native.atomic_rmw(op, ptr, val, mask, sem)
-        if op == self._add and val.dtype.kind in "iu" and not val.any():
-            self._after_flag_read(ptr, out)  # an atomic add of 0 reads a flag
+        if val.dtype.kind in "iu":
+            if op == self._add and not val.any():
+                self._after_flag_read(ptr, out)  # an atomic add of 0 reads a flag
+            elif op in (self._add, self._xchg):
+                Programs.hand_over(spinning=False)  # a flag raised: let the programs that wait for it run
         return out
 
     def atomic_cas(self, ptr, cmp, val, sem):
@@ -232,16 +401,17 @@ class _CrossProcessAtomics:
             self._after_flag_read(ptr, out)  # a CAS that cannot change anything reads a flag
         return out
 
-    def _after_flag_read(self, ptr, seen) -> None:
-        """Back off when a rank reads the same flag value again: it is spinning.
-
-        Sleeping (not just sched_yield) hands the core to the rank that will write
-        the flag, which matters when there are more ranks than cores.
-        """
+    @staticmethod
+    def _after_flag_read(ptr, seen) -> None:
+        """A program that reads the same flag value again is spinning: it hands over (Programs)."""
+        state = _program_state()
         key = (ptr.tobytes(), seen.tobytes())
-        if key == self._last_read:
-            time.sleep(SPIN_BACKOFF_S)
-        self._last_read = key
+        spinning = key == state.last_read
+        state.last_read = key
+        if spinning:
+            Programs.hand_over(spinning=True)
+        else:
+            Programs.progressed()
 
     def _rmw16(self, op, ptr, val, mask, sem):
         ptrs = ptr.reshape(-1)
