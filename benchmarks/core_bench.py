@@ -141,7 +141,7 @@ def run_ag(ctx, args, time_it):
                                                             source=patched_ag(generated.source, store, hoist_a)))
                 op._launchers.clear()
                 time_it(shape, f"ours {store}" + (" a-once" if hoist_a else ""), lambda: op(a, b), ref, flops)
-        for buf in (op.flags, op.staging):
+        for buf in op.buffers():
             ctx.heap.free(buf)
 
 
@@ -172,8 +172,8 @@ def run_swiglu(ctx, args, time_it):
         op = FusedAllGatherMatmul(ctx.heap, M, (N, N), K, torch.bfloat16, mode="copy_engine", b_layout="nk",
                                   epilogue=("swiglu",), config=TileConfig(BM, BN, BK, 8, warps, stages, 0))
         time_it(shape, f"ours swiglu {BM}x{BN}x{BK}w{warps}s{stages}", lambda: op(a, bs)[0], ref, flops)
-        ctx.heap.free(op.flags)
-        ctx.heap.free(op.staging)
+        for buf in op.buffers():
+            ctx.heap.free(buf)
 
 
 LAYER_DIMS = (8192, 8192, 4096, 512, 14336)  # tokens, hidden, q and kv widths per rank, ffn per rank
@@ -261,9 +261,8 @@ def run_layer(ctx, args):
             print(f"  ours {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append(dict(variant=f"ours {cfg}", error=f"{type(e).__name__}: {str(e)[:300]}"))
         for op in ops:
-            for buf in (op.flags, op.staging, getattr(op, "inbox", None), getattr(op, "out_heap", None)):
-                if buf is not None:
-                    ctx.heap.free(buf)
+            for buf in op.buffers():
+                ctx.heap.free(buf)
     return rows
 
 

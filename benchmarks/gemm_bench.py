@@ -267,10 +267,8 @@ def run(ctx, args):
                         record("ag_gemm", shape, "ours auto", t, err, choice=auto.mode, reason=auto.reason)
                         if args.profile_cold:
                             profile_cold(lambda: op(a, b), f"ag_gemm {shape} {variant}", show=rank == 0)
-                    heap.free(op.flags)
-                    for buf in (op.staging, op.a_heap):
-                        if buf is not None:
-                            heap.free(buf)
+                    for buf in op.buffers():
+                        heap.free(buf)
                 attempt("ag_gemm", shape, f"ours {variant}", ours)
             del a, b, full, ref
 

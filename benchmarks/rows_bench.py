@@ -74,10 +74,8 @@ def run(ctx, args):
         rows.append(dict(op=op_name, shape=f"{M}x{N}x{K}", variant="cublas", rows=M, ms=ms,
                          rel_err=_check(a @ w.t(), a, w.t())))
         for op in made.values():
-            for buf in (op.flags, getattr(op, "staging", None), getattr(op, "inbox", None),
-                        getattr(op, "out_heap", None), getattr(op, "a_heap", None)):
-                if buf is not None:
-                    ctx.heap.free(buf)
+            for buf in op.buffers():
+                ctx.heap.free(buf)
     return rows
 
 

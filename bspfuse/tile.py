@@ -92,6 +92,132 @@ class AddPeerPartials:
 Stmt = object
 
 
+# ----------------------------------------------------------------------------------------------- interface
+# What a generated kernel takes and what its host lays out for it, declared once: codegen renders the
+# signature, the flag arrays' offsets and every heap buffer's addressing from these; the host objects
+# allocate, bind arguments by name and address the same buffers from them; heap_bytes sums them.
+
+# Symbolic sizes are Python expressions over WORLD, M_BOUND (the most rows of one rank a call may have), M_LOCAL
+# (a call's rows of one rank), N, K, BM, BN, cdiv and these derived names:
+DERIVED_SIZES = {
+    "NB": "cdiv(M_BOUND, BM)",  # row blocks of one rank's rows at the bound
+    "TILES": "NB * cdiv(N, BN)",  # output tiles of one rank's rows at the bound
+}
+
+
+def size_of(expr: str, env: dict) -> int:
+    """The value of a symbolic size for the sizes in `env` (WORLD, M_BOUND, N, K, BM, BN, ...)."""
+    names = {"cdiv": lambda a, b: -(-a // b), **env}
+    for name, derived in DERIVED_SIZES.items():
+        names.setdefault(name, eval(derived, {"__builtins__": {}}, names))  # noqa: S307 - our own expressions
+    value = eval(expr, {"__builtins__": {}}, names)  # noqa: S307
+    assert isinstance(value, int) and value >= 0, (expr, value)
+    return value
+
+
+@dataclass(frozen=True)
+class HeapBuffer:
+    """A buffer on the symmetric heap, of the op's dtype: `slots` slots (they alternate between calls by epoch
+    parity) of `owners` blocks of M_BOUND rows, each row `cols` elements. Owner o's rows start o * owner_rows
+    rows into a slot: M_BOUND, or M_LOCAL where a call's blocks are packed (AR's result is then contiguous).
+    `param` is the kernel parameter that points at it."""
+    name: str
+    param: str
+    cols: str
+    slots: int = 1
+    owners: str = "WORLD"
+    owner_rows: str = "M_BOUND"
+
+    @property
+    def rows(self) -> str:
+        return f"{self.slots} * {self.owners} * M_BOUND"
+
+    def row_start(self, slot: str, owner: str) -> str:
+        """The first row of `owner`'s block in `slot` (both expressions)."""
+        terms = [f"({slot}) * {self.owners} * M_BOUND"] if self.slots > 1 else []
+        terms += [f"({owner}) * {self.owner_rows}"] if self.owners != "1" else []
+        return " + ".join(terms) or "0"
+
+    def __str__(self) -> str:
+        slots = f"{self.slots} slots x " if self.slots > 1 else ""
+        return f"{self.name} [{slots}{self.owners} x M_BOUND, {self.cols}]"
+
+
+@dataclass(frozen=True)
+class FlagArray:
+    """int32 flags [WORLD, per_rank] (per_rank a symbolic size), raised to a call's epoch and never reset. The
+    op keeps its arrays in one buffer (parameter flag_ptr), in the order the tile program lists them."""
+    name: str
+    per_rank: str
+    doc: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name} [WORLD, {self.per_rank}]"
+
+
+# Parameter roles: how the host binds a parameter and how long it keeps what it bound.
+ROLES = {
+    "operand": "a call's input (A, or its descriptor): bound per call, let go after the launch",
+    "output": "a call's output (C): bound per call, let go after the launch",
+    "weight": "B, its descriptor, a bias: kept while the same tensor comes back",
+    "heap": "one of the op's heap buffers (HeapBuffer.param)",
+    "flags": "the op's flag arrays (FlagArray), one buffer",
+    "state": "kept by the op for its life: the wait-error record, the heap's bases, the epoch ticket",
+    "scalar": "an integer: a size, a stride, the rank, the epoch",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    role: str
+
+    def __post_init__(self):
+        assert self.role in ROLES, self.role
+
+
+@dataclass(frozen=True)
+class KernelInterface:
+    """A kernel's parameters in order (with roles), its constexprs, heap buffers and flag arrays."""
+    name: str
+    params: tuple[Param, ...]
+    constexprs: tuple[str, ...]
+    buffers: tuple[HeapBuffer, ...]
+    flags: tuple[FlagArray, ...]
+
+    def names(self, *roles: str) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if not roles or p.role in roles)
+
+    def buffer(self, name: str) -> HeapBuffer:
+        return next(b for b in self.buffers if b.name == name)
+
+    def flag_offset(self, name: str) -> str:
+        """Where flag array `name` starts in the flag buffer (a symbolic size)."""
+        before = []
+        for f in self.flags:
+            if f.name == name:
+                return " + ".join(before) or "0"
+            before.append(f"WORLD * {f.per_rank}")
+        raise KeyError(f"{self.name}: no flag array {name!r} (it has {', '.join(f.name for f in self.flags)})")
+
+    def flag_words(self) -> str:
+        return " + ".join(f"WORLD * {f.per_rank}" for f in self.flags) or "0"
+
+    def binder(self):
+        """A function taking every parameter by keyword (and nothing else) and returning them in the kernel's
+        order: the host binds a launch's arguments by name at the cost of one call."""
+        names = ", ".join(self.names())
+        scope: dict = {}
+        exec(f"def {self.name}_arguments(*, {names}):\n    return ({names},)", scope)  # noqa: S102 - our names
+        return scope[f"{self.name}_arguments"]
+
+    def missing(self, given) -> str:
+        """The parameters not in `given` (names), with their roles: for an error message."""
+        return "; ".join(f"{p.name} ({p.role}: {ROLES[p.role]})" for p in self.params if p.name not in given)
+
+
+
+
 @dataclass(frozen=True)
 class TileConfig:
     BM: int = 128
@@ -139,8 +265,8 @@ class TileProgram:
     gemm_epilogue: tuple = ()  # gemm programs, after their tiles
     config: TileConfig = field(default_factory=TileConfig)
     mode: str = "direct"  # direct | pull | push
-    heap_buffers: tuple[str, ...] = ()  # what the host must allocate on the symmetric heap
-    flags: tuple[str, ...] = ()
+    heap_buffers: tuple[HeapBuffer, ...] = ()  # what the host must allocate on the symmetric heap
+    flags: tuple[FlagArray, ...] = ()
     b_layout: str = "kn"  # B_LAYOUTS: how the kernel reads B[K, N]
     # AG+GEMM: how many weights share the gathered A (C_j = A @ B_j; their column tiles form one N range,
     # so projections of the same input, e.g. wq/wk/wv or w1/w3, run as one wider GEMM)
@@ -156,6 +282,9 @@ class TileProgram:
 
     def with_(self, **kw) -> "TileProgram":
         return dataclasses.replace(self, **kw)
+
+    def has_buffer(self, name: str) -> bool:
+        return any(b.name == name for b in self.heap_buffers)
 
 
 def gated_config(cfg: TileConfig) -> TileConfig:
@@ -189,7 +318,8 @@ def print_tile_program(tp: TileProgram) -> str:
     layout += f" weights={tp.weights}" if tp.weights > 1 else ""
     lines = [f"tile_program {tp.name} kind={tp.kind} mode={tp.mode} dtype={tp.dtype} order={tp.order}{layout}",
              f"  config: {tp.config}",
-             f"  heap buffers: {', '.join(tp.heap_buffers) or '-'}; flags: {', '.join(tp.flags) or '-'}"]
+             f"  heap buffers: {', '.join(map(str, tp.heap_buffers)) or '-'}",
+             f"  flags: {', '.join(map(str, tp.flags)) or '-'}"]
     for title, body in (("host (copy engine) per chunk", tp.host_per_chunk),
                         ("comm prologue", tp.prologue), ("comm per chunk", tp.per_chunk),
                         ("comm per own tile", tp.per_own_chunk), ("comm after chunks", tp.comm_epilogue),
@@ -203,6 +333,23 @@ def print_tile_program(tp: TileProgram) -> str:
 
 # ----------------------------------------------------------------------------------------------- lowering
 
+# AG+GEMM: A on its owner's heap, where peers read it (direct, pull); peers' rows staged by slot and source rank
+A_ON_HEAP = HeapBuffer("a", "a_ptr", "K", owners="1")
+ROWS_INBOX = HeapBuffer("inbox", "stage_ptr", "K", slots=2)  # push: peers put their rows here
+ROWS_STAGING = HeapBuffer("staging", "stage_ptr", "K", slots=2)  # pull: this rank gets peers' rows here
+ENTERED = FlagArray("entered", "1", "[peer]: the peer entered this call, its A may be read")
+ROWS_STAGED = FlagArray("staged", "NB", "[source rank, row block]: the block is in my staging")
+ARRIVED = FlagArray("arrived", "NB", "[source rank, row block]: the peer put the block into my inbox")
+DONE_READING = FlagArray("done_reading", "1", "[peer]: the peer's comm programs read my A (a count)")
+# GEMM+RS/AR: partials by slot and source rank; a rank's own staged partials by owner; AR's result by slot
+PARTIALS_INBOX = HeapBuffer("inbox", "inbox_ptr", "N", slots=2)
+PARTIALS_STAGED = HeapBuffer("staging", "stage_ptr", "N")  # push: read by this rank's comm programs
+PARTIALS_SHARED = HeapBuffer("staging", "stage_ptr", "N", slots=2)  # pull: read by the owners
+AR_OUT = HeapBuffer("out", "out_ptr", "N", slots=2, owner_rows="M_LOCAL")
+PARTIAL_READY = FlagArray("partial_ready", "TILES", "[source rank, tile]: the peer's partial of my tile is ready")
+FINAL_READY = FlagArray("final_ready", "TILES", "[owner rank, tile]: the owner's finished tile is in my out")
+TILE_STAGED = FlagArray("staged", "TILES", "[position t]: this rank stored its tile t locally")
+
 
 def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
                            b_layout: str = "kn", weights: int = 1) -> TileProgram:
@@ -211,7 +358,7 @@ def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], con
     epilogue belongs to the first weight (the matmul whose pointwise chain the pass absorbed)."""
     return TileProgram("ag_matmul", name, dtype, "local_first",
                        per_tile=(LoadA("a", "src"), Dot(), Epilogue(epilogue), StoreTile("c", "me")),
-                       config=config, heap_buffers=("a",), b_layout=b_layout, weights=weights)
+                       config=config, heap_buffers=(A_ON_HEAP,), b_layout=b_layout, weights=weights)
 
 
 # The direct program stores a partial into its owner's inbox from the GEMM's epilogue; push turns that into
@@ -230,7 +377,7 @@ def lower_matmul_reduce_scatter(name: str, dtype: str, epilogue: tuple[str, ...]
                        per_tile=(LoadA("a", "me"), Dot(), *_STORE_PARTIAL_REMOTELY),
                        per_own_tile=(LoadA("a", "me"), Dot(), AddPeerPartials("inbox", "partial_ready"),
                                      Epilogue(epilogue), StoreTile("out", "me")),
-                       config=config, heap_buffers=("inbox",), flags=("partial_ready",), b_layout=b_layout)
+                       config=config, heap_buffers=(PARTIALS_INBOX,), flags=(PARTIAL_READY,), b_layout=b_layout)
 
 
 def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
@@ -241,7 +388,7 @@ def lower_matmul_allreduce(name: str, dtype: str, epilogue: tuple[str, ...], con
     return rs.with_(kind="matmul_ar",
                     per_own_tile=rs.per_own_tile + _STORE_FINAL_REMOTELY,
                     gemm_epilogue=(Wait("final_ready", "tile"),),
-                    heap_buffers=("inbox", "out"), flags=("partial_ready", "final_ready"))
+                    heap_buffers=(PARTIALS_INBOX, AR_OUT), flags=(PARTIAL_READY, FINAL_READY))
 
 
 # ----------------------------------------------------------------------------------------------- rewrites
@@ -271,7 +418,7 @@ def _stage_pull_rows(tp: TileProgram) -> TileProgram:
         per_tile=(Wait("staged", "chunk"), LoadA("staging", "me")) + per_tile,
         # A peer may overwrite its A as soon as this call returns: keep it until every peer has read it.
         comm_epilogue=(Signal("done_reading", "me", "peer", op="add"), Wait("done_reading", "peer", count="COMM")),
-        heap_buffers=("a", "staging"), flags=("entered", "staged", "done_reading"))
+        heap_buffers=(A_ON_HEAP, ROWS_STAGING), flags=(ENTERED, ROWS_STAGED, DONE_READING))
 
 
 def _stage_push_rows(tp: TileProgram) -> TileProgram:
@@ -283,7 +430,7 @@ def _stage_push_rows(tp: TileProgram) -> TileProgram:
         mode="push",
         per_chunk=(MoveChunk("put", "a", "inbox", "peer"), Signal("arrived", "chunk", "peer")),
         per_tile=(Wait("arrived", "chunk"), LoadA("inbox", "me")) + per_tile,
-        heap_buffers=("inbox",), flags=("arrived",))
+        heap_buffers=(ROWS_INBOX,), flags=(ARRIVED,))
 
 
 def stage_copy_engine(tp: TileProgram) -> TileProgram:
@@ -315,7 +462,7 @@ def _stage_push_partials(tp: TileProgram) -> TileProgram:
                                         _STORE_PARTIAL_REMOTELY[1]: (_STAGE_PARTIAL[1],)}),
         per_chunk=(Wait("staged", "tile"), MoveChunk("put", "staging", "inbox", "dst"),
                    Signal("partial_ready", "tile", "dst")),
-        heap_buffers=_heap(tp, "inbox", "staging"), flags=_flags(tp, "partial_ready", "staged"))
+        heap_buffers=_heap(tp, PARTIALS_INBOX, PARTIALS_STAGED), flags=_flags(tp, PARTIAL_READY, TILE_STAGED))
 
 
 def _stage_pull_partials(tp: TileProgram) -> TileProgram:
@@ -328,7 +475,7 @@ def _stage_pull_partials(tp: TileProgram) -> TileProgram:
         mode="pull",
         per_tile=_rewrite(tp.per_tile, {_STORE_PARTIAL_REMOTELY[0]: (_STAGE_PARTIAL[0],)}),
         per_own_tile=_rewrite(staged.per_own_tile, {add: (AddPeerPartials("staging", add.flag, "src"),)}),
-        heap_buffers=_heap(tp, "staging"), flags=_flags(tp, "partial_ready"))
+        heap_buffers=_heap(tp, PARTIALS_SHARED), flags=_flags(tp, PARTIAL_READY))
 
 
 def _stage_finals(tp: TileProgram) -> TileProgram:
@@ -343,13 +490,13 @@ def _stage_finals(tp: TileProgram) -> TileProgram:
                        Signal("final_ready", "tile", "peer")))
 
 
-def _heap(tp: TileProgram, *partial_buffers: str) -> tuple[str, ...]:
-    return partial_buffers + (("out",) if tp.kind == "matmul_ar" else ())
+def _heap(tp: TileProgram, *partial_buffers: HeapBuffer) -> tuple[HeapBuffer, ...]:
+    return partial_buffers + ((AR_OUT,) if tp.kind == "matmul_ar" else ())
 
 
-def _flags(tp: TileProgram, *partial_flags: str) -> tuple[str, ...]:
+def _flags(tp: TileProgram, *partial_flags: FlagArray) -> tuple[FlagArray, ...]:
     # AR moves finished tiles through the comm programs too: they wait on "staged" and raise "final_ready".
-    extra = ("staged", "final_ready") if tp.kind == "matmul_ar" else ()
+    extra = (TILE_STAGED, FINAL_READY) if tp.kind == "matmul_ar" else ()
     return tuple(dict.fromkeys(partial_flags + extra))
 
 
@@ -371,6 +518,37 @@ AG_MODES = ("push", "pull", "copy_engine", "direct")
 HOST_SIDE_AG_MODES = {"copy_engine": "the host enqueues the row copies and their flags for each call",
                       "direct": "the host barriers before and after each call"}
 SCATTER_MODES = ("push", "pull", "direct")  # GEMM+RS / GEMM+AR: a STAGING rewrite, or the direct program
+
+
+# ----------------------------------------------------------------------------------------------- the interface
+
+
+def kernel_interface(tp: TileProgram) -> KernelInterface:
+    """The parameters, constexprs, heap buffers and flag arrays of tp's kernel, in the order codegen renders
+    them and the host binds them."""
+    P = Param
+    bias = (P("bias_ptr", "weight"),) if any(isinstance(s, Epilogue) and "bias" in s.fns
+                                            for s in tp.per_tile + tp.per_own_tile) else ()
+    heap = tuple(P(b.param, "heap") for b in tp.heap_buffers if b.param not in ("a_ptr", "out_ptr"))
+    kept = (P("flag_ptr", "flags"), P("err_ptr", "state"), P("heap_bases", "state"), P("rank", "scalar"),
+            P("epoch", "scalar"), P("ticket_ptr", "state"))
+    sizes = tuple(P(n, "scalar") for n in ("M_LOCAL", "M_BOUND", "SEG", "N", "K", "stride_am", "stride_b"))
+    common = ("WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "NUM_PROGRAMS", "MAX_SPINS", "VEC", "SEGMENTED")
+    if tp.kind == "ag_matmul":
+        more = tuple(P(n.format(j), role) for j in range(1, tp.weights)
+                     for n, role in zip(AG_WEIGHT_PARAMS, ("weight", "output", "scalar", "scalar", "scalar")))
+        params = ((P("a_ptr", "operand"), P("b_desc", "weight"), P("b_ptr", "weight"), P("c_ptr", "output"))
+                  + bias + heap + kept + sizes + (P("stride_cm", "scalar"),) + more)
+        constexprs = common + ("CHUNK_K", "TARGET") + (("FLAG_BLOCKS",) if tp.host_per_chunk else ())
+    else:
+        params = ((P("a_desc", "operand"), P("a_ptr", "operand"), P("b_desc", "weight"), P("b_ptr", "weight"),
+                   P("out_ptr", "output")) + bias + heap + kept + sizes)
+        constexprs = common + ("LAG",)
+    return KernelInterface(tp.name, params, constexprs, tp.heap_buffers, tp.flags)
+
+
+# Weight j >= 1 of an AG+GEMM with several (weight 0 uses b_desc/b_ptr, c_ptr, N, stride_b, stride_cm).
+AG_WEIGHT_PARAMS = ("b{}_ptr", "c{}_ptr", "N{}", "stride_b{}", "stride_cm{}")
 
 
 # ----------------------------------------------------------------------------------------------- configs

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bspfuse.tile import (AddPeerPartials, Dot, Epilogue, LoadA, MoveChunk, Signal, StoreTile, TileProgram, Wait,
-                          is_gated, print_tile_program)
+from bspfuse.tile import (AG_WEIGHT_PARAMS, DERIVED_SIZES, AddPeerPartials, Dot, Epilogue, HeapBuffer,
+                          KernelInterface, LoadA, MoveChunk, Signal, StoreTile, TileProgram, Wait, is_gated,
+                          kernel_interface, print_tile_program)
 
 TL_DTYPE = {"bf16": "tl.bfloat16", "f16": "tl.float16", "f32": "tl.float32"}
 
@@ -19,9 +20,16 @@ TL_DTYPE = {"bf16": "tl.bfloat16", "f16": "tl.float16", "f32": "tl.float32"}
 class KernelSource:
     name: str
     source: str  # a complete Python module defining the @triton.jit kernel
-    params: list[str]  # runtime arguments, in order
-    constexprs: list[str]
+    interface: KernelInterface  # its parameters (in order, with roles), constexprs, heap buffers and flags
     line_map: dict[int, str] = field(default_factory=dict)  # generated line -> tile statement
+
+    @property
+    def params(self) -> list[str]:
+        return list(self.interface.names())
+
+    @property
+    def constexprs(self) -> list[str]:
+        return list(self.interface.constexprs)
 
 
 class _Emitter:
@@ -115,6 +123,31 @@ def _epoch_and_pid(e: _Emitter) -> None:
     with e.block():
         e('epoch = (tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu") // NUM_PROGRAMS + 1).to(tl.int32)')
     e("pid = tl.program_id(0)")
+
+
+def _size(expr: str) -> str:
+    """A symbolic size (tile.DERIVED_SIZES' vocabulary) as kernel code."""
+    return expr.replace("cdiv(", "tl.cdiv(")
+
+
+def _signature(e: _Emitter, iface: KernelInterface) -> None:
+    e(JIT)
+    e(f"def {iface.name}({', '.join(iface.names())},")
+    e(f"        {', '.join(c + ': tl.constexpr' for c in iface.constexprs)}):")
+
+
+def _layout(e: _Emitter, iface: KernelInterface) -> None:
+    """The derived sizes and each flag array's start, as the interface declares them."""
+    for name, expr in DERIVED_SIZES.items():
+        e(f"{name} = {_size(expr)}  # at the bound: the flags' and buffers' layout, the same in every call")
+    for f in iface.flags:
+        e(f"{f.name} = flag_ptr + {_size(iface.flag_offset(f.name))}  # [WORLD, {f.per_rank}] {f.doc}")
+
+
+def _rows_at(buf: HeapBuffer, slot: str, owner: str) -> str:
+    """Where `owner`'s rows of `buf` start in `slot` (a pointer on this rank's heap)."""
+    start = buf.row_start(slot, owner)
+    return buf.param if start == "0" else f"{buf.param} + ({_size(start)}).to(tl.int64) * {buf.cols}"
 
 
 def _epilogue_lines(fns: tuple[str, ...]) -> list[str]:
@@ -233,17 +266,8 @@ def _dot_precision(tp: TileProgram) -> str:
 def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
     out_ty = TL_DTYPE[tp.dtype]
-    params = ["a_ptr", "b_desc", "b_ptr", "c_ptr", "bias_ptr", "stage_ptr", "flag_ptr", "err_ptr",
-              "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "M_BOUND", "SEG", "N", "K", "stride_am",
-              "stride_b", "stride_cm"]
-    params += [p.format(j) for j in range(1, tp.weights) for p in _WEIGHT_PARAMS]
-    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "NUM_PROGRAMS", "CHUNK_K", "MAX_SPINS", "TARGET",
-                  "VEC", "SEGMENTED"]
-    if tp.host_per_chunk:
-        constexprs.append("FLAG_BLOCKS")  # row blocks per flag: the host copies (and flags) larger chunks
-    e(JIT)
-    e(f"def {tp.name}({', '.join(params)},")
-    e(f"        {', '.join(c + ': tl.constexpr' for c in constexprs)}):")
+    iface = kernel_interface(tp)  # FLAG_BLOCKS (copy_engine): row blocks per flag, the host copies larger chunks
+    _signature(e, iface)
     with e.block():
         e('"""C[M, N] = all_gather(A)[M, K] @ B[K, N]; A is row-sharded: this rank holds rows '
           '[rank*M_LOCAL, (rank+1)*M_LOCAL)')
@@ -251,9 +275,8 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
         e('the heap buffers and flags are laid out for."""')
         _epoch_and_pid(e)
         e("nb = tl.cdiv(M_LOCAL, BM)  # row-blocks (chunks) per rank in this call")
-        e("NB = tl.cdiv(M_BOUND, BM)  # ... at the bound: the flags' layout, the same in every call")
+        _layout(e, iface)
         e("slot = epoch % 2  # staging buffers alternate between calls, so no call waits for the previous")
-        e("flags = flag_ptr  # flag layout: " + ", ".join(f"{f}" for f in tp.flags))
         if tp.per_chunk:
             e("if pid < COMM:")
             with e.block():
@@ -263,22 +286,11 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
                 _gen_ag_tiles(e, tp, out_ty, tma)
         else:
             _gen_ag_tiles(e, tp, out_ty, tma)
-    return KernelSource(tp.name, "\n".join(e.lines) + "\n", params, constexprs, e.line_map)
-
-
-def _flag_offsets(tp: TileProgram) -> dict[str, str]:
-    """Each flag array's offset inside the one flag buffer (per-rank sized WORLD * NB, or WORLD). Sized for the
-    bound, never the call's rows: a peer a call ahead with other rows then still raises the array it means."""
-    sizes = {"entered": "WORLD", "staged": "WORLD * NB", "arrived": "WORLD * NB", "done_reading": "WORLD"}
-    off, out = "0", {}
-    for f in tp.flags:
-        out[f] = off
-        off = f"{off} + {sizes[f]}" if off != "0" else sizes[f]
-    return out
+    return KernelSource(tp.name, "\n".join(e.lines) + "\n", iface, e.line_map)
 
 
 def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
-    offs = _flag_offsets(tp)
+    staging = _peer_rows(tp)
     for s in tp.prologue:
         assert isinstance(s, Signal) and s.rank == "peer"
         e(f"# {s}", s)
@@ -287,7 +299,7 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
             e("for p in range(1, WORLD):", s)
             with e.block():
                 e("peer = (rank + p) % WORLD", s)
-                e(f"iris.signal(flags + {offs[s.flag]} + rank, epoch, rank, peer, heap_bases)", s)
+                e(f"iris.signal({s.flag} + rank, epoch, rank, peer, heap_bases)", s)
     e("# chunk work items: (chunk c, peer p); chunk-major so every peer gets its first rows first")
     e("n_items = nb * (WORLD - 1)")
     e("rows = tl.arange(0, BM)")
@@ -300,27 +312,21 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
         for s in tp.per_chunk:
             e(f"# {s}", s)
             if isinstance(s, Wait):
-                e(f"iris.wait_until(flags + {offs[s.flag]} + peer, epoch, rank, err_ptr, MAX_SPINS)", s)
-            elif isinstance(s, MoveChunk) and s.kind == "put":
-                e("dst_row = ((slot * WORLD + rank) * M_BOUND + r).to(tl.int64)  # peer's staging[slot, rank]", s)
+                e(f"iris.wait_until({s.flag} + peer, epoch, rank, err_ptr, MAX_SPINS)", s)
+            elif isinstance(s, MoveChunk):  # put: into the peer's inbox[slot, rank]; get: my staging[slot, peer]
+                owner = "rank" if s.kind == "put" else "peer"
+                e(f"dst_rows = {_rows_at(staging, 'slot', owner)}", s)
                 e("for k0 in range(0, K, CHUNK_K):", s)
                 with e.block():
                     e("kk = k0 + cols", s)
                     e("mask = (r < M_LOCAL)[:, None] & (kk < K)[None, :]", s)
-                    e("iris.put(a_ptr + r[:, None].to(tl.int64) * stride_am + kk[None, :], "
-                      "stage_ptr + dst_row[:, None] * K + kk[None, :], rank, peer, heap_bases, mask=mask, hint=(1, VEC))", s)
-            elif isinstance(s, MoveChunk) and s.kind == "get":
-                e("dst_row = ((slot * WORLD + peer) * M_BOUND + r).to(tl.int64)  # my staging[slot, peer]", s)
-                e("for k0 in range(0, K, CHUNK_K):", s)
-                with e.block():
-                    e("kk = k0 + cols", s)
-                    e("mask = (r < M_LOCAL)[:, None] & (kk < K)[None, :]", s)
-                    e("iris.get(a_ptr + r[:, None].to(tl.int64) * stride_am + kk[None, :], "
-                      "stage_ptr + dst_row[:, None] * K + kk[None, :], rank, peer, heap_bases, mask=mask, hint=(1, VEC))", s)
+                    e(f"iris.{s.kind}(a_ptr + r[:, None].to(tl.int64) * stride_am + kk[None, :], "
+                      f"dst_rows + r[:, None].to(tl.int64) * {staging.cols} + kk[None, :], rank, peer, heap_bases, "
+                      "mask=mask, hint=(1, VEC))", s)
             elif isinstance(s, Signal):
                 target = "peer" if s.rank == "peer" else "rank"
                 who = "rank" if s.rank == "peer" else "peer"
-                e(f"iris.signal(flags + {offs[s.flag]} + {who} * NB + c, epoch, rank, {target}, heap_bases)", s)
+                e(f"iris.signal({s.flag} + {who} * NB + c, epoch, rank, {target}, heap_bases)", s)
             else:
                 raise ValueError(f"comm statement {s} has no Triton form")
     for s in tp.comm_epilogue:
@@ -329,21 +335,25 @@ def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
             e("tl.debug_barrier()", s)
             e("for p in range(1, WORLD):", s)
             with e.block():
-                e(f"iris.atomic_add(flags + {offs[s.flag]} + rank, 1, rank, (rank + p) % WORLD, heap_bases, "
+                e(f"iris.atomic_add({s.flag} + rank, 1, rank, (rank + p) % WORLD, heap_bases, "
                   f"sem=\"release\", scope=\"sys\")", s)
         elif isinstance(s, Wait):
-            e("if pid == COMM - 1:  # the last comm program: in the simulator programs run in order", s)
+            e("if pid == COMM - 1:  # one comm program waits for the peers' reads", s)
             with e.block():
                 e("for p in range(1, WORLD):", s)
                 with e.block():
-                    e(f"iris.wait_until(flags + {offs[s.flag]} + (rank + p) % WORLD, epoch * COMM, rank, "
+                    e(f"iris.wait_until({s.flag} + (rank + p) % WORLD, epoch * COMM, rank, "
                       f"err_ptr, MAX_SPINS)", s)
         else:
             raise ValueError(f"comm statement {s} has no Triton form")
 
 
+def _peer_rows(tp: TileProgram) -> HeapBuffer:
+    """AG+GEMM's buffer of the peers' rows: the push inbox or the pull staging (parameter stage_ptr)."""
+    return next(b for b in tp.heap_buffers if b.param == "stage_ptr")
+
+
 def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
-    offs = _flag_offsets(tp)
     prec = _dot_precision(tp)
     first = "pid - COMM" if tp.mode != "direct" else "pid"
     gated = is_gated(tp)
@@ -394,15 +404,13 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("if src != rank:", s)
                 with e.block():
                     chunk = "c // FLAG_BLOCKS" if tp.host_per_chunk else "c"
-                    e(f"iris.wait_until(flags + {offs[s.flag]} + src * NB + {chunk}, epoch, rank, err_ptr, MAX_SPINS)",
-                      s)
+                    e(f"iris.wait_until({s.flag} + src * NB + {chunk}, epoch, rank, err_ptr, MAX_SPINS)", s)
                     e("target.fence_async_proxy(epoch, TARGET)  # staged rows are read next (TMA on NVIDIA)", s)
             s = loads[0]
             e(f"# {s}; own rows come from A itself", s)
             e("# One K loop for both sources (two would need two sets of shared-memory stages): the A", s)
             e("# descriptor is made on the device from whichever base this tile reads.", s)
-            e("stage_row0 = ((slot * WORLD + src) * M_BOUND).to(tl.int64)  # staging is [2, WORLD, M_BOUND, K]", s)
-            e("a_base = tl.where(src == rank, a_ptr, stage_ptr + stage_row0 * K)", s)
+            e(f"a_base = tl.where(src == rank, a_ptr, {_rows_at(_peer_rows(tp), 'slot', 'src')})", s)
             e("a_stride = tl.where(src == rank, stride_am, K)", s)
             if tma:
                 e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
@@ -454,10 +462,6 @@ def _store_c(e: _Emitter, s: StoreTile, b: _BNames, out_ty: str, tma: bool) -> N
             by_pointers("(src * M_LOCAL + rm).to(tl.int64)")
 
 
-# Weight j >= 1 of an AG+GEMM with several (weight 0 uses b_desc/b_ptr, c_ptr, N, stride_b, stride_cm).
-_WEIGHT_PARAMS = ("b{}_ptr", "c{}_ptr", "N{}", "stride_b{}", "stride_cm{}")
-
-
 def _b_desc(tp: TileProgram, b: _BNames) -> str:
     """A B descriptor made on the device (a weight the host passed as a pointer), in tp.b_layout's tiles."""
     shape, block = (f"[{b.n}, K]", "[BN, BK]") if tp.b_layout == "nk" else (f"[K, {b.n}]", "[BK, BN]")
@@ -489,7 +493,7 @@ def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
         return expr
 
     e("# the weight this column tile belongs to")
-    for name, param in zip(("b_sel", "c_sel", "n_sel", "stride_b_sel", "stride_c_sel"), _WEIGHT_PARAMS):
+    for name, param in zip(("b_sel", "c_sel", "n_sel", "stride_b_sel", "stride_c_sel"), AG_WEIGHT_PARAMS):
         e(f"{name} = {pick([param.format(j or '') for j in range(tp.weights)])}")
     e("first_weight = pid_n < first_n1")
     e(f"pid_n = pid_n - {pick(['0'] + [f'first_n{j}' for j in range(1, tp.weights)])}")
@@ -500,26 +504,12 @@ def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------- GEMM + RS / AR
 
-# Flag arrays of the scatter kernels, each WORLD * flags_per_rank long (the tiles of the bound's rows), in the
-# order tp.flags names them.
-_SCATTER_FLAGS = {
-    "partial_ready": "[WORLD (source rank), flags_per_rank]: a peer's partial of my tile is ready",
-    "final_ready": "[WORLD (owner rank), flags_per_rank]: the owner's finished tile is in my out",
-    "staged": "[WORLD * flags_per_rank], by position t: this rank's GEMM program has stored tile t locally",
-}
-
-
 def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
     e = _start(tp)
     ar = tp.kind == "matmul_ar"
-    params = ["a_desc", "a_ptr", "b_desc", "b_ptr", "out_ptr", "bias_ptr", "inbox_ptr", "stage_ptr", "flag_ptr",
-              "err_ptr", "heap_bases", "rank", "epoch", "ticket_ptr", "M_LOCAL", "M_BOUND", "SEG", "N", "K",
-              "stride_am", "stride_b"]
-    constexprs = ["WORLD", "BM", "BN", "BK", "GROUP_M", "COMM", "LAG", "NUM_PROGRAMS", "MAX_SPINS", "VEC", "SEGMENTED"]
+    iface = kernel_interface(tp)
     what = "all_reduce" if ar else "reduce_scatter(dim 0)"
-    e(JIT)
-    e(f"def {tp.name}({', '.join(params)},")
-    e(f"        {', '.join(c + ': tl.constexpr' for c in constexprs)}):")
+    _signature(e, iface)
     with e.block():
         e(f'"""out = {what} of the partial products A[M, K] @ B[K, N] over ranks; rank r owns rows '
           '[r*M_LOCAL, (r+1)*M_LOCAL)')
@@ -530,21 +520,13 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
         e("num_pid_n = tl.cdiv(N, BN)")
         e("per_rank = nb * num_pid_n  # tiles of one rank's rows")
         e("n_tiles = WORLD * per_rank  # tiles of this rank's partial product, walked by position t")
-        e("flags_per_rank = tl.cdiv(M_BOUND, BM) * num_pid_n  # per_rank at the bound: flags stay put as M changes")
+        _layout(e, iface)
         e("slot = epoch % 2  # buffers that peers write or read alternate between calls")
-        for i, f in enumerate(tp.flags):
-            e(f"{f} = flag_ptr + {i} * WORLD * flags_per_rank  # {_SCATTER_FLAGS[f]}")
-        e("out_base = (slot * WORLD * M_BOUND).to(tl.int64) * N  # out is [2, WORLD * M_BOUND, N] on the heap"
-          if ar else "out_base = 0")
         if _own_tiles_by_tma(tp, tma):
-            e(f"own_desc = tl.make_tensor_descriptor({_OWN_ROWS[tp.kind]}, shape=[M_LOCAL, N], strides=[N, 1], "
+            e(f"own_desc = tl.make_tensor_descriptor({_own_rows(tp)}, shape=[M_LOCAL, N], strides=[N, 1], "
               "block_shape=[BM, BN])  # this rank's rows of out, stored by TMA")
-        if "staging" in tp.heap_buffers:
-            e("stage_base = (slot * WORLD * M_BOUND).to(tl.int64) * N  # peers read it: [2, WORLD * M_BOUND, N]"
-              if tp.mode == "pull" else "stage_base = 0  # read by this rank only: [WORLD * M_BOUND, N]")
         if tp.per_chunk or tp.per_own_chunk:
-            e("# COMM programs move staged tiles while the others compute; COMM == 0 (the simulator, where programs")
-            e("# run one after another) has each GEMM program move its tile right after staging it.")
+            e("# COMM programs move staged tiles while the others compute")
             e("if pid < COMM:")
             with e.block():
                 e("for t in range(pid, n_tiles, COMM):")
@@ -556,12 +538,13 @@ def _gen_matmul_scatter(tp: TileProgram, tma: bool) -> KernelSource:
                 _scatter_gemm(e, tp, tma)
         else:
             _scatter_gemm(e, tp, tma)
-    return KernelSource(tp.name, "\n".join(e.lines) + "\n", params, constexprs, e.line_map)
+    return KernelSource(tp.name, "\n".join(e.lines) + "\n", iface, e.line_map)
 
 
-# This rank's rows of out: RS's out is [M_LOCAL, N]; AR's is [2 (slot), WORLD * M_BOUND, N] on the heap, a
-# call's result the first WORLD * M_LOCAL rows of its slot.
-_OWN_ROWS = {"matmul_rs": "out_ptr", "matmul_ar": "out_ptr + out_base + (rank * M_LOCAL * N).to(tl.int64)"}
+def _own_rows(tp: TileProgram) -> str:
+    """This rank's rows of out: RS's out is the call's [M_LOCAL, N]; AR's is a heap buffer (tile.AR_OUT)."""
+    return _rows_at(next(b for b in tp.heap_buffers if b.name == "out"), "slot", "rank") if tp.has_buffer("out") \
+        else "out_ptr"
 
 
 def _own_tiles_by_tma(tp: TileProgram, tma: bool) -> bool:
@@ -622,8 +605,7 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
         for s in deferred:  # before this tile's waits: a peer may be waiting for them
             _raise_pending(e, s)
             e(f"pending_{s.flag} = -1", s)
-        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, moves=(tp.per_chunk, tp.per_own_chunk),
-                        tma_own=_own_tiles_by_tma(tp, tma))
+        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, tma_own=_own_tiles_by_tma(tp, tma))
     for s in deferred:
         _raise_pending(e, s)
     for s in tp.gemm_epilogue:
@@ -632,7 +614,7 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
         e("for t in range(pid - COMM, (WORLD - 1) * per_rank, NUM_PROGRAMS - COMM):", s)
         with e.block():
             e("owner = (rank + 1 + t // per_rank) % WORLD", s)
-            e("iris.wait_until(final_ready + owner * flags_per_rank + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)",
+            e("iris.wait_until(final_ready + owner * TILES + t % per_rank, epoch, rank, err_ptr, MAX_SPINS)",
               s)
 
 
@@ -659,31 +641,31 @@ def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool) -> None:
                 "(dst * M_LOCAL + rm).to(tl.int64)", "rm < M_LOCAL", "stride_am")
 
 
-def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple,
-                    moves: tuple[tuple, tuple] = ((), ()), tma_own: bool = False) -> None:
-    """Peer tiles' and own tiles' statements; `moves`: the comm statements that follow a tile's staging."""
-    bodies = [("dst != rank", peer_body, moves[0]), ("dst == rank", own_body, moves[1])]
-    bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot))], m) for cond, body, m in bodies]
+def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple, tma_own: bool = False) -> None:
+    """Peer tiles' and own tiles' statements."""
+    bodies = [("dst != rank", peer_body), ("dst == rank", own_body)]
+    bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot))]) for cond, body in bodies]
     bodies = [b for b in bodies if b[1]]
-    for i, (cond, body, m) in enumerate(bodies):
+    for i, (cond, body) in enumerate(bodies):
         e("else:" if i else f"if {cond}:")
         with e.block():
             for s in body:
-                _scatter_stmt(e, tp, s, m, tma_own)
+                _scatter_stmt(e, tp, s, tma_own)
 
 
-def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: bool = False) -> None:
+def _scatter_stmt(e: _Emitter, tp: TileProgram, s, tma_own: bool = False) -> None:
     """One statement of a scatter kernel. Its fields say what it touches, so the same statement prints the
-    same in the GEMM and the comm programs. `moves`: what the comm programs do once a tile is staged."""
+    same in the GEMM and the comm programs."""
     out_ty = TL_DTYPE[tp.dtype]
-    inbox_mine = "inbox_ptr + ((slot * WORLD + rank) * M_BOUND).to(tl.int64) * N"  # dst's inbox[slot, me]
-    staged_for_dst = "stage_ptr + stage_base + (dst * M_BOUND).to(tl.int64) * N"
-    own_out = f"{_OWN_ROWS[tp.kind]} + tile_off"
+    buffers = {b.name: b for b in tp.heap_buffers}
+    rows_at = lambda buffer, slot, owner: _rows_at(buffers[buffer], slot, owner)  # noqa: E731
+    own_out = f"{_own_rows(tp)} + tile_off"
     e(f"# {s}", s)
     if isinstance(s, StoreTile) and s.buffer == "inbox" and s.rank == "dst":
-        e(f"iris.store({inbox_mine} + tile_off, acc.to({out_ty}), rank, dst, heap_bases, mask=mask, hint=(1, VEC))", s)
+        e(f"iris.store({rows_at('inbox', 'slot', 'rank')} + tile_off, acc.to({out_ty}), rank, dst, heap_bases, "
+          "mask=mask, hint=(1, VEC))", s)  # dst's inbox[slot, me]
     elif isinstance(s, StoreTile) and s.buffer == "staging" and s.rank == "me":
-        e(f"tl.store({staged_for_dst} + tile_off, acc.to({out_ty}), mask=mask)", s)
+        e(f"tl.store({rows_at('staging', 'slot', 'dst')} + tile_off, acc.to({out_ty}), mask=mask)", s)
     elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "me" and tma_own:
         e(f"own_desc.store([c * BM, pid_n * BN], acc.to({out_ty}))", s)
     elif isinstance(s, StoreTile) and s.buffer == "out" and s.rank == "me":
@@ -694,27 +676,23 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: b
             e(f"iris.store({own_out}, acc.to({out_ty}), rank, (rank + p) % WORLD, heap_bases, mask=mask, "
               "hint=(1, VEC))", s)
     elif isinstance(s, Signal) and s.deferred:
-        e(f"pending_{s.flag} = rank * flags_per_rank + local_t", s)
+        e(f"pending_{s.flag} = rank * TILES + local_t", s)
         if s.rank == "dst":
             e(f"pending_{s.flag}_rank = dst", s)
     elif isinstance(s, Signal) and s.flag == "partial_ready":
-        e("iris.signal(partial_ready + rank * flags_per_rank + local_t, epoch, rank, dst, heap_bases)", s)
+        e("iris.signal(partial_ready + rank * TILES + local_t, epoch, rank, dst, heap_bases)", s)
     elif isinstance(s, Signal) and s.flag == "final_ready":
         e("for p in range(1, WORLD):", s)
         with e.block():
-            e("iris.signal(final_ready + rank * flags_per_rank + local_t, epoch, rank, (rank + p) % WORLD, "
+            e("iris.signal(final_ready + rank * TILES + local_t, epoch, rank, (rank + p) % WORLD, "
               "heap_bases)", s)
     elif isinstance(s, Signal) and s.flag == "staged":
         e("iris.signal(staged + t, epoch, rank, rank, heap_bases)", s)
-        e("if COMM == 0:  # no comm programs: move the tile now", s)
-        with e.block():
-            for m in moves:
-                _scatter_stmt(e, tp, m)
     elif isinstance(s, Wait) and s.flag == "staged":
         e("iris.wait_until(staged + t, epoch, rank, err_ptr, MAX_SPINS)", s)
     elif isinstance(s, MoveChunk) and (s.src_buffer, s.dst_buffer, s.rank) == ("staging", "inbox", "dst"):
-        e(f"iris.put({staged_for_dst} + tile_off, {inbox_mine} + tile_off, rank, dst, heap_bases, mask=mask, "
-          "hint=(1, VEC))", s)
+        e(f"iris.put({rows_at('staging', 'slot', 'dst')} + tile_off, {rows_at('inbox', 'slot', 'rank')} + tile_off, "
+          "rank, dst, heap_bases, mask=mask, hint=(1, VEC))", s)
     elif isinstance(s, MoveChunk) and (s.src_buffer, s.dst_buffer, s.rank) == ("out", "out", "peer"):
         e("for p in range(1, WORLD):", s)
         with e.block():
@@ -723,13 +701,13 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, moves: tuple = (), tma_own: b
         e("for p in range(1, WORLD):", s)
         with e.block():
             e("src = (rank + p) % WORLD", s)
-            e(f"iris.wait_until({s.flag} + src * flags_per_rank + local_t, epoch, rank, err_ptr, MAX_SPINS)", s)
+            e(f"iris.wait_until({s.flag} + src * TILES + local_t, epoch, rank, err_ptr, MAX_SPINS)", s)
             if s.rank == "me":  # the peers put their partials into my inbox[slot, src]
-                e("acc += tl.load(inbox_ptr + ((slot * WORLD + src) * M_BOUND).to(tl.int64) * N + tile_off, "
-                  "mask=mask, other=0.0).to(tl.float32)", s)
+                e(f"acc += tl.load({rows_at('inbox', 'slot', 'src')} + tile_off, mask=mask, other=0.0).to(tl.float32)",
+                  s)
             else:  # read src's staging of my rows
-                e("acc += iris.load(stage_ptr + stage_base + (rank * M_BOUND).to(tl.int64) * N + tile_off, rank, "
-                  "src, heap_bases, mask=mask, other=0.0, hint=(1, VEC)).to(tl.float32)", s)
+                e(f"acc += iris.load({rows_at('staging', 'slot', 'rank')} + tile_off, rank, src, heap_bases, mask=mask, "
+                  "other=0.0, hint=(1, VEC)).to(tl.float32)", s)
     elif isinstance(s, Epilogue):
         for line in _epilogue_lines(s.fns):
             e(line, s)

@@ -30,8 +30,6 @@ writes flags, all-reduce returns a slot): those calls pass it, and only they can
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import triton
 from triton.runtime._allocation import _allocator as _triton_allocator
@@ -44,10 +42,9 @@ from bspfuse.runtime.fastlaunch import FastLaunch
 from bspfuse.runtime.heap import Epoch
 from bspfuse.lowering import plan_kernel, target_of
 from bspfuse.runtime.target import device_target, uses_tma
-from bspfuse.tile import AG_MODES, SCATTER_MODES, TileConfig
+from bspfuse.tile import AG_MODES, AG_WEIGHT_PARAMS, SCATTER_MODES, TileConfig, kernel_interface, size_of
 
 IR_DTYPE = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
-_PER_CALL = ("a_ptr", "a_desc", "out_ptr")  # kernel parameters that get a call's own tensors (and every C)
 
 
 # What a fused op keeps across calls (flags, buffers, its error record and ticket, the scratch below) lives
@@ -175,17 +172,60 @@ class _Fused:
     def _lower(self, b_layout: str):
         return self.plan.tile_program.with_(b_layout=b_layout)
 
-    def _compile(self, b_layout: str):
-        """Build the kernel for the B layout the constructor names; a call with B in the other layout
-        compiles that variant once (`_kernel_for`), so neither layout is ever copied."""
+    def _compile(self, b_layout: str, M_bound: int):
+        """Build the kernel for the B layout the constructor names (a call with B in the other layout compiles
+        that variant once, `_kernel_for`, so neither layout is ever copied) and allocate what its interface
+        declares for M_bound rows per rank: each heap buffer and the flag arrays."""
         self.tile_program = self._lower(b_layout)
         self.kernel_source = self._generate(self.tile_program)
-        # the positions of the parameters that get a call's own tensors (every B layout's kernel has the same)
-        self._per_call_args = tuple(i for i, p in enumerate(self.kernel_source.params)
-                                    if p in _PER_CALL or re.fullmatch(r"c\d*_ptr", p))
+        self.interface = iface = self.kernel_source.interface  # every B layout's kernel has the same
+        self._per_call_args = tuple(i for i, p in enumerate(iface.params) if p.role in ("operand", "output"))
+        self._arguments = iface.binder()
         self.kernel = load_kernel(self.kernel_source)
         self._other_layouts = {}
         self._launchers = {}
+        cfg = self.config
+        self.sizes = _layout_sizes(self.world, M_bound, self.N, self.K, cfg)
+        self.bufs = {b.name: self.heap.empty(size_of(b.rows, self.sizes), size_of(b.cols, self.sizes),
+                                             dtype=self.dtype, name=f"{self.name}.{b.name}") for b in iface.buffers}
+        self.flags = self.heap.zeros(max(1, size_of(iface.flag_words(), self.sizes)), dtype=torch.int32,
+                                     name=f"{self.name}.flags")
+        # what every launch passes the same: the buffers, flags, kept state and the sizes of the bound
+        fixed = dict(flag_ptr=self.flags, err_ptr=self.err, heap_bases=self.heap.heap_bases, ticket_ptr=self.ticket,
+                     M_BOUND=M_bound, K=self.K, **{b.param: self.bufs[b.name] for b in iface.buffers
+                                                   if b.param not in iface.names("operand")})
+        self._fixed = {k: v for k, v in fixed.items() if k in iface.names()}
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The heap buffers this object holds (a caller that is done with it frees these)."""
+        return [self.flags, *self.bufs.values()]
+
+    def _row_offset(self, buffer: str, slot: int, owner: int, m_local: int = 0) -> int:
+        """The first row of `owner`'s block in `slot` of heap buffer `buffer` (tile.HeapBuffer's layout; m_local:
+        a call's rows per rank, for a buffer whose blocks are packed by them)."""
+        return size_of(self.interface.buffer(buffer).row_start(str(slot), str(owner)), {**self.sizes, "M_LOCAL": m_local})
+
+    def _rows_at(self, buffer: str, slot: int, owner: int) -> torch.Tensor:
+        """Heap buffer `buffer`'s rows from `owner`'s block in `slot` on."""
+        return self.bufs[buffer][self._row_offset(buffer, slot, owner):]
+
+    def _flag_arrays(self) -> dict[str, torch.Tensor]:
+        """Each flag array as a [WORLD, per_rank] view, named op.array: a timed-out wait names its flag by it."""
+        out = {}
+        for f in self.interface.flags:
+            start, n = size_of(self.interface.flag_offset(f.name), self.sizes), size_of(f.per_rank, self.sizes)
+            out[f"{self.name}.{f.name}"] = self.flags[start:start + self.world * n].view(self.world, n)
+        return out
+
+    def _bind(self, fixed: dict | None = None, **per_call):
+        """The launch's arguments in the kernel's order, bound by name (tile.KernelInterface): what every launch
+        passes the same (`fixed`, else this object's) and this call's."""
+        fixed = self._fixed if fixed is None else fixed
+        try:
+            return self._arguments(**fixed, **per_call)
+        except TypeError as e:
+            missing = self.interface.missing({*fixed, *per_call})
+            raise TypeError(f"{self.name}: {e}" + (f"; unbound: {missing}" if missing else "")) from None
 
     def _kernel_for(self, b_layout: str):
         if b_layout == self.tile_program.b_layout:
@@ -232,7 +272,7 @@ class _Fused:
 
     def _check(self):
         if self.max_spins:
-            raise_if_wait_timed_out(self.err, self.heap)
+            raise_if_wait_timed_out(self.err, self.heap, self._flag_arrays())
 
     def _within_bound(self, a: torch.Tensor, rows: int, bound: int) -> None:
         if rows > bound:
@@ -258,10 +298,10 @@ class _Fused:
         desc.base = t
         return desc
 
-    def _bias(self, bias):
+    def _bias(self, bias) -> dict:
         if ("bias" in self.epilogue) != (bias is not None):
             raise ValueError(f"{self.name}: the epilogue {self.epilogue} and the bias argument disagree")
-        return bias if bias is not None else self.err  # any valid pointer; never read without "bias"
+        return {"bias_ptr": bias} if bias is not None else {}
 
 
 class FusedAllGatherMatmul(_Fused):
@@ -298,18 +338,12 @@ class FusedAllGatherMatmul(_Fused):
         if mode not in AG_MODES:
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(AG_MODES)}")
         self._plan(mode, M_local, sum(self.Ns), K, config, b_layout, len(self.Ns), f"{self.name}_{mode}")
-        cfg = self.config
-        self._compile(b_layout)
-        W, nb = self.world, triton.cdiv(M_local, cfg.BM)
-        sizes = {"entered": W, "staged": W * nb, "arrived": W * nb, "done_reading": W}
-        self.flags = heap.zeros(max(1, sum(sizes[f] for f in self.tile_program.flags)), dtype=torch.int32,
-                                name=f"{self.name}.flags")
-        self.staging = (heap.empty(2 * W * M_local, K, dtype=dtype, name=f"{self.name}.staging")
-                        if mode != "direct" else None)
-        # pull and direct read A from the owner's heap: it must live there (copied in if it does not).
-        self.a_heap = heap.empty(M_local, K, dtype=dtype, name=f"{self.name}.a") if mode in ("pull", "direct") else None
+        self._compile(b_layout, M_local)
+        # pull and direct read A from the owner's heap (tile.A_ON_HEAP): it must live there (copied in if not).
+        self.a_heap = self.bufs.get("a")
+        self.peer_rows = next((b.name for b in self.interface.buffers if b.param == "stage_ptr"), None)
         if mode == "copy_engine":
-            self._copies = _CopyEngineRows(self, nb)
+            self._copies = _CopyEngineRows(self, triton.cdiv(M_local, self.config.BM))
         self._ready()
 
     def __call__(self, a: torch.Tensor, b, bias: torch.Tensor | None = None,
@@ -340,15 +374,15 @@ class FusedAllGatherMatmul(_Fused):
         a, b_layout, b, b_desc = self._operands(a, bs[0])
         c = (self._out(out, shape, a.device) if out is not None
              else torch.empty(*shape, self.Ns[0], dtype=self.dtype, device=a.device))
-        more, more_c = [], []
-        for bj, n in zip(bs[1:], self.Ns[1:]):
+        more, more_c = {}, []
+        for j, (bj, n) in enumerate(zip(bs[1:], self.Ns[1:]), 1):
             layout, storage = b_operand(bj)
             if layout != b_layout:  # the kernel reads every B in B_0's layout: this one is copied into it
                 storage = (bj.t() if b_layout == "nk" else bj).contiguous()
             if not self.gated:  # gated: the one C holds silu(A @ B_0) * (A @ B_1)
                 more_c.append(torch.empty(*shape, n, dtype=self.dtype, device=a.device))
-            more += [storage, more_c[-1] if more_c else c, n, storage.stride(0), n]
-        staging = self.staging if self.staging is not None else a
+            values = (storage, more_c[-1] if more_c else c, n, storage.stride(0), n)
+            more.update((name.format(j), v) for name, v in zip(AG_WEIGHT_PARAMS, values))
         programs = self.plan.programs
         if self.mode == "direct":  # no flags: peers read A straight from the heap, between host barriers
             self.heap.barrier()
@@ -364,9 +398,9 @@ class FusedAllGatherMatmul(_Fused):
             **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
         # copy_engine's flags are written by the host: its kernel takes the host's epoch; the others count
         # their own (epoch 0), so a CUDA graph can replay them
-        launch(a, b_desc, b, c, self._bias(bias), staging, self.flags, self.err, self.heap.heap_bases,
-               self.rank, epoch if copies is not None else 0, self.ticket, rows, self.M_local, seg, self.Ns[0],
-               self.K, a.stride(0), b.stride(0), c.stride(-2), *more)
+        launch(*self._bind(None, a_ptr=a, b_desc=b_desc, b_ptr=b, c_ptr=c, **self._bias(bias), rank=self.rank,
+                           epoch=epoch if copies is not None else 0, M_LOCAL=rows, SEG=seg, N=self.Ns[0],
+                           stride_am=a.stride(0), stride_b=b.stride(0), stride_cm=c.stride(-2), **more))
         self._forget_call(launch)
         if self.mode == "direct":
             self.heap.barrier()
@@ -393,15 +427,15 @@ class FusedAllGatherMatmul(_Fused):
         2-D a, [B, W * S, K] (gathered on dim 1) for a 3-D one; the peers' rows from the staging slot that
         call filled, this rank's own rows from `a`. Call it before the next call: the slot is refilled two
         calls later."""
-        if self.staging is None:
+        if self.peer_rows is None:
             raise ValueError(f"{self.name}: direct mode keeps no staged copy of the peers' rows")
         W, r, K = self.world, self.rank, self.K
         batch, seg = (1, a.shape[0]) if a.dim() == 2 else a.shape[:2]
         rows = batch * seg
-        slot = self.staging.view(2, W, self.M_local, K)[self.epoch.value % 2, :, :rows]
+        slot = self.epoch.value % 2
         out = a.new_empty(batch, W, seg, K)  # every row is written once: peers' from staging, this rank's from a
         for p in range(W):
-            out[:, p].copy_((a if p == r else slot[p]).reshape(batch, seg, K))
+            out[:, p].copy_((a if p == r else self._rows_at(self.peer_rows, slot, p)[:rows]).reshape(batch, seg, K))
         return out.view(W * rows, K) if a.dim() == 2 else out.view(batch, W * seg, K)
 
 
@@ -412,8 +446,8 @@ class _CopyEngineRows:
     peer's rows wait on that flag. The side stream starts after the main stream's work before the kernel (A
     is ready, and the kernel that read this slot two calls ago is done); the copies are enqueued after the
     kernel's launch, so they add nothing to the host's path to it, and the main stream waits for them after
-    the kernel (A may be freed or overwritten after the call). The simulator runs a kernel to completion at
-    its launch: there the copies come first."""
+    the kernel (A may be freed or overwritten after the call). In the simulator a launch returns when the
+    kernel is done: there a thread, started before the launch, is the copy stream."""
 
     CHUNK_BYTES = 16 << 20  # per copy and flag: the first rows arrive early, the host enqueues few operations
 
@@ -421,32 +455,41 @@ class _CopyEngineRows:
         heap, W, r = op.heap, op.world, op.rank
         self.op, self.sim = op, _sim(heap)
         # the simulator's sizes are tiny: there 4 chunks (as row blocks allow), so chunked flags are exercised
-        rows_bytes = op.M_local * op.K * op.staging.element_size()
+        rows_bytes = op.M_local * op.K * op.dtype.itemsize
         chunks = min(nb, 4, 4 if self.sim else max(1, round(rows_bytes / self.CHUNK_BYTES)))
         self.blocks_per_flag = -(-nb // chunks)
         self.rows_per_flag = self.blocks_per_flag * op.config.BM
-        assert op.tile_program.flags == ("arrived",), op.tile_program.flags
         # The peers that need these rows soonest come first: peer p multiplies its own rows, then p+1's, ...
-        self.peers = [(heap.peer_tensor(op.staging, p), heap.peer_tensor(op.flags, p))
+        self.peers = [(heap.peer_tensor(op.bufs[op.peer_rows], p), heap.peer_tensor(op.flags, p))
                       for p in ((r - s) % W for s in range(1, W))]
-        self.offset = r * nb  # this rank's flags in a peer's "arrived" array [WORLD, nb]
+        arrived = op.interface.flags[0]
+        assert arrived.name == "arrived" and len(op.interface.flags) == 1, op.interface.flags
+        # this rank's flags in a peer's "arrived" array [WORLD, NB]
+        self.offset = size_of(op.interface.flag_offset("arrived"), op.sizes) + r * size_of(arrived.per_rank, op.sizes)
         self.stream = None if self.sim else _copy_stream(heap.device)
+        self._thread = None
 
     def before_launch(self, a: torch.Tensor, epoch: int) -> None:
-        if self.sim:  # plain copies, then the flag (stores stay in order on the CPU)
-            self._copy(a, epoch, lambda flags, i, value: flags.__setitem__(i, value))
+        if self.sim:  # the copy stream runs beside the kernel: plain copies, then the flag
+            import threading
+
+            self._thread = threading.Thread(target=self._copy, name="copy stream",
+                                            args=(a, epoch, lambda flags, i, value: flags.__setitem__(i, value)))
+            self._thread.start()
         else:
             self.stream.wait_stream(torch.cuda.current_stream())
 
     def after_launch(self, a: torch.Tensor, epoch: int) -> None:
-        if not self.sim:
+        if self.sim:
+            self._thread.join()
+        else:
             with torch.cuda.stream(self.stream):
                 self._copy(a, epoch, _write_flag)
             torch.cuda.current_stream().wait_stream(self.stream)
 
     def _copy(self, a: torch.Tensor, epoch: int, write_flag) -> None:
         op, M = self.op, a.shape[0]  # a call's rows, at most the bound op.M_local that staging is laid out for
-        rows = (epoch % 2 * op.world + op.rank) * op.M_local  # the slot's rows of this rank in a peer's staging
+        rows = op._row_offset(op.peer_rows, epoch % 2, op.rank)  # the slot's rows of this rank in a peer's staging
         for staging, flags in self.peers:
             for i, r0 in enumerate(range(0, M, self.rows_per_flag)):
                 r1 = min(M, r0 + self.rows_per_flag)
@@ -484,21 +527,9 @@ class _FusedScatter(_Fused):
             raise ValueError(f"{self.name}: mode {mode!r} is not one of {', '.join(SCATTER_MODES)}")
         self.M, self.M_local, self.mode = M, M // W, mode
         self._plan(mode, M, N, K_local, config, b_layout)
-        self._compile(b_layout)
-        tp, cfg = self.tile_program, self.config
-        tiles = triton.cdiv(self.M_local, cfg.BM) * triton.cdiv(N, cfg.BN)
-        self.flags = heap.zeros(len(tp.flags) * W * tiles, dtype=torch.int32, name=f"{self.name}.flags")
-        self.inbox = (heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.inbox")
-                      if "inbox" in tp.heap_buffers else None)
-        # Peers read a pull program's staging across calls: two slots; a push program's is read locally.
-        self.staging = (heap.empty((2 if mode == "pull" else 1) * M, N, dtype=dtype, name=f"{self.name}.staging")
-                        if "staging" in tp.heap_buffers else None)
-        self.out_heap = heap.empty(2 * M, N, dtype=dtype, name=f"{self.name}.out") if "out" in tp.heap_buffers else None
+        self._compile(b_layout, self.M_local)
+        self._fixed.update({"N": N} if "N" in self.interface.names() else {})
         self._ready()
-
-    def buffers(self) -> list[torch.Tensor]:
-        """The heap buffers this object holds (a caller that is done with it frees these)."""
-        return [b for b in (self.flags, self.inbox, self.staging, self.out_heap) if b is not None]
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         a, batch, seg, shape = self._rows(a, b)
@@ -506,13 +537,13 @@ class _FusedScatter(_Fused):
         if rows == 0:  # no rows on any rank (every rank calls with the same shapes): no launch
             return a.new_empty(shape)
         epoch = self.epoch.next()
-        if self.out_heap is not None:  # AR returns the slot of its out that this call fills: the host picks it
-            out_arg = self.out_heap
-            result = self.out_heap[(epoch % 2) * self.M:(epoch % 2) * self.M + rows].view(shape)
+        if "out" in self.bufs:  # AR returns the slot of its out (tile.AR_OUT) that this call fills: the host picks it
+            result = self._rows_at("out", epoch % 2, 0)[:rows].view(shape)
+            out = {}
         else:  # RS counts its epochs on the device (0), so a CUDA graph can replay it
-            out_arg = result = torch.empty(shape, dtype=self.dtype, device=a.device)
-            epoch = 0
-        self._launch(a, b, bias, out_arg, epoch, self.rank, self.world, batch, seg)
+            result = torch.empty(shape, dtype=self.dtype, device=a.device)
+            out, epoch = {"out_ptr": result}, 0
+        self._launch(a, b, bias, out, epoch, self.rank, self.world, batch, seg)
         self._check()
         return result
 
@@ -525,8 +556,9 @@ class _FusedScatter(_Fused):
         self._rows(a, b)
         flat = a.reshape(-1, self.K)  # a world of one owns every row, in any order
         out = torch.empty(flat.shape[0], self.N, dtype=self.dtype, device=a.device)
-        if flat.shape[0]:
-            self._launch(flat, b, bias, out, 2, 0, 1, 1, flat.shape[0])  # an even epoch: slot 0, AR's out offset 0
+        if flat.shape[0]:  # an even epoch: slot 0, AR's out offset 0; out in place of AR's heap buffer
+            self._launch(flat, b, bias, {}, 2, 0, 1, 1, flat.shape[0],
+                         fixed={**self._fixed, "M_BOUND": self.M, "out_ptr": out})
         return out.view(*a.shape[:-1], self.N)
 
     def _rows(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple]:
@@ -549,7 +581,8 @@ class _FusedScatter(_Fused):
         batch, seg = a.shape[0], a.shape[1] // W
         return a.reshape(rows, self.K), batch, seg, (batch, seg, self.N)
 
-    def _launch(self, a, b, bias, out, epoch: int, rank: int, world: int, batch: int, seg: int):
+    def _launch(self, a, b, bias, out: dict, epoch: int, rank: int, world: int, batch: int, seg: int,
+                fixed: dict | None = None):
         cfg = self.config
         a, b_layout, b, b_desc = self._operands(a, b)
         programs = self.plan.programs
@@ -564,10 +597,9 @@ class _FusedScatter(_Fused):
                                 [1, cfg.BM, cfg.BK])
         else:
             a_desc = self._desc("a", a, [cfg.BM, cfg.BK])
-        launch(a_desc, a, b_desc, b, out, self._bias(bias),
-               self.inbox if self.inbox is not None else self.err, self.staging if self.staging is not None else self.err,
-               self.flags, self.err, self.heap.heap_bases, rank, epoch, self.ticket, a.shape[0] // world,
-               self.M // world, seg, self.N, self.K, a.stride(0), b.stride(0))
+        launch(*self._bind(fixed, a_desc=a_desc, a_ptr=a, b_desc=b_desc, b_ptr=b, **out, **self._bias(bias), rank=rank,
+                           epoch=epoch, M_LOCAL=a.shape[0] // world, SEG=seg, stride_am=a.stride(0),
+                           stride_b=b.stride(0)))
         self._forget_call(launch)
 
 
@@ -603,28 +635,24 @@ class FusedMatmulAllReduce(_FusedScatter):
 
 def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push") -> int:
     """Symmetric-heap bytes the host object of a fused op allocates, known before it is built (a compiler
-    checks its budget with this). M, N, K as bspfuse.lowering.gemm_shape gives them: AG (M_local, N, K),
-    RS/AR (M, N, K_local), M the object's bound on rows (what it is built with: calls of fewer rows use the
-    same buffers). An upper bound: flags are counted for the smallest row block."""
+    checks its budget with this): what its kernel's interface declares. M, N, K as
+    bspfuse.lowering.gemm_shape gives them: AG (M_local, N, K), RS/AR (M, N, K_local), M the object's bound on
+    rows (what it is built with: calls of fewer rows use the same buffers). An upper bound: flags are counted
+    for the smallest tile."""
+    from bspfuse.lowering import GEMM_KINDS, SIM
     from bspfuse.runtime.heap import FreeList
 
+    kind = GEMM_KINDS[opcode]
+    smallest = TileConfig(BM=16, BN=16, BK=16, GROUP_M=1, num_warps=4, num_stages=2, comm_programs=1)
+    iface = kernel_interface(plan_kernel(kind, mode, M, N, K, world, IR_DTYPE[dtype], (), SIM,
+                                         config=smallest).tile_program)
+    sizes = _layout_sizes(world, M if kind == "ag_matmul" else M // world, N, K, smallest)
     item = torch.empty((), dtype=dtype).element_size()
-    block = FreeList.reserved_size
-    kept = [8 * ERR_RECORD_LEN, 8]  # the wait-error record and the epoch ticket
-    if opcode == "fused_allgather_matmul":
-        chunks = triton.cdiv(M, 16)
-        buffers = kept + [4 * (2 * world + 2 * world * chunks)]  # flags
-        if mode != "direct":
-            buffers.append(2 * world * M * K * item)  # staging, two slots
-        if mode in ("pull", "direct"):
-            buffers.append(M * K * item)  # A on the heap
-        return sum(block(b) for b in buffers)
-    tiles = triton.cdiv(M // world, 16) * triton.cdiv(N, 16)
-    buffers = kept + [4 * world * tiles * 3]  # flags: partial_ready, staged, final_ready at most
-    if mode in ("push", "direct"):
-        buffers.append(2 * M * N * item)  # inbox, two slots
-    if mode != "direct":
-        buffers.append((2 if mode == "pull" else 1) * M * N * item)  # staging
-    if opcode == "fused_matmul_allreduce":
-        buffers.append(2 * M * N * item)  # the reduced result, two slots
-    return sum(block(b) for b in buffers)
+    buffers = [8 * ERR_RECORD_LEN, 8, 4 * max(1, size_of(iface.flag_words(), sizes))]  # error record, ticket, flags
+    buffers += [size_of(b.rows, sizes) * size_of(b.cols, sizes) * item for b in iface.buffers]
+    return sum(FreeList.reserved_size(b) for b in buffers)
+
+
+def _layout_sizes(world: int, M_bound: int, N: int, K: int, cfg: TileConfig) -> dict:
+    """The values of the names a kernel interface's sizes are written in (tile.size_of)."""
+    return dict(WORLD=world, M_BOUND=M_bound, N=N, K=K, BM=cfg.BM, BN=cfg.BN)
