@@ -30,18 +30,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import results_file  # noqa: E402  (benchmarks/, the script's own folder)
 from gpu_timing import ClockSampler, energy_per_call, ms_per_call  # noqa: E402
 
+from bspfuse.runtime.tiles import swizzle  # noqa: E402
+
 # (M, N, K, B layout): GEMMs of benchmarks/block_bench.py's layer at seq 8192 on 2 ranks, and two AG+GEMM shapes
 # of gemm_bench.py (BENCHMARKS.md, "Fused GEMM + collective").
 SHAPES = [(4096, 8192, 8192, "kn"), (16384, 8192, 8192, "kn"), (8192, 5120, 8192, "nk"), (8192, 8192, 4096, "nk"),
           (8192, 14336, 8192, "nk"), (8192, 8192, 14336, "nk")]
-
-
-@triton.jit
-def _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile_id // in_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile_id % in_group) % group_size, (tile_id % in_group) // group_size
 
 
 @triton.jit
@@ -50,7 +44,7 @@ def hand_written(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.const
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BM, BN), tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             if B_NK:

@@ -54,7 +54,7 @@ def test_one_rank_is_one_rank(capsys):
 
 
 def test_the_default_sizes_of_a_python_target_name_its_largest_tensors(capsys, monkeypatch):
-    monkeypatch.setattr(execute, "available_memory", lambda: 4 * GiB)  # a small machine
+    monkeypatch.setattr(execute.memory, "available_memory", lambda: 4 * GiB)  # a small machine
     err = _one_line_error(capsys, "run", "examples/sp_mlp.py:build", "--world", "2", "--backend", "sim")
     assert err.startswith("examples/sp_mlp.py:build: too large to run on 2 ranks: it needs "), err
     assert "of host memory (" in err and "; 4.0 GiB is available; its largest tensors, per rank: " in err
@@ -62,7 +62,7 @@ def test_the_default_sizes_of_a_python_target_name_its_largest_tensors(capsys, m
 
 
 def test_a_long_flash_decode_that_does_not_fit_is_refused(capsys, monkeypatch):
-    monkeypatch.setattr(execute, "available_memory", lambda: GiB)
+    monkeypatch.setattr(execute.memory, "available_memory", lambda: GiB)
     err = _one_line_error(capsys, "run", "examples/flash_decode.bsp", "--world", "2", "--size", "S=16777216",
                           "--backend", "sim")
     assert err.startswith("error: --size S=16777216: too large to run on 2 ranks: it needs "), err
@@ -70,7 +70,7 @@ def test_a_long_flash_decode_that_does_not_fit_is_refused(capsys, monkeypatch):
 
 
 def test_a_bsp_program_too_large_by_its_own_sizes_names_them(capsys, monkeypatch):
-    monkeypatch.setattr(execute, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(execute.memory, "available_memory", lambda: 1 << 20)
     err = _one_line_error(capsys, "run", "examples/sp_mlp.bsp", "--world", "2", "--backend", "sim")
     assert err.startswith("examples/sp_mlp.bsp (sizes T=256, H=128, F=256): too large to run on 2 ranks: "), err
 
@@ -91,7 +91,7 @@ def test_the_bytes_counted_are_those_of_the_programs_tensors():
 
 def test_check_refuses_before_drawing_inputs(monkeypatch):
     program = parse_file(str(ROOT / "examples" / "sp_mlp.bsp"), world_size=2, sizes={"T": 268435456})
-    monkeypatch.setattr(execute, "random_inputs", lambda *a, **k: pytest.fail("inputs drawn"))
+    monkeypatch.setattr(execute.harness, "random_inputs", lambda *a, **k: pytest.fail("inputs drawn"))
     with pytest.raises(execute.NotEnoughMemory, match=r"^sp_mlp on 2 ranks needs .* of host memory .*; the largest "
                                                       r"tensors, per rank: %xg_start bf16\[268435456, 128\]"):
         execute.check(program, 2)

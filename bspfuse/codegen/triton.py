@@ -66,15 +66,7 @@ import triton
 import triton.language as tl
 
 from bspfuse.runtime import iris, target
-
-
-@triton.jit
-def _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # grouped ordering: GROUP_M row-blocks share B tiles in L2
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile_id // in_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile_id % in_group) % group_size, (tile_id % in_group) // group_size
+from bspfuse.runtime.tiles import swizzle
 
 '''
 
@@ -374,7 +366,7 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
         e("# (one C descriptor per tile: the weight a tile falls in names its C)")
     e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
     with e.block():
-        e("v, pid_n = _swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
+        e("v, pid_n = swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
         if b is _SELECTED:
             _select_weight(e, tp, tma)
         e("src = (rank + v // nb) % WORLD  # local rows first, then each peer's")
@@ -585,7 +577,7 @@ def _scatter_position(e: _Emitter, tp: TileProgram) -> None:
 
 def _scatter_tile(e: _Emitter, tp: TileProgram) -> None:
     _scatter_position(e, tp)
-    e("c, pid_n = _swizzle(local_t, nb, num_pid_n, GROUP_M)")
+    e("c, pid_n = swizzle(local_t, nb, num_pid_n, GROUP_M)")
     e("rm = c * BM + tl.arange(0, BM)")
     e("rn = pid_n * BN + tl.arange(0, BN)")
     e("mask = (rm < M_LOCAL)[:, None] & (rn < N)[None, :]")

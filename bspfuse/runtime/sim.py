@@ -29,7 +29,7 @@ What the interpreter does and does not give (triton 3.6):
 - Given the rank's progress record (``launch.RankProgress``), ``patch_interpreter`` keeps
   it up to date as kernels run: the kernel's name, the program running and, in the fused
   GEMMs, the tiles begun (the generated kernels map every tile through one call of
-  ``_swizzle``). The launcher shows it.
+  ``runtime.tiles.swizzle``). The launcher shows it.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def patch_interpreter(progress=None) -> None:
     _patched = True
 
 
-TILE_FUNCTION = "_swizzle"  # bspfuse.codegen.triton: every fused GEMM tile starts with one call of it
+TILE_FUNCTION = "swizzle"  # runtime.tiles: every fused GEMM tile starts with one call of it
 
 
 def _patch_progress(interpreter, progress) -> None:
