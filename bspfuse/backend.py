@@ -674,9 +674,26 @@ def fuse_graph(gm: torch.fx.GraphModule, options: Options, graph_name: str, heap
 # ------------------------------------------------------------------------------------------ entry points
 
 
+def _device(options: dict) -> str:
+    """The device the passes decide for: options['device'], else this process's GPU where the device table has
+    it (its tuned entries and figures), else the table's default."""
+    from bspfuse.devices import DEVICES
+
+    if "device" in options:
+        if options["device"] not in DEVICES:
+            raise BspfuseCompileError(f"options['device'] must be one of {', '.join(DEVICES)}, got {options['device']!r}")
+        return options["device"]
+    if torch.cuda.is_available():
+        from bspfuse.tune.measure import gpu_model
+
+        if gpu_model() in DEVICES:
+            return gpu_model()
+    return Options.device
+
+
 def _options(options: dict | None) -> tuple[Options, int, str]:
     options = dict(options or {})
-    known = {"mode", "heap_bytes", "inner", "cudagraphs", "ranks_per_host", "max_tokens", "save_gathered"}
+    known = {"mode", "heap_bytes", "inner", "cudagraphs", "ranks_per_host", "max_tokens", "save_gathered", "device"}
     unknown = set(options) - known
     if unknown:
         raise BspfuseCompileError(f"unknown bspfuse option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -698,7 +715,7 @@ def _options(options: dict | None) -> tuple[Options, int, str]:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise BspfuseCompileError(f"options['{key}'] must be a positive int, got {value!r}")
         sizes[key] = value
-    return (Options(mode=mode, replayable=cudagraphs, save_gathered=save_gathered, **sizes),
+    return (Options(mode=mode, replayable=cudagraphs, save_gathered=save_gathered, device=_device(options), **sizes),
             int(options.get("heap_bytes", torch_ops.DEFAULT_HEAP_BYTES)), inner)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 USER_ERROR = 2
 
@@ -263,6 +264,62 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Measure the fused GEMMs' space on this host's GPUs and keep the fastest in the tuning cache."""
+    import torch
+
+    from bspfuse import tune
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < args.world:
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        print(f"bspfuse tune: measures the kernels on {args.world} GPU{'s' if args.world > 1 else ''} of this host; "
+              f"torch sees {seen} (torch {torch.__version__}{', a CPU build' if not torch.version.cuda else ''}). "
+              "Without a GPU the cost model decides (bspfuse analyze, inspect).", file=sys.stderr)
+        return USER_ERROR
+    problems = [tune.Problem(kind, m, n, k, args.world, args.dtype, args.layout) for kind, m, n, k in args.shape]
+    if args.model:
+        problems += _model_problems(args)
+    if not problems:
+        print("bspfuse tune: nothing to tune: give --shape OP:MxNxK (repeatable) or --model file.py:function",
+              file=sys.stderr)
+        return USER_ERROR
+    from bspfuse.tune.measure import tune_on_gpus
+
+    table = tune.TunedTable.load(save_to=args.out)
+    for entry in tune_on_gpus(list(dict.fromkeys(problems)), args.world, keep=args.keep, rep_ms=args.rep_ms):
+        table.put(entry)
+        best = f"{entry.best.label}: {entry.best_us:g} us" if entry.best else "no fused candidate ran"
+        print(f"{entry.problem}: {best}; unfused {entry.unfused_us} us; auto takes {entry.choice()} "
+              f"(tuned in {entry.seconds:.1f} s)")
+    print(f"saved {len(table.entries)} entries to {table.save()}")
+    return 0
+
+
+def _model_problems(args) -> list:
+    """The fused GEMMs `explain` finds in a model (forward, and backward with --train)."""
+    from bspfuse.backend import explain
+    from bspfuse.targets import load_function
+
+    make, built = load_function(args.model), {}
+
+    def build(mesh):
+        built["model"], built["inputs"] = make(mesh)
+        return built["model"]
+    problems = []
+    for report in explain(build, lambda _mesh: built["inputs"], args.world, train=args.train):
+        problems += [d.estimate.problem for d in report.decisions if d.estimate and d.estimate.problem]
+    return problems
+
+
+def _shape_arg(text: str):
+    m = re.fullmatch(r"(ag_matmul|matmul_rs|matmul_ar):(\d+)x(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OP:MxNxK with OP ag_matmul, matmul_rs or matmul_ar "
+                                         "(M, N, K as the kernels take them: AG M = one rank's rows, RS/AR K = "
+                                         "one rank's K)")
+    return m.group(1), *map(int, m.groups()[1:])
+
+
 def cmd_bench(args) -> int:
     print(BENCH_TEXT)
     return 0
@@ -326,6 +383,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mesh", metavar="DPxTP", help="a 2-D mesh, e.g. 2x4 (dims named dp, tp)")
     e.add_argument("--mode", choices=modes, default="auto")
     e.set_defaults(fn=cmd_explain)
+
+    t = sub.add_parser("tune", help="measure the fused GEMMs' tiles and schedules on this host's GPUs; the fastest "
+                                    "go into the tuning cache that compile, run and the backend read")
+    t.add_argument("--shape", type=_shape_arg, action="append", default=[], metavar="OP:MxNxK",
+                   help="e.g. matmul_rs:8192x4096x3584 (repeatable)")
+    t.add_argument("--model", metavar="file.py:function", help="every fused GEMM explain finds in the model")
+    t.add_argument("--train", action="store_true", help="with --model: the backward's GEMMs too")
+    t.add_argument("--world", type=int, default=1)
+    t.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16")
+    t.add_argument("--layout", choices=("nk", "kn"), default="nk", help="B as weight.t() (nk, default) or row-major")
+    t.add_argument("--keep", type=int, default=12, help="fused candidates measured per shape (the cost model's best)")
+    t.add_argument("--rep-ms", type=float, default=20.0, dest="rep_ms", help="milliseconds of calls timed per candidate")
+    t.add_argument("--out", type=Path, help="the table to update (default: the user's cache, "
+                                            "$BSPFUSE_CACHE_DIR or ~/.cache/bspfuse/tuned.json)")
+    t.set_defaults(fn=cmd_tune)
 
     b = sub.add_parser("bench", help="how to run the GPU benchmarks")
     b.set_defaults(fn=cmd_bench)

@@ -99,6 +99,7 @@ class KernelPlan:
 
     tile_program: TileProgram
     programs: int
+    tuned: str = ""  # where the config came from when bspfuse tune measured it (tune.lookup), else ""
 
     @property
     def config(self) -> TileConfig:
@@ -108,7 +109,8 @@ class KernelPlan:
     def launch_line(self) -> str:
         tp, c = self.tile_program, self.config
         return (f"launch: {tp.kind} {tp.mode}, tile {c.BM}x{c.BN}x{c.BK} ({c.num_warps} warps, {c.num_stages} "
-                f"stages, group {c.GROUP_M}), {self.programs} programs, {c.comm_programs} comm programs")
+                f"stages, group {c.GROUP_M}), {self.programs} programs, {c.comm_programs} comm programs"
+                + (f" ({self.tuned})" if self.tuned else ""))
 
 
 def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype: str, epilogue: tuple,
@@ -122,7 +124,12 @@ def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype:
     programs (SIM.num_sms); the roles, how many programs move data (one, as SIM_CONFIG asks) and the
     protocol are the GPU's."""
     rows = M * world if kind == "ag_matmul" else M
-    cfg = config or (SIM_CONFIG if target.sim else choose_config(kind, rows, N, K, world, target.num_sms))
+    cfg, tuned = config, ""
+    if cfg is None and target.sim:
+        cfg = SIM_CONFIG
+    elif cfg is None:
+        cfg = choose_config(kind, rows, N, K, world, target.num_sms)
+        cfg, tuned = _tuned(kind, mode, M, N, K, world, dtype, b_layout, target, cfg)
     if kind == "ag_matmul":
         cfg = ag_config(cfg, mode, gated="swiglu" in epilogue and config is None)  # a given config keeps its tile
     more = {"weights": weights} if weights > 1 else {}
@@ -135,7 +142,22 @@ def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype:
     if comm >= target.num_sms:
         raise ValueError(f"{name}: {comm} comm programs leave no GEMM program on {target}")
     tp = tp.with_(config=dataclasses.replace(cfg, comm_programs=comm))
-    return KernelPlan(tp, target.num_sms)
+    return KernelPlan(tp, target.num_sms, tuned)
+
+
+def _tuned(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype: str, b_layout: str, target: Target,
+           chosen: TileConfig) -> tuple[TileConfig, str]:
+    """The config `bspfuse tune` measured fastest for this GEMM on this GPU, if it did (its tile and, for the
+    same schedule and world, its comm programs), else `chosen`."""
+    from bspfuse import tune
+
+    entry, source = tune.lookup(target.name, tune.Problem(kind, M, N, K, world, dtype, b_layout))
+    if entry is None or entry.best is None:
+        return chosen, ""
+    best = entry.best.config
+    if entry.problem.world != world or entry.best.schedule != mode:  # only its tile applies here
+        best = dataclasses.replace(best, comm_programs=chosen.comm_programs)
+    return best, source
 
 
 def plan_fused(op: Op, program: Program, target: Target, config: TileConfig | None = None) -> KernelPlan | None:

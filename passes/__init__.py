@@ -22,11 +22,15 @@ class Estimate:
 
     device: str
     mode: str  # push | pull | direct | off (the unfused, bulk-synchronous schedule)
-    us: dict  # schedule -> estimated microseconds, e.g. {"bsp": 30.1, "push": 4.7}
+    us: dict  # schedule -> estimated (or measured) microseconds, e.g. {"bsp": 30.1, "push": 4.7}
+    measured: bool = False  # the times were measured on the device (bspfuse tune), not estimated
+    problem: object = None  # the fused GEMM as bspfuse.tune.Problem, where one was decided
 
     def __str__(self) -> str:
         picks = "BSP (no fusion)" if self.mode == "off" else self.mode
         times = ", ".join(f"{schedule} {us:g} us" for schedule, us in self.us.items())
+        if self.measured:
+            return f"measured on {self.device}: {picks}; {times}"
         return f"cost model on {self.device}: {picks}; estimated {times}"
 
 

@@ -14,6 +14,7 @@ from bspfuse.devices import Device, device as lookup_device
 from bspfuse.ir import Op, Program, Value, concrete, dims_equal, infer
 from bspfuse.passes import Decision, Estimate, Options, Pass
 from bspfuse.tile import HOST_SIDE_AG_MODES
+from bspfuse.tune.search import Problem
 
 # Pointwise functions the GEMM epilogue can apply to the fp32 accumulator (bias reads a vector).
 EPILOGUE_FNS = ("relu", "gelu", "silu", "sigmoid", "tanh", "neg", "identity", "bias")
@@ -63,6 +64,14 @@ class DeviceModel:
                    direct_exposed_bytes=d.direct_exposed_gbps.value * 1e9, direct_hop_s=d.direct_hop_us.value * 1e-6,
                    comm_program_bytes=d.comm_program_gbps.value * 1e9,
                    copy_engine_fixed_s=d.copy_engine_fixed_us.value * 1e-6, min_gain=d.min_gain.value)
+
+
+_WHY = {"push": "each rank writes its data into its peers' buffers as soon as it is ready, and no rank waits to be "
+                "asked",
+        "pull": "A is already on the heap, and each rank reads the rows it needs when it gets to them",
+        "direct": "each partial tile goes to the rank that owns its rows as soon as the GEMM makes it, so the "
+                  "traffic spreads over the GEMM",
+        "copy_engine": "the GPU's copy engines move the rows, so every SM multiplies"}
 
 
 @dataclass(frozen=True)
@@ -143,13 +152,7 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     if est[best] > est["bsp"] * (1 - device.min_gain):
         return Choice("off", f"{best} is estimated less than {device.min_gain:.0%} faster than the unfused "
                              "schedule, within the spread between runs", us)
-    why = {"push": "each rank writes its data into its peers' buffers as soon as it is ready, and no rank "
-                   "waits to be asked",
-           "pull": "A is already on the heap, and each rank reads the rows it needs when it gets to them",
-           "direct": "each partial tile goes to the rank that owns its rows as soon as the GEMM makes it, "
-                     "so the traffic spreads over the GEMM",
-           "copy_engine": "the GPU's copy engines move the rows, so every SM multiplies"}[best]
-    return Choice(best, why, us)
+    return Choice(best, _WHY[best], us)
 
 
 # ----------------------------------------------------------------------------------------------- matching
@@ -277,13 +280,19 @@ def _common_checks(p: Program, mm: Op, coll: Op) -> str | None:
 def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N: int, K: int,
             dtype: str, copy_bytes: int = 0) -> tuple[Choice, Estimate]:
     """The mode to fuse with ("off": not at all) and the cost model's view, which the Decision carries
-    apart from the reason so that recalibrating the model changes only the estimate."""
+    apart from the reason so that recalibrating the model changes only the estimate. Where `bspfuse tune`
+    measured this GEMM on the device (bspfuse.tune), auto takes the measurement instead, and never a fused
+    schedule that measured slower than the unfused program."""
     forced = options.mode_for(site_value)
     device = DeviceModel.of(options.device)
     if options.replayable:
         device = replace(device, ag_auto_modes=("push", "pull"))
+    problem = Problem.of_logical(kind, M, N, K, p.world_size, dtype)
     auto = choose_mode(kind, M, N, K, p.world_size, dtype, device=device, copy_bytes=copy_bytes)
-    estimate = Estimate(device.name, auto.mode, auto.estimates_us)
+    estimate = Estimate(device.name, auto.mode, auto.estimates_us, problem=problem)
+    measured = _measured(device, problem, options)
+    if measured is not None:
+        auto, estimate = measured
     if options.replayable and kind == "ag_matmul" and forced in HOST_SIDE_AG_MODES:
         return Choice(auto.mode, f"{forced} cannot replay from a CUDA graph ({HOST_SIDE_AG_MODES[forced]}); "
                                  f"{auto.reason}", auto.estimates_us), estimate
@@ -298,6 +307,29 @@ def _decide(p: Program, options: Options, site_value: str, kind: str, M: int, N:
         return Choice(auto.mode, f"copy_engine moves AG+GEMM's rows only (partials exist only inside the kernel); "
                                  f"{auto.reason}", auto.estimates_us), estimate
     return Choice(forced, f"{forced} forced by the user", auto.estimates_us), estimate
+
+
+def _measured(device: DeviceModel, problem: Problem, options: Options) -> tuple[Choice, Estimate] | None:
+    """auto's choice from a tuned entry of this GEMM on this device and world (either B layout), if any: the
+    fastest schedule measured, the unfused program whenever it measured as fast or faster."""
+    from bspfuse import tune
+
+    for layout in ("nk", "kn"):
+        entry = tune.table().get(device.name, replace(problem, b_layout=layout))
+        if entry is not None and entry.unfused_us is not None:
+            break
+    else:
+        return None
+    times = {("bsp" if s == tune.UNFUSED else s): us for s, us in entry.schedule_times().items()
+             if s == tune.UNFUSED or not options.replayable or s not in HOST_SIDE_AG_MODES}
+    fused = {s: us for s, us in times.items() if s != "bsp"}
+    if not fused or min(fused.values()) >= times["bsp"]:
+        why = "every fused schedule measured slower than the unfused program" if fused else \
+            "no fused schedule ran when it was tuned"
+        return Choice("off", why, times), Estimate(device.name, "off", times, measured=True, problem=problem)
+    best = min(fused, key=fused.get)
+    return (Choice(best, f"{_WHY[best]}; measured the fastest", times),
+            Estimate(device.name, best, times, measured=True, problem=problem))
 
 
 def _hint_mode(op: Op, options: Options) -> Options:
@@ -428,7 +460,7 @@ def _run_allgather_matmul(p: Program, options: Options):
                 + (" (the graph returns it: saved for the backward)" if returned else "")) if others else ""
         say(True, f"{choice.reason}" + (f"; the {'+'.join(fns)} after it is applied in the kernel, to each tile "
                                         "before it is stored" if fns and not gate else "")
-            + (f"; rows of each batch interleave ranks (gathered on the sequence dim): the kernel stores them "
+            + ("; rows of each batch interleave ranks (gathered on the sequence dim): the kernel stores them "
                "in place" if d == 1 else "")
             + (f"; {names} join{'s' if len(joined) == 1 else ''} it: {1 + len(joined)} weights share the "
                "gathered A" if joined else "")

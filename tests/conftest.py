@@ -10,6 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_tuning_cache(tmp_path_factory):
+    """No test reads or writes the user's tuning cache (bspfuse.tune.cache_path)."""
+    os.environ["BSPFUSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("bspfuse-cache"))
+
+
 @pytest.fixture
 def run_script():
     """Run a Python script in a fresh process without Triton's interpreter (so kernels compile for a real

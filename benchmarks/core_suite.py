@@ -1,0 +1,193 @@
+"""The fused kernels' GEMM core, tuned, against cuBLAS over the GEMMs of the models people run (one GPU).
+
+    python3 benchmarks/core_suite.py --json benchmarks/results/core_suite_h100.json \\
+        --table bspfuse/tune/tables/H100.json --plot benchmarks/results/core_suite_h100.png
+
+Each row is one GEMM of a tensor-parallel layer as a world of one: the column-parallel projections (q/k/v
+joined, gate/up joined) through the AG+GEMM kernel, the row-parallel ones (o, down) through the GEMM+RS
+kernel (GEMM+AR runs the same core), at TP 2, 4 and 8 and M tokens in {1, 8, 32, 128, 512, 2048, 8192,
+16384}, B as an nn.Linear weight (weight.t()). `bspfuse tune`'s search (bspfuse.tune: the cost model's best
+--keep candidates) picks each row's config; the best is timed again back to back beside cuBLAS, and both
+outputs are checked against a float64 reference. For M <= 256 the row also gives the rate at which the
+kernel reads the weight against the HBM copy rate measured in the same run. The entries go into --table
+(the tuned table the package ships for this GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import results_file  # noqa: E402  (benchmarks/, the script's own folder)
+
+# hidden, q width (heads x head dim), kv width, ffn: the dense parts of each model
+MODELS = {
+    "llama3-8b": (4096, 4096, 1024, 14336),
+    "llama3-70b": (8192, 8192, 1024, 28672),
+    "llama3-405b": (16384, 16384, 1024, 53248),
+    "qwen2.5-7b": (3584, 3584, 512, 18944),
+    "qwen2.5-32b": (5120, 5120, 1024, 27648),
+    "qwen2.5-72b": (8192, 8192, 1024, 29568),
+    "mixtral-8x7b": (4096, 4096, 1024, 14336),  # attention; an expert's FFN has the same widths
+}
+TPS = (2, 4, 8)
+MS = (1, 8, 32, 128, 512, 2048, 8192, 16384)
+
+
+def suite(models, tps, ms) -> list[tuple[str, str, int, int, int]]:
+    """(name, op, M, N, K) of every GEMM, each shape once (the first model that has it names it)."""
+    out, seen = [], set()
+    for model in models:
+        h, q, kv, ffn = MODELS[model]
+        for tp in tps:
+            gemms = [("qkv", "ag_matmul", (q + 2 * kv) // tp, h), ("o", "matmul_rs", h, q // tp),
+                     ("gate_up", "ag_matmul", 2 * ffn // tp, h), ("down", "matmul_rs", h, ffn // tp)]
+            for proj, op, n, k in gemms:
+                for m in ms:
+                    if (op, m, n, k) not in seen:
+                        seen.add((op, m, n, k))
+                        out.append((f"{model} tp{tp} {proj}", op, m, n, k))
+    return out
+
+
+def copy_rate(device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted once each)."""
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    return 2 * x.numel() * 2 * 20 / (start.elapsed_time(end) * 1e-3)
+
+
+def run(ctx, args):
+    from bspfuse.tune import Problem
+    from bspfuse.tune.measure import GpuTimer, gpu_model, tune_in_rank
+
+    gpu = gpu_model()
+    rows_spec = suite(args.models, args.tps, args.ms)
+    if args.limit:
+        rows_spec = rows_spec[:args.limit]
+    problems = [Problem(op, m, n, k, 1, "bf16", "nk") for _, op, m, n, k in rows_spec]
+    t0 = time.time()
+    entries = tune_in_rank(ctx, problems, gpu, keep=args.keep, rep_ms=args.tune_rep_ms, progress=True)
+    tune_s = time.time() - t0
+    hbm = copy_rate(ctx.device)
+    timer = GpuTimer(ctx, rep_ms=args.rep_ms)
+    rows = []
+    for (name, op, m, n, k), p, entry in zip(rows_spec, problems, entries):
+        row = dict(name=name, op=op, M=m, N=n, K=k, layout="nk", tune_s=entry.seconds)
+        if entry.best is None:
+            rows.append(dict(row, error="no candidate ran", cublas_us=entry.unfused_us))
+            continue
+        a, b, _ = timer.inputs(p)
+        ref = a.double() @ b.double()
+        cublas = a @ b
+        ours_fn = timer._fused(p, entry.best, a, b)
+        ours = ours_fn()
+        err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
+        # back to back, alternating, the best of three each
+        cu_us, our_us = [], []
+        for _ in range(3):
+            cu_us.append(timer._time(lambda: a @ b, p) * 1e6)
+            our_us.append(timer._time(ours_fn, p) * 1e6)
+        row.update(cublas_us=round(min(cu_us), 2), ours_us=round(min(our_us), 2),
+                   ratio=round(min(our_us) / min(cu_us), 4), rel_err=err(ours), cublas_rel_err=err(cublas),
+                   config=str(entry.best.config), schedule=entry.best.schedule)
+        if m <= 256:
+            weight = n * k * 2
+            row.update(weight_read_fraction=round(weight / (min(our_us) * 1e-6) / hbm, 3),
+                       cublas_weight_read_fraction=round(weight / (min(cu_us) * 1e-6) / hbm, 3))
+        rows.append(row)
+        print(f"{name:28} {op:10} {m:6}x{n:6}x{k:6}  cublas {row['cublas_us']:9.1f} us  ours {row['ours_us']:9.1f} us"
+              f"  {row['ratio']:.3f}  err {row['rel_err']:.1e} (cublas {row['cublas_rel_err']:.1e})", flush=True)
+    timer.close()
+    return dict(rows=rows, entries=[e.to_json() for e in entries], gpu=gpu, hbm_copy_gbps=round(hbm / 1e9, 1),
+                tune_seconds=round(tune_s, 1))
+
+
+def summary(rows) -> str:
+    ok = [r for r in rows if "ratio" in r]
+    if not ok:
+        return "no rows"
+    geo = math.exp(sum(math.log(r["ratio"]) for r in ok) / len(ok))
+    worst = max(ok, key=lambda r: r["ratio"])
+    lines = [f"{len(ok)} GEMMs: geomean ours/cuBLAS {geo:.3f}; {sum(r['ratio'] > 1.10 for r in ok)} above 1.10; "
+             f"worst {worst['ratio']:.3f} ({worst['op']} {worst['M']}x{worst['N']}x{worst['K']})"]
+    for m in sorted({r["M"] for r in ok}):
+        at = [r["ratio"] for r in ok if r["M"] == m]
+        lines.append(f"  M={m:6}: geomean {math.exp(sum(map(math.log, at)) / len(at)):.3f} over {len(at)}, "
+                     f"max {max(at):.3f}")
+    small = [r for r in ok if "weight_read_fraction" in r]
+    if small:
+        lines.append(f"  M<=256: weight read at {min(r['weight_read_fraction'] for r in small):.2f}-"
+                     f"{max(r['weight_read_fraction'] for r in small):.2f} of the copy rate (cuBLAS "
+                     f"{min(r['cublas_weight_read_fraction'] for r in small):.2f}-"
+                     f"{max(r['cublas_weight_read_fraction'] for r in small):.2f})")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for op, marker in (("ag_matmul", "o"), ("matmul_rs", "s")):
+        pts = [(r["M"], r["ratio"]) for r in rows if r.get("op") == op and "ratio" in r]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, alpha=0.6, label={"ag_matmul": "AG+GEMM core (column-parallel)",
+                                                                     "matmul_rs": "GEMM+RS/AR core (row-parallel)"}[op])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.1, color="r", lw=0.6, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("ours / cuBLAS time (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default="benchmarks/results/core_suite_h100.json")
+    p.add_argument("--table", help="also write the tuned entries here (a table shipped in bspfuse/tune/tables)")
+    p.add_argument("--plot", help="the ratio against M, as a PNG")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--tps", nargs="+", type=int, default=list(TPS))
+    p.add_argument("--ms", nargs="+", type=int, default=list(MS))
+    p.add_argument("--limit", type=int, default=0, help="only the first N GEMMs (a smoke run)")
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--tune-rep-ms", type=float, default=10.0, dest="tune_rep_ms")
+    p.add_argument("--rep-ms", type=float, default=30.0, dest="rep_ms")
+    args = p.parse_args()
+    from bspfuse.runtime import launch
+    from bspfuse.tune import Entry, TunedTable
+
+    t0 = time.time()
+    out = launch(run, 1, backend="cuda", heap_bytes=24 << 30, args=(args,), timeout_s=3600)[0]
+    results_file.save(args.json, out["rows"], seconds=round(time.time() - t0, 1), gpu=out["gpu"],
+                      hbm_copy_gbps=out["hbm_copy_gbps"], tune_seconds=out["tune_seconds"])
+    if args.table:
+        table = TunedTable.load(paths=[args.table] if os.path.exists(args.table) else [], save_to=args.table)
+        for e in out["entries"]:
+            table.put(Entry.from_json(e))
+        table.save()
+    if args.plot:
+        plot(out["rows"], args.plot)
+    print(summary(out["rows"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Timing candidates on GPUs: the real host objects with the candidate's tile and schedule, every output checked
+against a float32 matmul (and its collective) before it is timed, and the unfused program (NCCL + cuBLAS; at
+world 1 cuBLAS alone) timed beside them, on every rank of `launch(..., backend="cuda")`.
+
+    entries = tune_on_gpus([Problem("matmul_rs", 8192, 4096, 3584)], world=1)   # -> [Entry], rank 0's
+
+Every rank runs the same candidates in the same order with the same number of calls (collective kernels), so
+the call count comes from the cost model's estimate, not from a rank's own timing.
+"""
+from __future__ import annotations
+
+import torch
+
+from bspfuse.tune.search import UNFUSED, Candidate, Problem, Tuner
+
+TORCH_DTYPE = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+TOLERANCE = {"bf16": 2e-2, "f16": 5e-3, "f32": 1e-3}
+
+
+class WrongResult(RuntimeError):
+    """A candidate ran but its output differs from the reference: it is never timed or chosen."""
+
+
+class GpuTimer:
+    """timer(problem, candidate) -> seconds per call on this rank's GPU, inside a launch (`ctx`).
+
+    Host objects take M as a bound, so one object serves every M of a (op, N, K, layout) up to `m_bounds`'s
+    value for it (default: the problem's own M): tuning the Ms of one GEMM in a row builds each candidate's
+    object once. Objects of another GEMM are freed when the next one starts."""
+
+    def __init__(self, ctx, rep_ms: float = 20.0, seed: int = 0, m_bounds: dict | None = None):
+        self.ctx, self.rep_ms, self.seed = ctx, rep_ms, seed
+        self.m_bounds = m_bounds or {}
+        self._inputs: dict = {}
+        self._ops: dict = {}  # (schedule, config) -> host object, for the GEMM of self._gemm
+        self._gemm = None
+
+    def inputs(self, p: Problem):
+        """(this rank's A, B, the float32 reference of this rank's output), drawn once per problem."""
+        key = (p.kind, p.M, p.N, p.K, p.world, p.dtype, p.b_layout)
+        if key not in self._inputs:
+            self._inputs.clear()  # one problem's tensors at a time
+            dev, dt, r, W = self.ctx.device, TORCH_DTYPE[p.dtype], self.ctx.rank, p.world
+            g = torch.Generator(device=dev).manual_seed(self.seed)
+            a_all = [torch.randn(p.M, p.K, device=dev, generator=g).to(dt) for _ in range(W)]
+            w = (torch.randn(p.N, p.K, device=dev, generator=g) / p.K ** 0.5).to(dt)
+            b = w.t() if p.b_layout == "nk" else w.t().contiguous()
+            if p.kind == "ag_matmul":  # every rank holds its rows; C is the gathered rows times B
+                ref = torch.cat(a_all).float() @ b.float()
+            else:  # every rank's partial product of the same B, summed (scattered for RS)
+                total = sum(a.float() @ b.float() for a in a_all)
+                ref = total.chunk(W)[r] if p.kind == "matmul_rs" else total
+            self._inputs[key] = (a_all[r], b, ref)
+        return self._inputs[key]
+
+    def __call__(self, p: Problem, cand: Candidate) -> float:
+        a, b, ref = self.inputs(p)
+        fn = self._unfused(p, a, b) if cand.config is None else self._fused(p, cand, a, b)
+        out = fn()
+        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err <= TOLERANCE[p.dtype]:
+            raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float32 reference")
+        return self._time(fn, p)
+
+    @staticmethod
+    def gemm(p: Problem) -> tuple:
+        return (p.kind, p.N, p.K, p.world, p.dtype, p.b_layout)
+
+    def close(self) -> None:
+        """Free every host object's heap buffers (collective)."""
+        if self._ops:
+            self.ctx.heap.barrier()
+            for op in self._ops.values():
+                for buf in op.buffers():
+                    self.ctx.heap.free(buf)
+        self._ops.clear()
+
+    def _time(self, fn, p: Problem) -> float:
+        """Seconds per call over a fixed count of back-to-back calls (the same on every rank), after warm-up."""
+        from bspfuse.passes.fuse_gemm import DeviceModel
+
+        guess = max(p.flops / DeviceModel.of("H100").matmul_flops, 2e-6)
+        calls = int(min(2000, max(5, self.rep_ms * 1e-3 / guess)))
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.ctx.barrier()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / calls
+
+    def _unfused(self, p: Problem, a, b):
+        """The bulk-synchronous program: the collective then cuBLAS (AG), or cuBLAS then the collective."""
+        import torch.distributed as dist
+
+        W = p.world
+        if W == 1:
+            return lambda: a @ b
+        if p.kind == "ag_matmul":
+            full = a.new_empty(W * p.M, p.K)
+            return lambda: (dist.all_gather_into_tensor(full, a), full @ b)[1]
+        if p.kind == "matmul_rs":
+            out = a.new_empty(p.M // W, p.N)
+            return lambda: (dist.reduce_scatter_tensor(out, a @ b), out)[1]
+
+        def all_reduce():
+            c = a @ b
+            dist.all_reduce(c)
+            return c
+        return all_reduce
+
+    def _fused(self, p: Problem, cand: Candidate, a, b):
+        from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
+
+        if self.gemm(p) != self._gemm:
+            self.close()
+            self._gemm = self.gemm(p)
+        key = (cand.schedule, cand.config)
+        op = self._ops.get(key)
+        if op is None or (op.M_local if p.kind == "ag_matmul" else op.M) < p.M:
+            if op is not None:
+                self.ctx.heap.barrier()
+                for buf in op.buffers():
+                    self.ctx.heap.free(buf)
+            heap, dt, M = self.ctx.heap, TORCH_DTYPE[p.dtype], max(p.M, self.m_bounds.get(self.gemm(p), 0))
+            if p.kind == "ag_matmul":
+                op = FusedAllGatherMatmul(heap, M, p.N, p.K, dt, mode=cand.schedule, config=cand.config,
+                                          b_layout=p.b_layout)
+            else:
+                cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
+                op = cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
+            self._ops[key] = op
+        return lambda: op(a, b)
+
+
+class _Progress:
+    """One line on stderr per problem, rewritten as its candidates are measured (rank 0 only)."""
+
+    def __init__(self, show: bool):
+        self.show, self.problem = show, None
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self.show:
+            import sys
+
+            print(f"\r[tune] {self.problem}: {done}/{total} {label[:60]:60}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+
+def tune_in_rank(ctx, problems: list[Problem], gpu: str, keep: int = 12, rep_ms: float = 20.0,
+                 progress: bool = True) -> list:
+    """Tune `problems` inside a launch (every rank, same list): the Ms of one GEMM one after another, so each
+    candidate's host object is built once for them."""
+    order = sorted(problems, key=lambda p: (GpuTimer.gemm(p), p.M))
+    bounds: dict = {}
+    for p in order:
+        bounds[GpuTimer.gemm(p)] = max(bounds.get(GpuTimer.gemm(p), 0), p.M)
+    report = _Progress(progress and ctx.rank == 0)
+    timer = GpuTimer(ctx, rep_ms, m_bounds=bounds)
+    tuner = Tuner(timer, gpu, keep=keep, progress=report,
+                  num_sms=torch.cuda.get_device_properties(ctx.device).multi_processor_count)
+    entries = {}
+    try:
+        for p in order:
+            report.problem = p
+            entries[p] = tuner.tune(p)
+    finally:
+        timer.close()
+    return [entries[p] for p in problems]
+
+
+def gpu_model(device=None) -> str:
+    """The device table's name for this process's GPU (H100, H200, MI300X), else the name torch reports."""
+    from bspfuse.lowering import target_of
+
+    return target_of(torch.device("cuda", torch.cuda.current_device() if device is None else device)).name
+
+
+def tune_on_gpus(problems: list[Problem], world: int, keep: int = 12, rep_ms: float = 20.0,
+                 progress: bool = True, heap_bytes: int = 8 << 30):
+    """Tune every problem on `world` GPUs of this host (launch's cuda backend); rank 0's entries."""
+    from bspfuse.runtime import launch
+
+    gpu = gpu_model(0)
+    return launch(tune_in_rank, world, backend="cuda", heap_bytes=heap_bytes,
+                  args=(problems, gpu, keep, rep_ms, progress), timeout_s=24 * 3600)[0]
+
+
+__all__ = ["GpuTimer", "UNFUSED", "WrongResult", "gpu_model", "tune_in_rank", "tune_on_gpus"]

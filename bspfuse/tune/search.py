@@ -1,0 +1,204 @@
+"""The search: a fused GEMM problem, its joint space (tile, comm programs, schedule, and the unfused program),
+the cost model that ranks it and the tuner that measures the best of it."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bspfuse.tile import AG_MODES, SCATTER_MODES, TileConfig
+
+if TYPE_CHECKING:
+    from bspfuse.tune.table import Entry
+
+KINDS = ("ag_matmul", "matmul_rs", "matmul_ar")
+UNFUSED = "unfused"  # the schedule name of the bulk-synchronous program (collective + cuBLAS)
+
+
+def m_bucket(M: int) -> int:
+    """The power of two at or above M: a tuned entry serves every M up to its bucket."""
+    return 1 << max(0, math.ceil(math.log2(max(1, M))))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fused GEMM: M, N, K as the host objects take them (AG+GEMM: M = this rank's rows; GEMM+RS/AR: M
+    rows, K = K_local), the world size, dtype and B's layout (tile.B_LAYOUTS)."""
+    kind: str
+    M: int
+    N: int
+    K: int
+    world: int = 1
+    dtype: str = "bf16"
+    b_layout: str = "nk"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"op {self.kind!r} is not one of {', '.join(KINDS)}")
+        if min(self.M, self.N, self.K, self.world) < 1:
+            raise ValueError(f"{self}: sizes and world must be positive")
+
+    @classmethod
+    def of_logical(cls, kind: str, M: int, N: int, K: int, world: int, dtype: str = "bf16",
+                   b_layout: str = "nk") -> "Problem":
+        """The problem of a logical matmul [M, K] @ [K, N] (the pass's view: all rows, all of K) over `world`."""
+        if kind == "ag_matmul":
+            return cls(kind, max(1, M // world), N, K, world, dtype, b_layout)
+        return cls(kind, M, N, max(1, K // world), world, dtype, b_layout)
+
+    def key(self, gpu: str) -> str:
+        return (f"{gpu}|w{self.world}|{self.kind}|{self.dtype}|m{m_bucket(self.M)}|n{self.N}|k{self.K}|"
+                f"{self.b_layout}")
+
+    @property
+    def flops(self) -> int:
+        rows = self.M * self.world if self.kind == "ag_matmul" else self.M
+        return 2 * rows * self.N * self.K
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.M}x{self.N}x{self.K} w{self.world} {self.dtype} B {self.b_layout}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str  # push | pull | direct | copy_engine | unfused
+    config: TileConfig | None = None  # None for the unfused program
+
+    @property
+    def label(self) -> str:
+        return self.schedule if self.config is None else f"{self.schedule} {self.config}"
+
+
+# ----------------------------------------------------------------------------------------------- the space
+
+TILES = [(BM, BN, BK) for BM in (16, 32, 64, 128, 256) for BN in (64, 128, 256) for BK in (64, 128)
+         if BM * BN <= 128 * 256 and BM * BK + BK * BN <= 256 * 64 + 64 * 128]
+WARPS_STAGES = [(4, 3), (4, 4), (8, 3), (8, 4), (4, 5)]
+
+
+def schedules(problem: Problem) -> tuple[str, ...]:
+    """The fused schedules of the problem's op; a world of one runs the GEMM alone (no peer to overlap with):
+    AG+GEMM's copy_engine (no comm programs) and GEMM+RS/AR's direct."""
+    if problem.world == 1:
+        return ("copy_engine",) if problem.kind == "ag_matmul" else ("direct",)
+    return tuple(m for m in AG_MODES if m != "direct") if problem.kind == "ag_matmul" else SCATTER_MODES
+
+
+def space(problem: Problem, num_sms: int) -> list[Candidate]:
+    """Every candidate: schedules x tiles x (warps, stages) x GROUP_M x comm programs, and the unfused program."""
+    from bspfuse.tile import default_comm_programs, group_rows
+
+    out = [Candidate(UNFUSED)]
+    rows = problem.M * problem.world if problem.kind == "ag_matmul" else problem.M
+    for schedule in schedules(problem):
+        moves = problem.world > 1 and schedule in ("push", "pull")
+        base = default_comm_programs(problem.kind, problem.M, problem.N, problem.K, problem.world)
+        comms = sorted({max(1, base // 2), max(1, base), min(32, base * 2)}) if moves else [0]
+        for BM, BN, BK in TILES:
+            if BM > 2 * max(16, rows):  # a tile twice the rows wastes half of every MMA or more
+                continue
+            groups = sorted({1, 8, group_rows(BM, BN, num_sms)})
+            for (warps, stages), group, comm in ((ws, g, c) for ws in WARPS_STAGES for g in groups for c in comms):
+                if BM * BN >= 128 * 256 and warps == 4:  # a 128x256 accumulator needs 8 warps' registers
+                    continue
+                out.append(Candidate(schedule, TileConfig(BM, BN, BK, group, warps, stages, comm)))
+    return out
+
+
+def estimate(problem: Problem, cand: Candidate, device) -> float:
+    """Seconds the cost model gives a candidate, to rank the space (`device`: passes.fuse_gemm.DeviceModel).
+    The GEMM: waves of tiles over the SMs, a tile's MMAs at a rate that falls with its size, its operand
+    bytes from L2/HBM, and a floor of the bytes every tile reads once (a few rows read the whole weight);
+    the schedule's communication as fuse_gemm.choose_mode estimates it."""
+    from bspfuse.passes.fuse_gemm import choose_mode
+
+    p, item = problem, 2 if problem.dtype in ("bf16", "f16") else 4
+    rows = p.M * p.world if p.kind == "ag_matmul" else p.M
+    if cand.config is None:
+        est = choose_mode(p.kind, rows, p.N, p.K * (p.world if p.kind != "ag_matmul" else 1), p.world, p.dtype,
+                          device=device).estimates_us
+        return est["bsp"] * 1e-6
+    c = cand.config
+    sms = device.num_sms - c.comm_programs
+    rows_per_block = rows // p.world if p.kind != "ag_matmul" else rows
+    tiles = math.ceil(rows_per_block / c.BM) * (p.world if p.kind != "ag_matmul" else 1) * math.ceil(p.N / c.BN)
+    waves = math.ceil(tiles / max(1, sms))
+    per_sm = device.matmul_flops / device.num_sms
+    efficiency = min(1.0, (c.BM * c.BN / (128 * 256)) ** 0.35) * (0.9 if c.num_stages < 3 else 1.0)
+    t_tile = 2 * c.BM * c.BN * p.K / (per_sm * efficiency)
+    t_bytes = (c.BM + c.BN) * p.K * item * tiles / device.hbm_bytes / max(1, c.GROUP_M) ** 0.5
+    floor = (rows * p.K + p.K * p.N + rows * p.N) * item / device.hbm_bytes
+    t = max(waves * t_tile, t_bytes, floor)
+    if p.world > 1:
+        est = choose_mode(p.kind, rows, p.N, p.K * (p.world if p.kind != "ag_matmul" else 1), p.world, p.dtype,
+                          device=device).estimates_us
+        gemm_alone = max(2 * rows * p.N * p.K / device.matmul_flops, floor)
+        t += max(0.0, est.get(cand.schedule, est["bsp"]) * 1e-6 - gemm_alone)  # the schedule's exposed comm
+    return t
+
+
+def prune(problem: Problem, candidates: list[Candidate], device, keep: int) -> list[Candidate]:
+    """The unfused program and the `keep` fused candidates the cost model ranks best, taken from each schedule
+    in turn and at most a third of a schedule's share of one tile shape, so the measured set spans schedules
+    and tiles, not only the warps and stages of one tile."""
+    ranked = sorted((c for c in candidates if c.config is not None), key=lambda c: estimate(problem, c, device))
+    by_schedule: dict = {}
+    for c in ranked:
+        by_schedule.setdefault(c.schedule, []).append(c)
+    kept, per_tile, cap = [], {}, max(1, keep // max(1, len(by_schedule)) // 3)
+    queues = [iter(q) for q in by_schedule.values()]
+    while queues and len(kept) < keep:
+        for q in list(queues):
+            for c in q:
+                tile = (c.schedule, c.config.BM, c.config.BN, c.config.BK)
+                if per_tile.get(tile, 0) < cap:
+                    per_tile[tile] = per_tile.get(tile, 0) + 1
+                    kept.append(c)
+                    break
+            else:
+                queues.remove(q)
+            if len(kept) == keep:
+                break
+    return [c for c in candidates if c.config is None] + kept
+
+
+# ----------------------------------------------------------------------------------------------- the tuner
+
+
+class Tuner:
+    """Measures a problem's pruned space with `timer(problem, candidate) -> seconds` (None or an exception: the
+    candidate cannot run; it is recorded as failed). `device`: the device table's entry the cost model prunes
+    with; `progress(done, total, label)` is told of each measurement."""
+
+    def __init__(self, timer, gpu: str, keep: int = 12, progress=None, num_sms: int | None = None):
+        from bspfuse.passes.fuse_gemm import DeviceModel
+
+        self.timer, self.gpu, self.keep, self.progress = timer, gpu, keep, progress
+        self.device = DeviceModel.of(gpu)
+        self.num_sms = num_sms or self.device.num_sms
+
+    def candidates(self, problem: Problem) -> list[Candidate]:
+        return prune(problem, space(problem, self.num_sms), self.device, self.keep)
+
+    def tune(self, problem: Problem) -> Entry:
+        t0 = time.time()
+        cands = self.candidates(problem)
+        times: dict = {}
+        for i, cand in enumerate(cands):
+            try:
+                seconds = self.timer(problem, cand)
+            except Exception as e:  # noqa: BLE001 - a candidate that does not compile or run is skipped
+                seconds = None
+                warnings.warn(f"bspfuse tune: {problem}: {cand.label} failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}", stacklevel=2)
+            times[cand.label] = None if seconds is None else round(seconds * 1e6, 2)
+            if self.progress:
+                self.progress(i + 1, len(cands), cand.label)
+        fused = [c for c in cands if c.config is not None and times.get(c.label) is not None]
+        best = min(fused, key=lambda c: times[c.label]) if fused else None
+        from bspfuse.tune.table import Entry, kernel_fingerprint
+
+        return Entry(self.gpu, problem, times, best, kernel_fingerprint(problem, best) if best else "",
+                     time.strftime("%Y-%m-%d"), round(time.time() - t0, 2))

@@ -1,0 +1,148 @@
+"""The tuner's search, pruning, cache and "never slower" rule, with a fake timer (CI has no GPU)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from bspfuse import tune
+from bspfuse.lowering import TARGETS, plan_kernel
+from bspfuse.passes import Options
+from bspfuse.passes.fuse_gemm import DeviceModel, _decide
+
+RS = tune.Problem("matmul_rs", 4096, 4096, 2048, world=2)
+
+
+def fake_timer(unfused_us: float, fused_us=None, fails=()):
+    """A timer that says unfused_us for the unfused program and, for a fused candidate, fused_us(config) or a
+    value that prefers 128-row tiles with 4 stages; candidates whose label contains one of `fails` raise."""
+    seen = []
+
+    def timer(problem, cand):
+        seen.append(cand)
+        if any(f in cand.label for f in fails):
+            raise RuntimeError("out of shared memory")
+        if cand.config is None:
+            return unfused_us * 1e-6
+        c = cand.config
+        us = fused_us(c) if fused_us else 100 + abs(c.BM - 128) / 4 + abs(c.num_stages - 4) + c.comm_programs / 8
+        return us * 1e-6
+    timer.seen = seen
+    return timer
+
+
+def test_the_space_spans_tiles_schedules_and_comm_programs_and_pruning_keeps_the_unfused_program():
+    space = tune.space(RS, 132)
+    assert {c.schedule for c in space} == {"unfused", "direct", "push", "pull"}
+    assert len({(c.config.BM, c.config.BN) for c in space if c.config}) >= 6
+    assert len({c.config.comm_programs for c in space if c.config and c.schedule == "push"}) >= 2
+    kept = tune.prune(RS, space, DeviceModel.of("H100"), 9)
+    assert kept[0].schedule == "unfused" and len(kept) == 10
+    assert {c.schedule for c in kept[1:]} == {"direct", "push", "pull"}  # every schedule is measured
+    assert len({(c.config.BM, c.config.BN, c.config.BK) for c in kept[1:]}) >= 3
+
+
+def test_a_world_of_one_tunes_the_gemm_alone_with_no_comm_programs():
+    p = tune.Problem("ag_matmul", 512, 4096, 4096)
+    assert tune.schedules(p) == ("copy_engine",)
+    assert all(c.config.comm_programs == 0 for c in tune.space(p, 132) if c.config)
+
+
+def test_the_tuner_measures_the_pruned_candidates_and_keeps_the_fastest():
+    timer = fake_timer(500.0, fails=("stages=5",))
+    ticks = []
+    entry = tune.Tuner(timer, "H100", keep=10, progress=lambda done, total, label: ticks.append(done)).tune(RS)
+    assert [c.label for c in timer.seen] == [c.label for c in tune.Tuner(timer, "H100", keep=10).candidates(RS)]
+    assert ticks == list(range(1, len(timer.seen) + 1))
+    fused = {label: us for label, us in entry.times_us.items() if label != tune.UNFUSED and us is not None}
+    assert entry.best_us == min(fused.values()) and entry.choice() == entry.best.schedule
+    assert all(entry.times_us[c.label] is None for c in timer.seen if "stages=5" in c.label)
+    assert entry.fingerprint == tune.kernel_fingerprint(RS, entry.best)
+
+
+def test_auto_never_keeps_a_fused_schedule_measured_slower_than_the_unfused_program():
+    entry = tune.Tuner(fake_timer(50.0), "H100", keep=6).tune(RS)
+    assert entry.best is not None and entry.best_us > entry.unfused_us
+    assert entry.choice() == tune.UNFUSED
+
+
+def _table_with(entry, tmp_path, monkeypatch):
+    monkeypatch.setenv("BSPFUSE_CACHE_DIR", str(tmp_path))
+    table = tune.TunedTable.load(paths=[tune.cache_path()])
+    table.put(entry)
+    table.save()
+    return tune.table(reload=True)
+
+
+def test_the_pass_decides_by_measurement_where_an_entry_exists(tmp_path, monkeypatch):
+    from bspfuse.ir import Program
+
+    program = Program("p", 2, [], [], [])
+    M, N, K = RS.M, RS.N, RS.K * RS.world  # the pass's view: the logical matmul
+    estimated, est = _decide(program, Options(device="H100"), "y", "matmul_rs", M, N, K, "bf16")
+    assert not est.measured and str(est).startswith("cost model on H100")
+
+    slow = tune.Tuner(fake_timer(50.0), "H100", keep=6).tune(RS)  # every fused schedule slower
+    _table_with(slow, tmp_path, monkeypatch)
+    choice, est = _decide(program, Options(device="H100"), "y", "matmul_rs", M, N, K, "bf16")
+    assert choice.mode == "off" and "measured slower than the unfused program" in choice.reason
+    assert est.measured and str(est).startswith("measured on H100: BSP (no fusion); ")
+    forced, _ = _decide(program, Options(device="H100", mode="push"), "y", "matmul_rs", M, N, K, "bf16")
+    assert forced.mode == "push"  # the user's word stands
+
+    fast = tune.Tuner(fake_timer(5000.0), "H100", keep=6).tune(RS)
+    _table_with(fast, tmp_path, monkeypatch)
+    choice, est = _decide(program, Options(device="H100"), "y", "matmul_rs", M, N, K, "bf16")
+    assert choice.mode == fast.choice() != "off" and "measured the fastest" in choice.reason
+    assert est.us["bsp"] == 5000.0
+    other, _ = _decide(program, Options(device="H200"), "y", "matmul_rs", M, N, K, "bf16")
+    assert "measured" not in other.reason  # entries are per GPU
+    tune.table(reload=True)
+
+
+def test_planning_takes_the_tuned_config_on_that_gpu_only(tmp_path, monkeypatch):
+    p = tune.Problem("matmul_rs", 1024, 2048, 1024, world=1)
+    best = tune.Tuner(None, "H100", keep=12).candidates(p)[-1].config  # the cost model's 12th: measured fastest
+    entry = tune.Tuner(fake_timer(500.0, fused_us=lambda c: 10 if c == best else 50), "H100", keep=12).tune(p)
+    assert entry.best.config == best
+    _table_with(entry, tmp_path, monkeypatch)
+    plan = plan_kernel("matmul_rs", "direct", 1000, 2048, 1024, 1, "bf16", (), TARGETS["H100"], b_layout="nk")
+    assert plan.config == best and plan.launch_line.endswith("(tuned)")  # 1000 rows: the 1024 bucket
+    assert plan_kernel("matmul_rs", "direct", 1000, 2048, 1024, 1, "bf16", (), TARGETS["H200"]).config != best
+    # at world 2 the same GEMM's tile applies, with the heuristic's comm programs
+    plan2 = plan_kernel("matmul_rs", "push", 1024, 2048, 1024, 2, "bf16", (), TARGETS["H100"], b_layout="nk")
+    assert plan2.tuned == "tile tuned as a world of one" and plan2.config.BM == best.BM and plan2.config.BN == best.BN
+    assert plan2.config.comm_programs >= 1  # push moves partials with comm programs: the heuristic's count
+    tune.table(reload=True)
+
+
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("BSPFUSE_CACHE_DIR", str(tmp_path))
+    entry = tune.Tuner(fake_timer(500.0), "H100", keep=4).tune(RS)
+    good = entry.to_json()
+    foreign = dict(good, fingerprint="0123456789abcdef")  # measured with other kernels
+    wrong_key = dict(good, key="H100|w9|matmul_rs|bf16|m1|n1|k1|nk")
+    tune.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    tune.cache_path().write_text(json.dumps({"format": 1, "entries": [foreign, wrong_key, {"key": "x"}]}))
+    with pytest.warns(UserWarning, match=r"ignoring 3 entries of .*tuned.json") as caught:
+        table = tune.TunedTable.load(paths=[tune.cache_path()])
+    assert len(caught) == 1 and table.entries == {}
+    tune.cache_path().write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the tuning table"):
+        assert tune.TunedTable.load(paths=[tune.cache_path()]).entries == {}
+    tune.cache_path().write_text(json.dumps({"format": 99, "entries": [good]}))
+    with pytest.warns(UserWarning, match="format 99"):
+        assert tune.TunedTable.load(paths=[tune.cache_path()]).entries == {}
+    tune.cache_path().write_text(json.dumps({"format": 1, "entries": [good]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = tune.TunedTable.load(paths=[tune.cache_path()])
+    assert loaded.get("H100", RS).best == entry.best and loaded.get("H200", RS) is None
+    assert loaded.get("H100", tune.Problem("matmul_rs", 3000, 4096, 2048, world=2)) is not None  # 4096 bucket
+
+
+def test_the_shipped_tables_load_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tune.TunedTable.load(paths=tune.shipped_tables())
