@@ -353,7 +353,7 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str,
     """Capture the normalized graph (the collectives of `group`; None: its only group), run the passes, and
     describe each fused op in fx terms."""
     from bspfuse.kernels.gemm import heap_bytes
-    from bspfuse.lowering import gemm_shape, weights_of
+    from bspfuse.lowering import gemm_shape, target_of, weights_of
 
     program, nodes = capture_with_nodes(gm, name=graph_name, group=group)
     program.sizes.update(_example_sizes(gm))  # dynamic shapes: the passes check the example's sizes
@@ -369,6 +369,7 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str,
         raise CaptureError(f"the fused program reads %{v.name}, which no fx node computes (a bspfuse bug)")
 
     sites = []
+    gpu = target_of(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else None
     for op in fused.ops:
         if op.opcode not in FUSED_OPS:
             continue
@@ -381,7 +382,7 @@ def plan(gm: torch.fx.GraphModule, options: Options, graph_name: str,
             M = rows = _row_bound(rows, op.opcode, fused.world_size, options)
         sites.append(Site(op.opcode, inputs, [nodes[v.name] for v in op.outputs], dict(op.attrs), group,
                           fused.world_size, ((rows, a.shape[-1]), tuple(tuple(b.shape) for b in bs), a.dtype),
-                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"]), dynamic))
+                          heap_bytes(op.opcode, M, N, K, fused.world_size, a.dtype, op.attrs["mode"], gpu), dynamic))
     if any(s.dynamic for s in sites):
         report.note = _dynamic_note(sites)
     return report, sites

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from bspfuse.ir import Op, Program, concrete
 from bspfuse.tile import (STAGING, TileConfig, TileProgram, ag_config, choose_config, lower_allgather_matmul,
-                          lower_matmul_allreduce, lower_matmul_reduce_scatter)
+                          lower_matmul_allreduce, lower_matmul_reduce_scatter, stage_split_k)
 
 GEMM_KINDS = {
     "fused_allgather_matmul": "ag_matmul",
@@ -135,6 +135,7 @@ def plan_kernel(kind: str, mode: str, M: int, N: int, K: int, world: int, dtype:
     more = {"weights": weights} if weights > 1 else {}
     tp = _LOWER[kind](name, dtype, tuple(epilogue), cfg, b_layout, **more)
     tp = STAGING[mode](tp) if mode in STAGING else tp
+    tp = stage_split_k(tp) if cfg.split_k > 1 else tp
     if kind == "ag_matmul":
         comm = cfg.comm_programs
     else:  # comm programs move the staged tiles

@@ -89,6 +89,15 @@ class AddPeerPartials:
     rank: str = "me"
 
 
+@dataclass(frozen=True)
+class AccumulateSplit:
+    """Split-K: add the tile's partial over this work item's K slice into `buffer` (float32) and count it in
+    `counter[tile]`; the item that completes the count reads the sum back (zeroing the buffer for the next
+    call) and runs the rest of the tile's statements, the others stop here."""
+    buffer: str
+    counter: str
+
+
 Stmt = object
 
 
@@ -117,16 +126,17 @@ def size_of(expr: str, env: dict) -> int:
 
 @dataclass(frozen=True)
 class HeapBuffer:
-    """A buffer on the symmetric heap, of the op's dtype: `slots` slots (they alternate between calls by epoch
-    parity) of `owners` blocks of M_BOUND rows, each row `cols` elements. Owner o's rows start o * owner_rows
-    rows into a slot: M_BOUND, or M_LOCAL where a call's blocks are packed (AR's result is then contiguous).
-    `param` is the kernel parameter that points at it."""
+    """A buffer on the symmetric heap, of the op's dtype (or float32: dtype "f32"): `slots` slots (they alternate
+    between calls by epoch parity) of `owners` blocks of M_BOUND rows, each row `cols` elements. Owner o's rows
+    start o * owner_rows rows into a slot: M_BOUND, or M_LOCAL where a call's blocks are packed (AR's result is
+    then contiguous). `param` is the kernel parameter that points at it."""
     name: str
     param: str
     cols: str
     slots: int = 1
     owners: str = "WORLD"
     owner_rows: str = "M_BOUND"
+    dtype: str = "op"
 
     @property
     def rows(self) -> str:
@@ -140,7 +150,7 @@ class HeapBuffer:
 
     def __str__(self) -> str:
         slots = f"{self.slots} slots x " if self.slots > 1 else ""
-        return f"{self.name} [{slots}{self.owners} x M_BOUND, {self.cols}]"
+        return f"{self.name} [{slots}{self.owners} x M_BOUND, {self.cols}]" + (" f32" if self.dtype == "f32" else "")
 
 
 @dataclass(frozen=True)
@@ -227,10 +237,14 @@ class TileConfig:
     num_warps: int = 8
     num_stages: int = 3
     comm_programs: int = 0
+    # split_k > 1: each output tile's K range in split_k slices, each a work item of its own (stage_split_k), so
+    # a GEMM of few tiles (a few rows) still has work for every SM
+    split_k: int = 1
 
     def __str__(self) -> str:
         s = f"{self.BM}x{self.BN}x{self.BK} group_m={self.GROUP_M} warps={self.num_warps} stages={self.num_stages}"
-        return s + (f" comm_programs={self.comm_programs}" if self.comm_programs else "")
+        s += f" comm_programs={self.comm_programs}" if self.comm_programs else ""
+        return s + (f" split_k={self.split_k}" if self.split_k > 1 else "")
 
 
 # How a kernel reads B[K, N] (both without a copy; any other strides are copied to "kn" by the host):
@@ -349,6 +363,9 @@ AR_OUT = HeapBuffer("out", "out_ptr", "N", slots=2, owner_rows="M_LOCAL")
 PARTIAL_READY = FlagArray("partial_ready", "TILES", "[source rank, tile]: the peer's partial of my tile is ready")
 FINAL_READY = FlagArray("final_ready", "TILES", "[owner rank, tile]: the owner's finished tile is in my out")
 TILE_STAGED = FlagArray("staged", "TILES", "[position t]: this rank stored its tile t locally")
+# split-K: the K slices' partial sums of this rank's tiles, and how many slices of each tile were added
+SPLIT_PARTIALS = HeapBuffer("k_partials", "acc_ptr", "N", dtype="f32")
+K_DONE = FlagArray("k_done", "TILES", "[position t]: K slices of tile t added (a count: SPLIT_K a call)")
 
 
 def lower_allgather_matmul(name: str, dtype: str, epilogue: tuple[str, ...], config: TileConfig,
@@ -511,6 +528,18 @@ def _expect_remote_load(tp: TileProgram) -> None:
         raise ValueError(f"{tp.name}: staging rewrites a direct program with a remote LoadA, got mode {tp.mode}")
 
 
+def stage_split_k(tp: TileProgram) -> TileProgram:
+    """Split each output tile's K range over config.split_k work items (GEMM+RS/AR): after its Dot, an item adds
+    its partial into a float32 buffer; the item that completes a tile goes on with the tile's statements.
+    # gemm: LoadA ; Dot ; rest  ->  LoadA ; Dot (one K slice) ; AccumulateSplit ; rest (the last slice only)"""
+    if tp.kind == "ag_matmul":
+        raise ValueError(f"{tp.name}: split-K is written for GEMM+RS/AR (an AG+GEMM tile waits for its rows first)")
+    acc = AccumulateSplit(SPLIT_PARTIALS.name, K_DONE.name)
+    return tp.with_(per_tile=_rewrite(tp.per_tile, {Dot(): (Dot(), acc)}),
+                    per_own_tile=_rewrite(tp.per_own_tile, {Dot(): (Dot(), acc)}),
+                    heap_buffers=tp.heap_buffers + (SPLIT_PARTIALS,), flags=tp.flags + (K_DONE,))
+
+
 STAGING = {"pull": stage_pull, "push": stage_push, "copy_engine": stage_copy_engine}
 AG_MODES = ("push", "pull", "copy_engine", "direct")
 # AG+GEMM modes whose host side must run every call, so a CUDA graph cannot replay them (the other modes'
@@ -543,7 +572,7 @@ def kernel_interface(tp: TileProgram) -> KernelInterface:
     else:
         params = ((P("a_desc", "operand"), P("a_ptr", "operand"), P("b_desc", "weight"), P("b_ptr", "weight"),
                    P("out_ptr", "output")) + bias + heap + kept + sizes)
-        constexprs = common + ("LAG",)
+        constexprs = common + ("LAG", "SPLIT_K")
     return KernelInterface(tp.name, params, constexprs, tp.heap_buffers, tp.flags)
 
 

@@ -37,6 +37,7 @@ COMPILE = textwrap.dedent('''
     from bspfuse.lowering import TARGETS, plan_kernel
     from bspfuse.runtime import checks
     from bspfuse.runtime.target import uses_tma
+    from bspfuse.tile import TileConfig
 
     GFX942 = GPUTarget("hip", "gfx942", 64)
     MI300X = TARGETS["MI300X"]
@@ -57,22 +58,26 @@ COMPILE = textwrap.dedent('''
 
     TY = {"bf16": "bf16", "f32": "fp32"}
 
-    def gemm(name, kind, mode, dtype="bf16", epilogue=(), weights=1, segmented=False, M=4096, N=8192, K=4096):
+    def gemm(name, kind, mode, dtype="bf16", epilogue=(), weights=1, segmented=False, M=4096, N=8192, K=4096,
+             config=None):
         """The kernel the host object builds on an MI300X (lowering.plan_kernel), compiled as it launches it."""
-        plan = plan_kernel(kind, mode, M, N, K, 2, dtype, epilogue, MI300X, b_layout="nk", weights=weights)
+        plan = plan_kernel(kind, mode, M, N, K, 2, dtype, epilogue, MI300X, b_layout="nk", weights=weights,
+                           config=config)
         tp, cfg, ty = plan.tile_program, plan.config, TY[dtype]
         ks = generate(tp, tma=uses_tma(MI300X.kernel_target))
         fn = load_kernel(ks)
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
                       LAG=interleave_lag(plan.programs - cfg.comm_programs, 2), NUM_PROGRAMS=plan.programs,
                       CHUNK_K=128, MAX_SPINS=0, TARGET=MI300X.kernel_target, VEC=16, FLAG_BLOCKS=8,
-                      SEGMENTED=segmented)
+                      SEGMENTED=segmented, SPLIT_K=cfg.split_k)
         sig, attrs = {}, {}
         for i, p in enumerate(fn.arg_names):
             if p in ks.constexprs:
                 continue
             if p in ("flag_ptr", "err_ptr", "heap_bases", "ticket_ptr"):
                 sig[p] = "*i32" if p == "flag_ptr" else "*i64"
+            elif p == "acc_ptr":  # split-K's float32 sums
+                sig[p] = "*fp32"
             elif p.endswith(("_ptr", "_desc")):  # no TMA: the host passes the tensors where descriptors were
                 sig[p] = "*" + ty
             else:
@@ -105,7 +110,8 @@ COMPILE = textwrap.dedent('''
         out += [gemm(f"{kind[-2:]} {mode}", kind, mode, epilogue=("relu",) if kind == "matmul_ar" else ())
                 for mode in ("direct", "push", "pull")]
     out += [gemm("rs push, rows in segments", "matmul_rs", "push", segmented=True),
-            gemm("rs pull f32", "matmul_rs", "pull", dtype="f32", M=512, N=512, K=512)]
+            gemm("rs pull f32", "matmul_rs", "pull", dtype="f32", M=512, N=512, K=512),
+            gemm("rs direct split-K", "matmul_rs", "direct", M=64, config=TileConfig(64, 64, 64, 1, 4, 3, split_k=4))]
 
     for (Hq, Hkv, page, one_split) in [(96, 12, 0, False), (32, 8, 16, True)]:
         t = decode_tiling(1, Hq, Hkv, 128, device="cuda")
@@ -141,7 +147,7 @@ COMPILE = textwrap.dedent('''
 
 def test_every_kernel_kind_compiles_for_gfx942_without_nvidia_instructions(run_script):
     kernels = {k["name"]: k for k in run_script(COMPILE)}
-    assert len(kernels) == 26, sorted(kernels)
+    assert len(kernels) == 27, sorted(kernels)
     for name, k in kernels.items():
         assert k["target"] == "amdgcn-amd-amdhsa--gfx942" and k["code_object_bytes"] > 0, k
         assert k["ptx"] == [], k

@@ -98,7 +98,7 @@ COMPILE = textwrap.dedent('''
     from bspfuse.codegen.load import load_kernel
     from bspfuse.codegen.triton import generate
     from bspfuse.tile import (STAGING, TileConfig, choose_config, gated_config, lower_allgather_matmul,
-                              lower_matmul_allreduce, lower_matmul_reduce_scatter)
+                              lower_matmul_allreduce, lower_matmul_reduce_scatter, stage_split_k)
 
     TY = {"bf16": "bf16", "f32": "fp32"}
 
@@ -109,7 +109,7 @@ COMPILE = textwrap.dedent('''
         b_block = [cfg.BK, cfg.BN] if tp.b_layout == "kn" else [cfg.BN, cfg.BK]
         values = dict(WORLD=2, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
                       LAG=124, NUM_PROGRAMS=132, CHUNK_K=128, MAX_SPINS=0, TARGET="cuda", VEC=16, FLAG_BLOCKS=8,
-                      SEGMENTED=False)
+                      SEGMENTED=False, SPLIT_K=cfg.split_k)
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in ks.constexprs:
@@ -117,6 +117,8 @@ COMPILE = textwrap.dedent('''
             elif name in ("a_desc", "b_desc"):
                 block = [cfg.BM, cfg.BK] if name == "a_desc" else b_block
                 sig[name] = f"tensordesc<{ty}[{block[0]}, {block[1]}]>"
+            elif name == "acc_ptr":  # split-K's float32 sums
+                sig[name] = "*fp32"
             elif name in ("flag_ptr", "err_ptr", "heap_bases", "ticket_ptr"):
                 sig[name] = "*i32" if name == "flag_ptr" else "*i64"
             else:
@@ -128,7 +130,8 @@ COMPILE = textwrap.dedent('''
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         ops = re.findall(r"\\b(wgmma\\.mma_async[.\\w]*|cp\\.async\\.bulk\\.tensor[.\\w]*|st\\.global[.\\w]*)",
                          k.asm["ptx"])
-        return {"kind": tp.kind, "dtype": tp.dtype, "ops": sorted(set(ops))}
+        atomics = re.findall(r"\\b((?:red|atom)\\.[.\\w]*)", k.asm["ptx"])
+        return {"kind": tp.kind, "dtype": tp.dtype, "ops": sorted(set(ops)), "atomics": sorted(set(atomics))}
 
     shape = dict(M=4096, N=8192, K=4096, world_size=2)
     out = [compile_one(lower_matmul_reduce_scatter("rs", "bf16", (), choose_config("matmul_rs", **shape), "nk")),
@@ -143,14 +146,17 @@ COMPILE = textwrap.dedent('''
            compile_one(STAGING["copy_engine"](lower_allgather_matmul("agce", "bf16", (),
                                                                      choose_config("ag_matmul", **shape), "nk"))),
            compile_one(STAGING["copy_engine"](lower_allgather_matmul(
-               "swiglu", "bf16", ("swiglu",), gated_config(choose_config("ag_matmul", **shape)), "nk", weights=2)))]
+               "swiglu", "bf16", ("swiglu",), gated_config(choose_config("ag_matmul", **shape)), "nk", weights=2))),
+           compile_one(stage_split_k(lower_matmul_reduce_scatter("rsk", "bf16", (), TileConfig(64, 64, 128, 1, 4, 4,
+                                                                                              split_k=4), "nk")))]
     print(json.dumps(out))
 ''')
 
 
 def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     kernels = run_script(COMPILE)
-    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs"] + ["ag_matmul"] * 3
+    assert [k["kind"] for k in kernels] == ["matmul_rs", "matmul_ar", "ag_matmul", "matmul_rs"] + ["ag_matmul"] * 3 \
+        + ["matmul_rs"]
     for k in kernels:
         assert any(o.startswith("cp.async.bulk.tensor.2d") for o in k["ops"]), k  # B (and A) through TMA
         if k["dtype"] == "bf16":
@@ -161,7 +167,9 @@ def test_nk_kernels_compile_for_sm90_with_tma_and_tensor_cores(run_script):
     # flag (AR push moves its finished tiles on: those stay ordinary stores, ordered before the flag).
     tma_store = [any(o.startswith("cp.async.bulk.tensor") and ".global.shared" in o for o in k["ops"])
                  for k in kernels]
-    assert tma_store == [True, False, True, True, True, True, True], kernels
+    assert tma_store == [True, False, True, True, True, True, True, True], kernels
+    # split-K adds its slices' float32 partials with atomics
+    assert any(o.startswith(("red.", "atom.")) and o.endswith("f32") for o in kernels[-1]["atomics"]), kernels[-1]
 
 
 def _weight_reuse(ctx):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bspfuse.tile import (AG_WEIGHT_PARAMS, DERIVED_SIZES, AddPeerPartials, Dot, Epilogue, HeapBuffer,
+from bspfuse.tile import (AG_WEIGHT_PARAMS, DERIVED_SIZES, AccumulateSplit, AddPeerPartials, Dot, Epilogue, HeapBuffer,
                           KernelInterface, LoadA, MoveChunk, Signal, StoreTile, TileProgram, Wait, is_gated,
                           kernel_interface, print_tile_program)
 
@@ -197,17 +197,22 @@ def _b_tile(tp: TileProgram, tma: bool, b: _BNames = _PARAMS) -> str:
     return f"tl.load({b.ptr} + kk[:, None].to(tl.int64) * {b.stride} + rn[None, :], {mask})"
 
 
+_ALL_K = "0, tl.cdiv(K, BK)"
+_K_SLICE = "k_first, k_last"  # split-K: the work item's slice of K-blocks (_scatter_gemm)
+
+
 def _k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, a_tile: str | None, a_ptr: str, a_rows: str,
-            a_valid: str, a_stride: str, b: _BNames = _PARAMS) -> None:
+            a_valid: str, a_stride: str, b: _BNames = _PARAMS, k_blocks: str = _ALL_K) -> None:
     """acc = A tile @ B tile over K; a gated program (tile.is_gated) also accumulates acc_up with the second
     weight, from the same A tiles. A's tile of K-block k: `a_tile` (a TMA load), or, where it is None, pointer
-    loads of A's rows `a_rows` (an int64 vector of BM) where `a_valid`. B through TMA where `tma`."""
+    loads of A's rows `a_rows` (an int64 vector of BM) where `a_valid`. B through TMA where `tma`. `k_blocks`:
+    the range of K-blocks (split-K: one slice of them)."""
     prec = _dot_precision(tp)
     e("acc = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if is_gated(tp):
         e("acc_up = tl.zeros((BM, BN), dtype=tl.float32)", stmt)
     if a_tile is not None:
-        e("for k in range(0, tl.cdiv(K, BK)):", stmt)
+        e(f"for k in range({k_blocks}):", stmt)
         with e.block():
             if is_gated(tp):
                 e(f"a = {a_tile}", stmt)
@@ -220,7 +225,7 @@ def _k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, a_tile: str | None, a
     # tensor descriptors), for any target without TMA, and for tiles no TMA box holds.
     e("rk = tl.arange(0, BK)", stmt)
     e(f"a_rows = {a_rows}", stmt)
-    e("for k in range(0, tl.cdiv(K, BK)):", stmt)
+    e(f"for k in range({k_blocks}):", stmt)
     with e.block():
         e("kk = k * BK + rk", stmt)
         e(f"a = tl.load({a_ptr} + a_rows[:, None] * {a_stride} + kk[None, :], mask=({a_valid})[:, None] & "
@@ -586,18 +591,31 @@ def _scatter_tile(e: _Emitter, tp: TileProgram) -> None:
 
 def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
     deferred = [s for s in tp.per_tile + tp.per_own_tile if isinstance(s, Signal) and s.deferred]
+    split = next((s for s in tp.per_tile if isinstance(s, AccumulateSplit)), None)
     for s in deferred:
         e(f"pending_{s.flag} = -1  # the flag index of a deferred {s} (-1: none)", s)
         if s.rank == "dst":
             e(f"pending_{s.flag}_rank = rank", s)
-    e("for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):")
+    if split is None:
+        e("for t in range(pid - COMM, n_tiles, NUM_PROGRAMS - COMM):")
+    else:  # work items: SPLIT_K slices of K per tile, a tile's slices next to each other
+        e("for w in range(pid - COMM, n_tiles * SPLIT_K, NUM_PROGRAMS - COMM):")
     with e.block():
+        if split is not None:
+            e("t = w // SPLIT_K", split)
+            e("per_slice = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)", split)
+            e("k_first = (w % SPLIT_K) * per_slice", split)
+            e("k_last = tl.minimum(k_first + per_slice, tl.cdiv(K, BK))", split)
         _scatter_tile(e, tp)
-        _scatter_k_loop(e, tp, tp.per_tile[0], tma)
+        _scatter_k_loop(e, tp, tp.per_tile[0], tma, _ALL_K if split is None else _K_SLICE)
         for s in deferred:  # before this tile's waits: a peer may be waiting for them
             _raise_pending(e, s)
             e(f"pending_{s.flag} = -1", s)
-        _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, tma_own=_own_tiles_by_tma(tp, tma))
+        if split is None:
+            _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile, tma_own=_own_tiles_by_tma(tp, tma))
+        else:
+            _accumulate_split(e, tp, split, lambda: _scatter_bodies(e, tp, tp.per_tile, tp.per_own_tile,
+                                                                    tma_own=_own_tiles_by_tma(tp, tma)))
     for s in deferred:
         _raise_pending(e, s)
     for s in tp.gemm_epilogue:
@@ -610,8 +628,24 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
               s)
 
 
-def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool) -> None:
-    """The tile's partial product: A's rows of owner dst (local rows rm) times B, rows rank-major or in segments."""
+def _accumulate_split(e: _Emitter, tp: TileProgram, s: AccumulateSplit, rest) -> None:
+    """Add this slice's partial (acc) into the float32 buffer and count it; the slice that completes the tile
+    reads the sum back into acc, zeroes the buffer for the next call and emits `rest()`."""
+    part = f"{_rows_at(next(b for b in tp.heap_buffers if b.name == s.buffer), '0', 'dst')} + tile_off"
+    e(f"# {s}", s)
+    e(f"tl.atomic_add({part}, acc, mask=mask, sem=\"relaxed\", scope=\"gpu\")", s)
+    e(f"added = tl.atomic_add({s.counter} + t, 1, sem=\"acq_rel\", scope=\"gpu\")  # never reset: SPLIT_K a call", s)
+    e("if added % SPLIT_K == SPLIT_K - 1:  # the tile's last slice: the sum is complete", s)
+    with e.block():
+        e(f"acc = tl.atomic_add({part}, tl.zeros((BM, BN), dtype=tl.float32), mask=mask, sem=\"relaxed\", "
+          "scope=\"gpu\")  # read where the adds went", s)
+        e(f"tl.store({part}, tl.zeros((BM, BN), dtype=tl.float32), mask=mask)", s)
+        rest()
+
+
+def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, k_blocks: str = _ALL_K) -> None:
+    """The tile's partial product: A's rows of owner dst (local rows rm) times B, rows rank-major or in segments
+    (over K-blocks `k_blocks`)."""
     e("# LoadA(buffer=a, rank=me) ; Dot()")
     e("if SEGMENTED:  # owner dst's local row b*SEG + j is A's row b*WORLD*SEG + dst*SEG + j", stmt)
     with e.block():
@@ -621,22 +655,22 @@ def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool) -> None:
             e("if one_segment:", stmt)
             with e.block():
                 _k_loop(e, tp, stmt, tma, "a_desc.load([seg * WORLD + dst, c * BM - seg * SEG, k * BK])"
-                        ".reshape(BM, BK)", *segmented)
+                        ".reshape(BM, BK)", *segmented, k_blocks=k_blocks)
             e("else:  # rows of two segments are not one box: pointer loads (SEG % BM != 0 only)", stmt)
             with e.block():
-                _k_loop(e, tp, stmt, tma, None, *segmented)
+                _k_loop(e, tp, stmt, tma, None, *segmented, k_blocks=k_blocks)
         else:
-            _k_loop(e, tp, stmt, tma, None, *segmented)
+            _k_loop(e, tp, stmt, tma, None, *segmented, k_blocks=k_blocks)
     e("else:", stmt)
     with e.block():
         _k_loop(e, tp, stmt, tma, "a_desc.load([dst * M_LOCAL + c * BM, k * BK])" if tma else None, "a_ptr",
-                "(dst * M_LOCAL + rm).to(tl.int64)", "rm < M_LOCAL", "stride_am")
+                "(dst * M_LOCAL + rm).to(tl.int64)", "rm < M_LOCAL", "stride_am", k_blocks=k_blocks)
 
 
 def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple, tma_own: bool = False) -> None:
     """Peer tiles' and own tiles' statements."""
     bodies = [("dst != rank", peer_body), ("dst == rank", own_body)]
-    bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot))]) for cond, body in bodies]
+    bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot, AccumulateSplit))]) for cond, body in bodies]
     bodies = [b for b in bodies if b[1]]
     for i, (cond, body) in enumerate(bodies):
         e("else:" if i else f"if {cond}:")

@@ -187,7 +187,11 @@ class _Fused:
         cfg = self.config
         self.sizes = _layout_sizes(self.world, M_bound, self.N, self.K, cfg)
         self.bufs = {b.name: self.heap.empty(size_of(b.rows, self.sizes), size_of(b.cols, self.sizes),
-                                             dtype=self.dtype, name=f"{self.name}.{b.name}") for b in iface.buffers}
+                                             dtype=_buffer_dtype(b, self.dtype), name=f"{self.name}.{b.name}")
+                     for b in iface.buffers}
+        for b in iface.buffers:
+            if b.dtype == "f32":  # sums: they start at zero (the kernels zero them again after each use)
+                self.bufs[b.name].zero_()
         self.flags = self.heap.zeros(max(1, size_of(iface.flag_words(), self.sizes)), dtype=torch.int32,
                                      name=f"{self.name}.flags")
         # what every launch passes the same: the buffers, flags, kept state and the sizes of the bound
@@ -589,7 +593,7 @@ class _FusedScatter(_Fused):
         segmented = batch > 1
         launch = self._launcher((b_layout, world, segmented), b_layout, programs, lambda: dict(
             WORLD=world, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
-            LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs,
+            LAG=interleave_lag(programs - cfg.comm_programs, world), NUM_PROGRAMS=programs, SPLIT_K=cfg.split_k,
             MAX_SPINS=self.max_spins, VEC=_vec(self.N), SEGMENTED=segmented, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages))
         if segmented:  # A as [B * WORLD, S, K], so that a TMA box holds rows of one segment of one owner
@@ -633,24 +637,33 @@ class FusedMatmulAllReduce(_FusedScatter):
     kind = "matmul_ar"
 
 
-def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push") -> int:
+def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dtype, mode: str = "push",
+               target=None) -> int:
     """Symmetric-heap bytes the host object of a fused op allocates, known before it is built (a compiler
     checks its budget with this): what its kernel's interface declares. M, N, K as
     bspfuse.lowering.gemm_shape gives them: AG (M_local, N, K), RS/AR (M, N, K_local), M the object's bound on
-    rows (what it is built with: calls of fewer rows use the same buffers). An upper bound: flags are counted
-    for the smallest tile."""
+    rows (what it is built with: calls of fewer rows use the same buffers). On a GPU `target`
+    (lowering.Target) the bytes of the plan that runs there (a tuned config included); without one an upper
+    bound for the unsplit kernels: flags counted for the smallest tile."""
     from bspfuse.lowering import GEMM_KINDS, SIM
     from bspfuse.runtime.heap import FreeList
 
     kind = GEMM_KINDS[opcode]
     smallest = TileConfig(BM=16, BN=16, BK=16, GROUP_M=1, num_warps=4, num_stages=2, comm_programs=1)
-    iface = kernel_interface(plan_kernel(kind, mode, M, N, K, world, IR_DTYPE[dtype], (), SIM,
-                                         config=smallest).tile_program)
-    sizes = _layout_sizes(world, M if kind == "ag_matmul" else M // world, N, K, smallest)
-    item = torch.empty((), dtype=dtype).element_size()
+    on_gpu = target is not None and not target.sim
+    plan = plan_kernel(kind, mode, M, N, K, world, IR_DTYPE[dtype], (), target if on_gpu else SIM,
+                       config=None if on_gpu else smallest)
+    iface = kernel_interface(plan.tile_program)
+    sizes = _layout_sizes(world, M if kind == "ag_matmul" else M // world, N, K, plan.config)
     buffers = [8 * ERR_RECORD_LEN, 8, 4 * max(1, size_of(iface.flag_words(), sizes))]  # error record, ticket, flags
-    buffers += [size_of(b.rows, sizes) * size_of(b.cols, sizes) * item for b in iface.buffers]
+    buffers += [size_of(b.rows, sizes) * size_of(b.cols, sizes) * _buffer_dtype(b, dtype).itemsize
+                for b in iface.buffers]
     return sum(FreeList.reserved_size(b) for b in buffers)
+
+
+def _buffer_dtype(buffer, dtype: torch.dtype) -> torch.dtype:
+    """A heap buffer's torch dtype: the op's, or float32 (tile.HeapBuffer.dtype)."""
+    return torch.float32 if buffer.dtype == "f32" else dtype
 
 
 def _layout_sizes(world: int, M_bound: int, N: int, K: int, cfg: TileConfig) -> dict:

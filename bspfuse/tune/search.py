@@ -73,8 +73,11 @@ class Candidate:
 
 # ----------------------------------------------------------------------------------------------- the space
 
-TILES = [(BM, BN, BK) for BM in (16, 32, 64, 128, 256) for BN in (64, 128, 256) for BK in (64, 128)
-         if BM * BN <= 128 * 256 and BM * BK + BK * BN <= 256 * 64 + 64 * 128]
+# (BM, BN, BK): accumulators up to 128x256, a stage's operand tiles up to 128x64 + 64x256 elements. Narrow and
+# deep tiles serve a few rows: at M = 1 a 16x32 tile gives a 4096-wide weight 128 tiles, one per SM, each
+# streaming its columns' K in 256-deep steps.
+TILES = [(BM, BN, BK) for BM in (16, 32, 64, 128, 256) for BN in (32, 64, 128, 256) for BK in (64, 128, 256)
+         if BM * BN <= 128 * 256 and BM * BK + BK * BN <= 128 * 64 + 64 * 256 and (BN >= 64 or BM <= 32)]
 WARPS_STAGES = [(4, 3), (4, 4), (8, 3), (8, 4), (4, 5)]
 
 
@@ -99,44 +102,62 @@ def space(problem: Problem, num_sms: int) -> list[Candidate]:
         for BM, BN, BK in TILES:
             if BM > 2 * max(16, rows):  # a tile twice the rows wastes half of every MMA or more
                 continue
-            groups = sorted({1, 8, group_rows(BM, BN, num_sms)})
-            for (warps, stages), group, comm in ((ws, g, c) for ws in WARPS_STAGES for g in groups for c in comms):
+            row_blocks = math.ceil((rows // problem.world if problem.kind != "ag_matmul" else rows) / BM)
+            groups = sorted({min(g, row_blocks) for g in (1, 8, group_rows(BM, BN, num_sms))})  # > blocks: same
+            tiles = math.ceil(rows / BM) * math.ceil(problem.N / BN)
+            k_blocks = math.ceil(problem.K / BK)
+            # split-K (GEMM+RS/AR): where the tiles leave SMs idle, a tile's K in slices of at least 4 K-blocks
+            splits = [1] + [s for s in (2, 4, 8) if problem.kind != "ag_matmul" and tiles * s <= 2 * num_sms
+                            and k_blocks >= 4 * s]
+            for (warps, stages), group, comm, split in ((ws, g, c, sk) for ws in WARPS_STAGES for g in groups
+                                                        for c in comms for sk in splits):
                 if BM * BN >= 128 * 256 and warps == 4:  # a 128x256 accumulator needs 8 warps' registers
                     continue
-                out.append(Candidate(schedule, TileConfig(BM, BN, BK, group, warps, stages, comm)))
+                out.append(Candidate(schedule, TileConfig(BM, BN, BK, group, warps, stages, comm, split)))
     return out
 
 
 def estimate(problem: Problem, cand: Candidate, device) -> float:
     """Seconds the cost model gives a candidate, to rank the space (`device`: passes.fuse_gemm.DeviceModel).
-    The GEMM: waves of tiles over the SMs, a tile's MMAs at a rate that falls with its size, its operand
-    bytes from L2/HBM, and a floor of the bytes every tile reads once (a few rows read the whole weight);
-    the schedule's communication as fuse_gemm.choose_mode estimates it."""
+    The GEMM: waves of tiles over the SMs, each tile's MMAs at a rate that falls with its size and its operand
+    bytes streamed at its share of HBM (a program reaches at most PER_SM_STREAM times an even share, so a grid
+    of fewer tiles than SMs reads slower), and a floor of every byte read once; the schedule's communication
+    as fuse_gemm.choose_mode estimates it."""
     from bspfuse.passes.fuse_gemm import choose_mode
 
     p, item = problem, 2 if problem.dtype in ("bf16", "f16") else 4
     rows = p.M * p.world if p.kind == "ag_matmul" else p.M
+    logical_k = p.K * (p.world if p.kind != "ag_matmul" else 1)
     if cand.config is None:
-        est = choose_mode(p.kind, rows, p.N, p.K * (p.world if p.kind != "ag_matmul" else 1), p.world, p.dtype,
-                          device=device).estimates_us
-        return est["bsp"] * 1e-6
+        return choose_mode(p.kind, rows, p.N, logical_k, p.world, p.dtype, device=device).estimates_us["bsp"] * 1e-6
     c = cand.config
     sms = device.num_sms - c.comm_programs
-    rows_per_block = rows // p.world if p.kind != "ag_matmul" else rows
-    tiles = math.ceil(rows_per_block / c.BM) * (p.world if p.kind != "ag_matmul" else 1) * math.ceil(p.N / c.BN)
-    waves = math.ceil(tiles / max(1, sms))
-    per_sm = device.matmul_flops / device.num_sms
+    owners = p.world if p.kind != "ag_matmul" else 1
+    block_rows = rows // owners
+    tiles = math.ceil(block_rows / c.BM) * owners * math.ceil(p.N / c.BN)
+    items = tiles * c.split_k  # work items: a tile's K slices (split-K), else its tiles
+    waves = math.ceil(items / max(1, sms))
+    active = min(items, sms)
+    k_item = p.K / c.split_k
     efficiency = min(1.0, (c.BM * c.BN / (128 * 256)) ** 0.35) * (0.9 if c.num_stages < 3 else 1.0)
-    t_tile = 2 * c.BM * c.BN * p.K / (per_sm * efficiency)
-    t_bytes = (c.BM + c.BN) * p.K * item * tiles / device.hbm_bytes / max(1, c.GROUP_M) ** 0.5
+    t_mma = waves * 2 * c.BM * c.BN * k_item / (device.matmul_flops / device.num_sms * efficiency)
+    per_tile_rate = min(PER_SM_STREAM * device.hbm_bytes / device.num_sms, device.hbm_bytes / active)
+    t_stream = waves * (min(c.BM, block_rows) + c.BN) * k_item * item / per_tile_rate
+    if c.split_k > 1:  # each slice adds a float32 tile, the last reads and zeroes it
+        t_stream += (items + 2 * tiles) * c.BM * c.BN * 4 * 2 / device.hbm_bytes
     floor = (rows * p.K + p.K * p.N + rows * p.N) * item / device.hbm_bytes
-    t = max(waves * t_tile, t_bytes, floor)
+    t = max(t_mma, t_stream, floor) + 0.05 * (t_mma + t_stream)  # ties at the floor: the less work first
     if p.world > 1:
-        est = choose_mode(p.kind, rows, p.N, p.K * (p.world if p.kind != "ag_matmul" else 1), p.world, p.dtype,
-                          device=device).estimates_us
+        est = choose_mode(p.kind, rows, p.N, logical_k, p.world, p.dtype, device=device).estimates_us
         gemm_alone = max(2 * rows * p.N * p.K / device.matmul_flops, floor)
         t += max(0.0, est.get(cand.schedule, est["bsp"]) * 1e-6 - gemm_alone)  # the schedule's exposed comm
     return t
+
+
+# A program streams at most this many times an even share of HBM. 1.0: at M = 1 the GEMM core read a 58.7 MB
+# weight at 1.07 TB/s with fewer tiles than SMs (one H100, 2026-12-07, issue 19's table), about an even share
+# per busy SM; a first-order figure for ranking, to be fitted (benchmarks/fit_cost_model.py).
+PER_SM_STREAM = 1.0
 
 
 def prune(problem: Problem, candidates: list[Candidate], device, keep: int) -> list[Candidate]:
@@ -152,7 +173,7 @@ def prune(problem: Problem, candidates: list[Candidate], device, keep: int) -> l
     while queues and len(kept) < keep:
         for q in list(queues):
             for c in q:
-                tile = (c.schedule, c.config.BM, c.config.BN, c.config.BK)
+                tile = (c.schedule, c.config.BM, c.config.BN, c.config.BK, c.config.split_k)
                 if per_tile.get(tile, 0) < cap:
                     per_tile[tile] = per_tile.get(tile, 0) + 1
                     kept.append(c)
