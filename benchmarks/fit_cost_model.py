@@ -66,8 +66,8 @@ def main():
     out = {"data": args.data, "held_out": sorted(held)}
     for name, key in (("cublas", "cublas_us"), ("fused_core", "ours_us")):
         R, B, C = fit(train, key)
-        out[name] = {"matmul_tflops": round(R / 1e12, 1), "stream_gbps": round(B / 1e9, 1), "fixed_us": round(C * 1e6, 2),
-                     "train": errors(train, key, (R, B, C)), "held_out": errors(test, key, (R, B, C)) if test else None}
+        out[name] = {"matmul_tflops": round(R / 1e12, 1), "stream_gbps": round(B / 1e9, 1),
+                     "fixed_us": round(C * 1e6, 2), "train": errors(train, key, (R, B, C)), "held_out": errors(test, key, (R, B, C)) if test else None}
         print(f"{name:10}: R {R / 1e12:6.1f} TFLOP/s, B {B / 1e9:7.1f} GB/s, C {C * 1e6:5.2f} us; "
               f"train {out[name]['train']}; held out ({', '.join(sorted(held))}) {out[name]['held_out']}")
     if args.json:

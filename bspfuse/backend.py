@@ -682,7 +682,8 @@ def _device(options: dict) -> str:
 
     if "device" in options:
         if options["device"] not in DEVICES:
-            raise BspfuseCompileError(f"options['device'] must be one of {', '.join(DEVICES)}, got {options['device']!r}")
+            raise BspfuseCompileError(f"options['device'] must be one of {', '.join(DEVICES)}, "
+                                      f"got {options['device']!r}")
         return options["device"]
     if torch.cuda.is_available():
         from bspfuse.tune.measure import gpu_model

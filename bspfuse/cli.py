@@ -134,9 +134,14 @@ def inspect_text(program, stage: str, mode: str = "auto", target: str = "H200") 
             tp = plan.tile_program
             parts.append(f"{plan.launch_line} (%{op.outputs[0].name} on {machine})\n" + print_tile_program(tp)
                          if stage == "tile" else generate(tp, tma=uses_tma(machine.kernel_target)).source)
-        elif op.opcode == "flash_decode" and stage == "tile":
-            parts.append(f"%{op.outputs[0].name} = flash_decode stage {op.attrs.get('stage')}: hand-written "
-                         "kernels (bspfuse/kernels/decode.py), no tile program")
+        elif op.opcode == "flash_decode":
+            from bspfuse.codegen.decode import decode_sources
+            from bspfuse.tile_decode import decode_program, print_decode_program
+
+            decode_stage = op.attrs.get("stage", 3)
+            parts.append(print_decode_program(decode_program(decode_stage), f"%{op.outputs[0].name}")
+                         if stage == "tile" else
+                         "\n\n".join(ks.source for ks in decode_sources(decode_stage).values()))
     if not parts:
         return f"program {fused.name}: no fused GEMM ops to lower (see --stage fused for why)"
     sep = "\n\n" if stage == "tile" else "\n\n# " + "-" * 98 + "\n\n"
@@ -394,7 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16")
     t.add_argument("--layout", choices=("nk", "kn"), default="nk", help="B as weight.t() (nk, default) or row-major")
     t.add_argument("--keep", type=int, default=12, help="fused candidates measured per shape (the cost model's best)")
-    t.add_argument("--rep-ms", type=float, default=20.0, dest="rep_ms", help="milliseconds of calls timed per candidate")
+    t.add_argument("--rep-ms", type=float, default=20.0, dest="rep_ms",
+                   help="milliseconds of calls timed per candidate")
     t.add_argument("--out", type=Path, help="the table to update (default: the user's cache, "
                                             "$BSPFUSE_CACHE_DIR or ~/.cache/bspfuse/tuned.json)")
     t.set_defaults(fn=cmd_tune)

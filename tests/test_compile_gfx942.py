@@ -31,6 +31,7 @@ COMPILE = textwrap.dedent('''
     from triton.compiler import ASTSource
     from bspfuse.codegen.load import load_kernel
     from bspfuse.codegen.triton import generate
+    from bspfuse.codegen.decode import decode_kernels
     from bspfuse.kernels import decode as K
     from bspfuse.kernels.flash_decode import choose_num_splits, decode_tiling, merge_chunk, merge_h
     from bspfuse.kernels.gemm import interleave_lag
@@ -118,14 +119,14 @@ COMPILE = textwrap.dedent('''
         chunk = merge_chunk(choose_num_splits(t, 1 << 17, MI300X.num_sms), t)
         opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
         attend = dict(t.constexprs(), BLOCK_N=t.block_n, PAGE=page, HAS_LENS=True, DOT_F32=False)
-        out.append(decode(f"decode_split page={page}", K.decode_split_kernel, attend, **opts))
-        out.append(decode(f"merge_states wait={bool(page)}", K.merge_states_kernel,
+        out.append(decode(f"decode_split page={page}", decode_kernels(2)["split"], attend, **opts))
+        out.append(decode(f"merge_states wait={bool(page)}", decode_kernels(2)["merge_ranks"],
                           dict(t.constexprs(), BLOCK_H=merge_h(t), CHUNK=1 if page else chunk, WAIT=bool(page),
                                MAX_SPINS=0 if page else 1000, SLEEP_NS=256 if page else 0, TARGET="hip"),
                           num_warps=t.num_warps))
-        out.append(decode(f"put_states signal={bool(page)}", K.put_states_kernel,
+        out.append(decode(f"put_states signal={bool(page)}", decode_kernels(2)["put"],
                           dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)), num_warps=t.num_warps))
-        out.append(decode(f"fused_decode timeline={bool(page)}", K.fused_decode_kernel,
+        out.append(decode(f"fused_decode timeline={bool(page)}", decode_kernels(3)["fused"],
                           dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
                                TARGET="hip", TIMELINE=bool(page), TILE_FASTEST=not one_split, MERGE_H=merge_h(t),
                                RANK_CHUNK=2),

@@ -13,6 +13,7 @@ COMPILE = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from bspfuse.codegen.decode import decode_kernels
     from bspfuse.kernels import decode as K
     from bspfuse.kernels.flash_decode import choose_num_splits, decode_tiling, merge_chunk, merge_h
 
@@ -45,15 +46,15 @@ COMPILE = textwrap.dedent('''
         chunk = merge_chunk(choose_num_splits(t, 1 << 17, 132), t)  # the merge of splits at batch 1, 128K keys
         opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
         attend = dict(t.constexprs(), BLOCK_N=t.block_n, PAGE=page, HAS_LENS=True, DOT_F32=False)
-        out.append(compile_one(K.decode_split_kernel, ptr, attend, **opts))
-        out.append(compile_one(K.merge_states_kernel, ptr,
+        out.append(compile_one(decode_kernels(2)["split"], ptr, attend, **opts))
+        out.append(compile_one(decode_kernels(2)["merge_ranks"], ptr,
                                dict(t.constexprs(), BLOCK_H=merge_h(t), CHUNK=1 if page else chunk, WAIT=bool(page),
                                     MAX_SPINS=0, SLEEP_NS=256 if page else 0, TARGET="cuda"),
                                num_warps=t.num_warps))
-        out.append(compile_one(K.put_states_kernel, ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
+        out.append(compile_one(decode_kernels(2)["put"], ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
-        out.append(compile_one(K.fused_decode_kernel, ptr,
+        out.append(compile_one(decode_kernels(3)["fused"], ptr,
                                dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
                                     TARGET="cuda", TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),

@@ -18,6 +18,7 @@ PRELUDE = textwrap.dedent('''
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from decode_host_bench import StubLauncher, install_stub_driver
     install_stub_driver()
+    from bspfuse.codegen.decode import decode_kernels
     from bspfuse.kernels import decode as K
 
     JIT_RUNS = {}
@@ -53,7 +54,7 @@ FAST_LAUNCH = PRELUDE + textwrap.dedent('''
                 num_warps=t.num_warps)
     o, lse = torch.randn(16, 2, 8, 64), torch.randn(16, 2, 8)
     out_o, out_lse = torch.empty(2, 8, 64, dtype=torch.bfloat16), torch.empty(2, 8)
-    kernel = K.merge_states_kernel
+    kernel = decode_kernels(2)["merge_ranks"]
     count_jit_runs(kernel)
 
     def args(n=4, out=out_o):
@@ -86,7 +87,7 @@ FLASH_DECODE = PRELUDE + textwrap.dedent('''
     from bspfuse.kernels.flash_decode import FlashDecode
     from bspfuse.runtime import SymmetricHeap
 
-    for k in (K.decode_split_kernel, K.merge_states_kernel, K.put_states_kernel, K.fused_decode_kernel):
+    for k in {k for stage in range(4) for k in decode_kernels(stage).values()}:  # every stage's kernels
         count_jit_runs(k)
     B, Hq, Hkv, D, S = 1, 8, 2, 64, 300
     g = torch.Generator().manual_seed(0)
@@ -105,7 +106,8 @@ FLASH_DECODE = PRELUDE + textwrap.dedent('''
         triton.knobs.runtime.launch_enter_hook.add(hook)  # forces the JIT path, for the reference
         through_jit = [launched(step) for _ in range(2)]
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-        epochs = {n: getattr(K, n).arg_names.index("epoch") for n in ("merge_states_kernel", "put_states_kernel")}
+        epochs = {n: decode_kernels(2)[k].arg_names.index("epoch")
+                  for n, k in (("merge_states_kernel", "merge_ranks"), ("put_states_kernel", "put"))}
         report[stage] = {"first": first, "direct": direct, "jit": through_jit, "epoch_index": epochs,
                          "launches": fd.launches()}
     print(json.dumps(report))

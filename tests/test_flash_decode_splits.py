@@ -53,6 +53,7 @@ def test_merge_chunk_fits_registers():
 
 def _one_gpu(ctx, seed):
     """decode_partial over odd lengths and split counts; FastLaunch against a plain launch."""
+    from bspfuse.codegen.decode import decode_kernels
     from bspfuse.kernels import decode as K
     from bspfuse.kernels.flash_decode import decode_partial, reference_decode
     from bspfuse.runtime.fastlaunch import FastLaunch
@@ -75,11 +76,11 @@ def _one_gpu(ctx, seed):
     outs = [(torch.empty(2, 4, 16), torch.empty(2, 4)) for _ in range(3)]
     meta = dict(t.constexprs(), CHUNK=merge_chunk(5, t), WAIT=False, MAX_SPINS=0, SLEEP_NS=0, TARGET="sim",
                 num_warps=t.num_warps)
-    fast = FastLaunch(K.merge_states_kernel, (t.num_tiles,), **meta)
+    fast = FastLaunch(decode_kernels(2)["merge_ranks"], (t.num_tiles,), **meta)
     for out_o, out_lse in outs[:2]:
         fast(o, lse, out_o, out_lse, 5, 2 * 4 * 16, 2 * 4, 4, 2, out_lse, 0, 0, out_lse)
     out_o, out_lse = outs[2]
-    K.merge_states_kernel[(t.num_tiles,)](o, lse, out_o, out_lse, 5, 2 * 4 * 16, 2 * 4, 4, 2, out_lse, 0, 0, out_lse,
+    decode_kernels(2)["merge_ranks"][(t.num_tiles,)](o, lse, out_o, out_lse, 5, 2 * 4 * 16, 2 * 4, 4, 2, out_lse, 0, 0, out_lse,
                                           **meta)
     return results, fast.direct, outs
 

@@ -732,8 +732,8 @@ def _scatter_stmt(e: _Emitter, tp: TileProgram, s, tma_own: bool = False) -> Non
                 e(f"acc += tl.load({rows_at('inbox', 'slot', 'src')} + tile_off, mask=mask, other=0.0).to(tl.float32)",
                   s)
             else:  # read src's staging of my rows
-                e(f"acc += iris.load({rows_at('staging', 'slot', 'rank')} + tile_off, rank, src, heap_bases, mask=mask, "
-                  "other=0.0, hint=(1, VEC)).to(tl.float32)", s)
+                e(f"acc += iris.load({rows_at('staging', 'slot', 'rank')} + tile_off, rank, src, heap_bases, "
+                  "mask=mask, other=0.0, hint=(1, VEC)).to(tl.float32)", s)
     elif isinstance(s, Epilogue):
         for line in _epilogue_lines(s.fns):
             e(line, s)

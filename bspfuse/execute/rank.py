@@ -93,8 +93,8 @@ def run_fused(ctx, program: Program, inputs: dict[str, torch.Tensor], config=Non
             res = (res[0].reshape(shape_of(program, op.outputs[0])), *res[1:])  # swiglu: shaped as the product was
             if a.get("gathered_out"):  # the gathered A feeds other ops too
                 res = (*res, cache[key].gathered(xs[0]))
-            ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})\n    {cache[key].plan.launch_line} "
-                            f"(%{op.outputs[0].name} on {cache[key].target})")
+            ex.fused.append(f"%{op.outputs[0].name}: {code} ({a.get('mode', 'push')})\n    "
+                            f"{cache[key].plan.launch_line} (%{op.outputs[0].name} on {cache[key].target})")
         elif code == "flash_decode":
             if key not in cache:
                 cache[key] = FlashDecode.from_op(op, heap, sizes=program.sizes)

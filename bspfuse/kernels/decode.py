@@ -1,4 +1,4 @@
-"""Triton kernels of split-KV decode attention, and the merge of attention states.
+"""Device functions of split-KV decode attention, and the merge of attention states.
 
 An attention state over a set of keys is (O, LSE): the softmax-weighted mean of their values and the
 natural-log sum of exp of their scores, fp32. Two states merge exactly::
@@ -14,18 +14,15 @@ Work is cut into *tiles*: one batch entry and up to BLOCK_H query heads that sha
 so the heads of a group are the M dimension of ``tl.dot`` and K/V are read once per group. Tile
 ``t`` is ``(b, kv_head, sub)`` with ``t = (b * Hkv + kv_head) * HEAD_TILES + sub``.
 
-Kernels (the host side is ``bspfuse.kernels.flash_decode``):
+These are the device functions the statements of a decode tile program call (``bspfuse.tile_decode``); the
+kernels of every stage are generated from that program (``bspfuse.codegen.decode``), and the host side is
+``bspfuse.kernels.flash_decode``:
 
-- ``decode_split_kernel``: grid (tiles, splits); each program attends one tile over one split of its
-  batch entry's KV length and writes an fp32 state per (head, split).
-- ``merge_states_kernel``: grid (tiles,); merges n states per head, CHUNK at a time. Used for the splits
-  inside a GPU and for the ranks across GPUs; with ``WAIT`` it waits for a per-tile epoch flag of each
-  source.
-- ``put_states_kernel``: grid (tiles,); RMA all-gather: puts this rank's state tile into every
-  rank's gather buffer, optionally raising a per-tile flag there.
-- ``fused_decode_kernel``: one launch per decode step: split attention, the intra-GPU merge by the last
-  split of a tile (an atomic counter), the push of the merged tile to every rank with a per-tile flag,
-  and the cross-rank merge as the tiles arrive.
+- ``attend``: one tile's state over one split of its batch entry's KV length (Attend);
+- ``merge_tile``: a tile's n states merged CHUNK at a time, waiting per source for a flag if asked
+  (MergeStates);
+- ``push_tile``: a merged tile into this rank's slot of every rank's gather buffer, then its flag
+  (PutState in the fused kernel).
 """
 from __future__ import annotations
 
@@ -51,7 +48,7 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _tile_heads(tile, Hkv, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr):
+def tile_heads(tile, Hkv, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr):
     """Tile index -> (batch, kv head, query heads [BLOCK_H], valid-head mask)."""
     sub = tile % HEAD_TILES
     bk = tile // HEAD_TILES
@@ -84,7 +81,7 @@ def _merge_finish(m, l, acc):
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
+def attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
             stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_bt, qk_scale, BLOCK_H: tl.constexpr,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
@@ -136,7 +133,7 @@ def _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, 
 
 
 @triton.jit
-def _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags, flag_stride, epoch, cur_rank,
+def merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags, flag_stride, epoch, cur_rank,
                 err_ptr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                 WAIT: tl.constexpr, MAX_SPINS: tl.constexpr, SLEEP_NS: tl.constexpr, TARGET: tl.constexpr):
     """Merge n_states states of a tile's heads (rows `row` = b * Hq + head): state i is
@@ -178,7 +175,7 @@ TIMELINE_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
-def _read_timer(x, WHAT: tl.constexpr, TARGET: tl.constexpr):
+def read_timer(x, WHAT: tl.constexpr, TARGET: tl.constexpr):
     """The GPU's global timer in ns (WHAT "time") or this program's SM ("sm"); 0 when WHAT is "". x: any
     scalar (inline assembly takes an operand)."""
     if WHAT == "time":
@@ -190,86 +187,15 @@ def _read_timer(x, WHAT: tl.constexpr, TARGET: tl.constexpr):
 
 
 @triton.jit
-def _stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr, TARGET: tl.constexpr):
+def stamp(timeline, t, k: tl.constexpr, ENABLED: tl.constexpr, TARGET: tl.constexpr):
     """TIMELINE (GPU only): timeline[t, k] = the global timer (ns); k = 1 records the SM instead."""
     if ENABLED:
         tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + k,
-                 _read_timer(t, "sm" if k == 1 else "time", TARGET))
-
-
-# ------------------------------------------------------------------------------------------------ kernels
-# Buffers of states are state-major: o [n, B, Hq, D] fp32 and lse [n, B, Hq] fp32 (n = splits or ranks),
-# addressed with a state stride so a gather buffer's slot stride (its padded payload) fits too.
+                 read_timer(t, "sm" if k == 1 else "time", TARGET))
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, S, B, Hq, Hkv, num_splits,
-                        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                        stride_bt, qk_scale,
-                        GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                        HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr):
-    """Grid (tiles, splits): each tile's state over each split -> mid_o [splits, B, Hq, D], mid_lse."""
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
-    o, lse = _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
-                     stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                     stride_bt, qk_scale, BLOCK_H, D, BLOCK_D, BLOCK_N, PAGE, HAS_LENS, DOT_F32)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = (split * B + b).to(tl.int64) * Hq + heads
-    tl.store(mid_o + row[:, None] * D + offs_d[None, :], o, mask=hmask[:, None] & (offs_d < D)[None, :])
-    tl.store(mid_lse + row, lse, mask=hmask)
-
-
-@triton.jit(do_not_specialize=["epoch"])  # a new epoch every step: one compiled kernel for all of them
-def merge_states_kernel(o_ptr, lse_ptr, out_o, out_lse, n_states, stride_on, stride_ln, Hq, Hkv,
-                        flags, epoch, cur_rank, err_ptr,
-                        GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WAIT: tl.constexpr, MAX_SPINS: tl.constexpr,
-                        SLEEP_NS: tl.constexpr, TARGET: tl.constexpr):
-    """Grid (tiles,): merge n_states states per head into out_o [B, Hq, D] (any float dtype) and
-    out_lse [B, Hq] fp32. WAIT: wait for the tile's flag from each source, flags[i * tiles + tile] >= epoch,
-    just before reading that source's state (per-tile waits, no barrier). TARGET: runtime.target."""
-    tile = tl.program_id(0)
-    b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
-    row = b.to(tl.int64) * Hq + heads
-    o, lse = _merge_tile(o_ptr, lse_ptr, row, hmask, n_states, stride_on, stride_ln, flags + tile,
-                         tl.num_programs(0), epoch, cur_rank, err_ptr, BLOCK_H, D, BLOCK_D, CHUNK, WAIT, MAX_SPINS,
-                         SLEEP_NS, TARGET)
-    offs_d = tl.arange(0, BLOCK_D)
-    omask = hmask[:, None] & (offs_d < D)[None, :]
-    tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)
-    tl.store(out_lse + row, lse, mask=hmask)
-
-
-@triton.jit(do_not_specialize=["epoch"])
-def put_states_kernel(gather_o, gather_lse, stride_on, stride_ln, Hq, Hkv, flags, epoch, rank, heap_bases,
-                      WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, SIGNAL: tl.constexpr):
-    """Grid (tiles,): RMA all-gather. This rank's state sits in its own slot of the gather buffer
-    (state `rank`); put each tile of it into the same slot on every peer. SIGNAL: then raise the tile's
-    flag from this rank, flags[rank * tiles + tile], to `epoch` on every rank (itself included)."""
-    tile = tl.program_id(0)
-    b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = b.to(tl.int64) * Hq + heads
-    omask = hmask[:, None] & (offs_d < D)[None, :]
-    o_ptrs = gather_o + rank * stride_on + row[:, None] * D + offs_d[None, :]
-    l_ptrs = gather_lse + rank * stride_ln + row
-    o = tl.load(o_ptrs, mask=omask)
-    lse = tl.load(l_ptrs, mask=hmask)
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
-            iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
-    if SIGNAL:
-        for peer in tl.static_range(WORLD):
-            iris.signal(flags + rank * tl.num_programs(0) + tile, epoch, rank, peer, heap_bases)
-
-
-@triton.jit
-def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile, num_tiles,
+def push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile, num_tiles,
                epoch, heap_bases, WORLD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TARGET: tl.constexpr):
     """Put a merged tile into this rank's slot of every rank's gather buffer, then raise its flag there:
     the peers' flags first (the long pole), this rank's own last, behind one release fence on NVIDIA GPUs
@@ -282,104 +208,3 @@ def _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, strid
         iris.store(o_ptrs, o, rank, peer, heap_bases, mask=omask)
         iris.store(l_ptrs, lse, rank, peer, heap_bases, mask=hmask)
     iris.signal_all(flags + rank * num_tiles + tile, epoch, rank, heap_bases, WORLD, TARGET)
-
-
-@triton.jit
-def fused_decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, mid_o, mid_lse, gather_o, gather_lse,
-                        out_o, out_lse, flags, tile_count, ticket, rank, heap_bases, err_ptr, timeline,
-                        S, B, Hq, Hkv, num_tiles, num_splits, stride_parity, stride_on, stride_ln,
-                        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                        stride_bt, qk_scale,
-                        WORLD: tl.constexpr, GROUP: tl.constexpr, HEAD_TILES: tl.constexpr, BLOCK_H: tl.constexpr,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                        HAS_LENS: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                        SPLIT_CHUNK: tl.constexpr, MAX_SPINS: tl.constexpr, TILE_FASTEST: tl.constexpr,
-                        MERGE_H: tl.constexpr, RANK_CHUNK: tl.constexpr, SLEEP_NS: tl.constexpr,
-                        TARGET: tl.constexpr, TIMELINE: tl.constexpr):
-    """One launch per decode step. Grid (tiles * splits + tiles,).
-
-    Each program takes a ticket from a local int64 counter that is never reset: step e hands out tickets
-    [(e-1) n, e n) for n programs, so the ticket gives the step's epoch (no host epoch: a step can be
-    replayed from a CUDA graph) and the program's work, in ticket order whatever order the hardware starts
-    programs in. Tickets below tiles * splits are split attention (split fastest; TILE_FASTEST: KV head
-    fastest, as decode_split_kernel's grid, for a grid that runs in one wave), the rest cross-rank merges.
-    A merge spins only once every split is held by a running program, and splits never wait, so each rank
-    finishes its splits whatever its peers do: no deadlock however few programs fit at once.
-
-    A split stores its state into mid (mid_o [splits, B, Hq, D]) and counts itself in tile_count[tile];
-    the last split of a tile resets the count, merges the tile's splits, puts the merged state into its
-    slot of every rank's gather buffer (of the two, the one of the epoch's parity: gather_o + parity *
-    stride_parity) and raises flags[rank * tiles + tile] to the epoch there, the peers' first. A merge
-    program waits for its tile's flags RANK_CHUNK ranks at a time and merges each chunk as it arrives. Merges
-    hold only the group's MERGE_H head rows (BLOCK_H pads them for tl.dot). No host work between steps.
-    A waiting merge program shares its SM with split programs still streaming K/V: it polls every SLEEP_NS.
-    TARGET: runtime.target (the flags of a pushed tile, the waits' sleep, the timeline's clock).
-    TIMELINE (a diagnostic, GPU only): each program writes the global timer at its phases into
-    timeline [programs, TIMELINE_FIELDS] (by ticket; FlashDecode(timeline=True), FlashDecode.timeline()).
-    """
-    num_work = num_tiles * num_splits
-    n = num_work + num_tiles
-    started = _read_timer(n, "time" if TIMELINE else "", TARGET)
-    ticket_all = tl.atomic_add(ticket, 1, sem="relaxed", scope="gpu")
-    epoch = (ticket_all // n + 1).to(tl.int32)
-    t = (ticket_all % n).to(tl.int32)
-    if TIMELINE:
-        tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS, started)
-        _stamp(timeline, t, 1, TIMELINE, TARGET)
-    parity = (epoch % 2).to(tl.int64)
-    gather_o += parity * stride_parity
-    gather_lse += parity * stride_parity
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = (offs_d < D)[None, :]
-    if t < num_work:
-        if TILE_FASTEST:  # the order of decode_split_kernel's grid (tiles, splits)
-            tile = t % num_tiles
-            split = t // num_tiles
-        else:
-            tile = t // num_splits
-            split = t % num_splits
-        b, kvh, heads, hmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, BLOCK_H)
-        o, lse = _attend(q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, b, kvh, heads, hmask, split, num_splits, S,
-                         stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                         stride_bt, qk_scale, BLOCK_H, D, BLOCK_D, BLOCK_N, PAGE, HAS_LENS, DOT_F32)
-        _stamp(timeline, t, 2, TIMELINE, TARGET)
-        omask = hmask[:, None] & dmask
-        row = b.to(tl.int64) * Hq + heads
-        if ONE_SPLIT:
-            _push_tile(o, lse, row, hmask, omask, gather_o, gather_lse, stride_on, stride_ln, flags, rank, tile,
-                       num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, TARGET)
-        else:
-            srow = split.to(tl.int64) * B * Hq + row
-            tl.store(mid_o + srow[:, None] * D + offs_d[None, :], o, mask=omask)
-            tl.store(mid_lse + srow, lse, mask=hmask)
-            tl.debug_barrier()  # every thread's stores come before the count that publishes them
-            done = tl.atomic_add(tile_count + tile, 1, sem="acq_rel", scope="gpu")
-            _stamp(timeline, t, 3, TIMELINE, TARGET)
-            if done == num_splits - 1:
-                tl.atomic_xchg(tile_count + tile, 0, sem="relaxed", scope="gpu")
-                # the merge holds only the group's heads (MERGE_H <= BLOCK_H rows): a larger SPLIT_CHUNK fits
-                _, _, mheads, mmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
-                mrow = b.to(tl.int64) * Hq + mheads
-                mo, mlse = _merge_tile(mid_o, mid_lse, mrow, mmask, num_splits, B * Hq * D, B * Hq,
-                                       flags, 0, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, SPLIT_CHUNK, False, 0, 0,
-                                       TARGET)
-                _stamp(timeline, t, 4, TIMELINE, TARGET)
-                _push_tile(mo, mlse, mrow, mmask, mmask[:, None] & dmask, gather_o, gather_lse, stride_on,
-                           stride_ln, flags, rank, tile, num_tiles, epoch, heap_bases, WORLD, D, BLOCK_D, TARGET)
-                _stamp(timeline, t, 5, TIMELINE, TARGET)
-                if TIMELINE:
-                    tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + 6, 1)
-    else:
-        tile = t - num_work
-        rb, _, rheads, rmask = _tile_heads(tile, Hkv, GROUP, HEAD_TILES, MERGE_H)
-        rrow = rb.to(tl.int64) * Hq + rheads
-        # RANK_CHUNK sources at once: every flag of the chunk is waited for, then one load of their states
-        ro, rlse = _merge_tile(gather_o, gather_lse, rrow, rmask, WORLD, stride_on, stride_ln, flags + tile,
-                               num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS,
-                               SLEEP_NS, TARGET)
-        _stamp(timeline, t, 3, TIMELINE, TARGET)
-        tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty),
-                 mask=rmask[:, None] & dmask)
-        tl.store(out_lse + rrow, rlse, mask=rmask)
-        _stamp(timeline, t, 5, TIMELINE, TARGET)
-

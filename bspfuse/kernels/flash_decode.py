@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from bspfuse.codegen.decode import decode_kernels, decode_sources
+from bspfuse.tile_decode import HostStep, decode_program
 from bspfuse.kernels import decode as K
 from bspfuse.runtime import Epoch
 from bspfuse.runtime.errors import new_error_buffer, raise_if_wait_timed_out
@@ -244,8 +246,10 @@ def one_wave(tiling: DecodeTiling, num_splits: int, num_sms: int) -> bool:
     return tiling.num_tiles * num_splits <= 2 * num_sms
 
 
-def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple, num_stages: int | None = None) -> FastLaunch:
-    return FastLaunch(K.decode_split_kernel, (tiling.num_tiles, num_splits),
+def _split_launch(tiling: DecodeTiling, num_splits: int, layout: tuple, num_stages: int | None = None,
+                  kernel=None) -> FastLaunch:
+    """The split attention (`kernel`: a generated split kernel; default stage 0's)."""
+    return FastLaunch(kernel or decode_kernels(0)["split"], (tiling.num_tiles, num_splits),
                       **_attend_meta(tiling, layout, num_stages))
 
 
@@ -255,10 +259,13 @@ def _split_args(kv: _KV, tiling: DecodeTiling, num_splits: int, qk_scale: float,
 
 
 def _merge_launch(tiling: DecodeTiling, n_states: int, target: str, wait: bool = False, max_spins: int = 0,
-                  sleep_ns: int = 0) -> FastLaunch:
+                  sleep_ns: int = 0, kernel=None) -> FastLaunch:
+    """A merge of n states per tile: `kernel` (a generated merge kernel; default stage 0's merge of the splits),
+    waiting for each source's flag where `wait`."""
     # a waiting merge takes its sources one at a time, as their tiles arrive
     chunk = 1 if wait else merge_chunk(n_states, tiling)
-    return FastLaunch(K.merge_states_kernel, (tiling.num_tiles,), **dict(tiling.constexprs(), BLOCK_H=merge_h(tiling)),
+    return FastLaunch(kernel or decode_kernels(0)["merge_splits"], (tiling.num_tiles,),
+                      **dict(tiling.constexprs(), BLOCK_H=merge_h(tiling)),
                       CHUNK=chunk, WAIT=wait, MAX_SPINS=max_spins, SLEEP_NS=sleep_ns, TARGET=target,
                       num_warps=tiling.num_warps)
 
@@ -514,17 +521,18 @@ class FlashDecode:
         return _KV(q, kv.k, kv.v, kv_lens, kv.table, kv.capacity, kv.page, kv.layout, kv.strides)
 
     def launches(self) -> list[str]:
-        """What one step launches, in order (kernels, collectives, host barriers)."""
-        if self.stage == 0:
-            gather = "all_gather_into_tensor" if self._collective() else "put_states_kernel, heap.barrier"
-            return ["decode_split_kernel", "merge_states_kernel", gather, "merge_states_kernel"]
-        if self.stage == 1:
-            return ["decode_split_kernel", "merge_states_kernel", "put_states_kernel", "heap.barrier",
-                    "merge_states_kernel"]
-        if self.stage == 2:
-            return ["decode_split_kernel", "merge_states_kernel", "put_states_kernel",
-                    "merge_states_kernel(WAIT)"]
-        return ["fused_decode_kernel"]
+        """What one step launches, in order (kernels, collectives, host barriers): the stage's decode program
+        (bspfuse.tile_decode). Stage 0 with no process group gathers with stage 1's put kernel and a barrier."""
+        sources, out = decode_sources(self.stage), []
+        for s in decode_program(self.stage).steps:
+            if isinstance(s, HostStep):
+                out.append("heap.barrier" if s.what == "barrier" else "all_gather_into_tensor" if self._collective()
+                           else f"{decode_sources(1)['put'].name}, heap.barrier")
+            elif s.name == "merge_ranks" and s.statements("tile")[0].wait:
+                out.append(f"{sources[s.name].name}(WAIT)")
+            else:
+                out.append(sources[s.name].name)
+        return out
 
     def _prepare(self, kv: _KV) -> "_StepLaunches":
         """At the first step of a KV layout: the split count (first step only), buffers and launches."""
@@ -550,20 +558,26 @@ class FlashDecode:
                 self._timeline = torch.zeros(t.num_tiles * (splits + 1), K.TIMELINE_FIELDS.value, dtype=torch.int64,
                                              device=self.device)
             launches = _StepLaunches(fused=FastLaunch(
-                K.fused_decode_kernel, (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout, stages),
+                decode_kernels(3)["fused"], (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout, stages),
                 WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
                 RANK_CHUNK=min(triton.next_power_of_2(W), 4),
                 SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t),
                 MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, TARGET=self.target,
                 TIMELINE=self._want_timeline))
-        else:
-            fine = self.stage == 2
+        else:  # the stage's kernels; the flags the put raises and the merge of ranks waits for are its statements'
+            kernels, program = decode_kernels(self.stage), decode_program(self.stage)
+            # stage 0 with no process group: its all-gather is stage 1's put kernel (and a heap barrier)
+            put = "put" if "put" in kernels else None
+            put_kernel, put_program = (kernels, program) if put else (decode_kernels(1), decode_program(1))
+            signal = put_program.kernel("put").statements("tile")[0].flag is not None
+            wait = program.kernel("merge_ranks").statements("tile")[0].wait is not None
             launches = _StepLaunches(
-                split=_split_launch(t, splits, kv.layout, stages), merge_splits=_merge_launch(t, splits, self.target),
-                put=FastLaunch(K.put_states_kernel, (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=fine,
+                split=_split_launch(t, splits, kv.layout, stages, kernels["split"]),
+                merge_splits=_merge_launch(t, splits, self.target, kernel=kernels["merge_splits"]),
+                put=FastLaunch(put_kernel["put"], (t.num_tiles,), WORLD=W, **t.constexprs(), SIGNAL=signal,
                                num_warps=t.num_warps),
-                merge_ranks=_merge_launch(t, W, self.target, wait=fine, max_spins=self.max_spins,
-                                          sleep_ns=self.wait_sleep_ns))
+                merge_ranks=_merge_launch(t, W, self.target, wait=wait, max_spins=self.max_spins,
+                                          sleep_ns=self.wait_sleep_ns, kernel=kernels["merge_ranks"]))
         self._launches[kv.layout] = launches
         return launches
 

@@ -12,7 +12,7 @@ previous call, and if nothing changed it calls the launcher directly (Triton's C
 point, with the scratch memory and the descriptors' TMA maps it would prepare again at every launch
 kept from earlier launches; see _c_entry)::
 
-    merge = FastLaunch(K.merge_states_kernel, (tiles,), GROUP=4, HEAD_TILES=1, ..., num_warps=4)
+    merge = FastLaunch(decode_kernels(0)["merge_splits"], (tiles,), GROUP=4, HEAD_TILES=1, ..., num_warps=4)
     merge(o, lse, out_o, out_lse, n, ...)        # the JIT; then the compiled kernel's launcher
 
 It falls back to the JIT whenever the direct path does not apply: in Triton's interpreter (no compiled

@@ -79,7 +79,7 @@ def begin_release(x, TARGET: tl.constexpr):
 
     cuda: one ``fence.acq_rel.sys``; the flags are then relaxed "sys" exchanges (a fence followed by a strong
           write is a release pattern). A release atomic a flag would wait at its own fence for the previous
-          flag's round trip to the peer, once per flag (measured: kernels.decode's _push_tile).
+          flag's round trip to the peer, once per flag (measured: kernels.decode's push_tile).
     hip:  nothing: each flag is a release atomic. The counterpart of cuda's one fence would be AMDGCN
           ``buffer_wbl2 sc0 sc1; s_waitcnt vmcnt(0) lgkmcnt(0)`` once, the sequence LLVM puts before every
           system-scope release on gfx942, then relaxed exchanges: left until it is measured on an MI300X,
