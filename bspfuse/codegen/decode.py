@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from bspfuse.codegen.triton import KernelSource, _Emitter
+from bspfuse.codegen.triton import KernelSource, Emitter
 from bspfuse.tile import KernelInterface, Param
 from bspfuse.tile_decode import (Attend, CountSplits, DecodeKernel, MergeStates, PutState, StoreState, decode_program,
                                  print_decode_program)
@@ -75,7 +75,7 @@ def generate_decode(kernel: DecodeKernel, stage: int) -> KernelSource:
     kind = KIND[kernel.name]
     name = FUNCTION[kind]
     iface = interface(kind, name)
-    e = _Emitter()
+    e = Emitter()
     e(_HEADER.format(name="flash_decode", stage=stage, kernel=kernel.name,
                      program=print_decode_program(decode_program(stage))).rstrip("\n"))
     e()
@@ -88,11 +88,11 @@ def generate_decode(kernel: DecodeKernel, stage: int) -> KernelSource:
     return KernelSource(name, "\n".join(e.lines) + "\n", iface, e.line_map)
 
 
-def _stmt(e: _Emitter, s) -> None:
+def _stmt(e: Emitter, s) -> None:
     e(f"# {s}", s)
 
 
-def _split(e: _Emitter, k: DecodeKernel) -> None:
+def _split(e: Emitter, k: DecodeKernel) -> None:
     e('"""Grid (tiles, splits): each tile\'s state over each split -> mid_o [splits, B, Hq, D], mid_lse."""')
     e("tile = tl.program_id(0)")
     e("split = tl.program_id(1)")
@@ -110,7 +110,7 @@ def _split(e: _Emitter, k: DecodeKernel) -> None:
             raise ValueError(f"split kernel: {s} has no Triton form")
 
 
-def _merge(e: _Emitter, k: DecodeKernel) -> None:
+def _merge(e: Emitter, k: DecodeKernel) -> None:
     e('"""Grid (tiles,): merge n_states states per head into out_o [B, Hq, D] and out_lse [B, Hq] fp32. WAIT (the')
     e("statement's flag): wait for the tile's flag from each source, flags[i * tiles + tile] >= epoch, just before")
     e('reading that source\'s state (per-tile waits, no barrier)."""')
@@ -132,7 +132,7 @@ def _merge(e: _Emitter, k: DecodeKernel) -> None:
             raise ValueError(f"merge kernel: {s} has no Triton form")
 
 
-def _put(e: _Emitter, k: DecodeKernel) -> None:
+def _put(e: Emitter, k: DecodeKernel) -> None:
     e('"""Grid (tiles,): RMA all-gather. This rank\'s state sits in its own slot of the gather buffer (state `rank`);')
     e('put each tile of it into the same slot on every peer, then (SIGNAL) raise the tile\'s flag there."""')
     e("tile = tl.program_id(0)")
@@ -176,7 +176,7 @@ TIMELINE (a diagnostic, GPU only): each program writes the global timer at its p
 timeline [programs, TIMELINE_FIELDS] (by ticket)."""'''
 
 
-def _fused(e: _Emitter, k: DecodeKernel) -> None:
+def _fused(e: Emitter, k: DecodeKernel) -> None:
     e(_FUSED_DOC)
     e("num_work = num_tiles * num_splits")
     e("n = num_work + num_tiles")
@@ -211,7 +211,7 @@ def _fused(e: _Emitter, k: DecodeKernel) -> None:
         _fused_tile(e, k.statements("tile"))
 
 
-def _fused_split(e: _Emitter, body: tuple) -> None:
+def _fused_split(e: Emitter, body: tuple) -> None:
     """Attend ; StoreState(mid) ; CountSplits ; MergeStates(mid) ; PutState(flag): with ONE_SPLIT the state is the
     tile's and goes straight to the push; else the split that completes the count merges and pushes."""
     attend, store, count, merge, put = body
@@ -257,7 +257,7 @@ def _fused_split(e: _Emitter, body: tuple) -> None:
                 e("tl.store(timeline + t.to(tl.int64) * TIMELINE_FIELDS + 6, 1)", put)
 
 
-def _fused_tile(e: _Emitter, body: tuple) -> None:
+def _fused_tile(e: Emitter, body: tuple) -> None:
     merge, store = body
     assert isinstance(merge, MergeStates) and merge.over == "ranks" and merge.wait and store == StoreState("out"), body
     _stmt(e, merge)

@@ -32,7 +32,7 @@ class KernelSource:
         return list(self.interface.constexprs)
 
 
-class _Emitter:
+class Emitter:
     def __init__(self):
         self.lines: list[str] = []
         self.line_map: dict[int, str] = {}
@@ -100,13 +100,13 @@ def _segmented_rows(rm: str, rank: str) -> str:
     return f"((({rm} // SEG) * WORLD + {rank}) * SEG + {rm} % SEG).to(tl.int64)"
 
 
-def _in_one_segment(e: "_Emitter", stmt=None) -> None:
+def _in_one_segment(e: "Emitter", stmt=None) -> None:
     """seg (the segment of the tile's first row) and whether the tile's rows (up to M_LOCAL) stay in it."""
     e("seg = c * BM // SEG", stmt)
     e("one_segment = (tl.minimum(c * BM + BM, M_LOCAL) - 1) // SEG == seg", stmt)
 
 
-def _epoch_and_pid(e: _Emitter) -> None:
+def _epoch_and_pid(e: Emitter) -> None:
     """This call's epoch. Epoch 0 from the host: the kernel counts it itself with a ticket counter on the
     device, so nothing the host passes changes between calls and a CUDA graph can replay them. A program's
     place stays its block index: taken in ticket order (as the tickets arrive), AG+GEMM push at 1024 rows
@@ -122,13 +122,13 @@ def _size(expr: str) -> str:
     return expr.replace("cdiv(", "tl.cdiv(")
 
 
-def _signature(e: _Emitter, iface: KernelInterface) -> None:
+def _signature(e: Emitter, iface: KernelInterface) -> None:
     e(JIT)
     e(f"def {iface.name}({', '.join(iface.names())},")
     e(f"        {', '.join(c + ': tl.constexpr' for c in iface.constexprs)}):")
 
 
-def _layout(e: _Emitter, iface: KernelInterface) -> None:
+def _layout(e: Emitter, iface: KernelInterface) -> None:
     """The derived sizes and each flag array's start, as the interface declares them."""
     for name, expr in DERIVED_SIZES.items():
         e(f"{name} = {_size(expr)}  # at the bound: the flags' and buffers' layout, the same in every call")
@@ -201,7 +201,7 @@ _ALL_K = "0, tl.cdiv(K, BK)"
 _K_SLICE = "k_first, k_last"  # split-K: the work item's slice of K-blocks (_scatter_gemm)
 
 
-def _k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, a_tile: str | None, a_ptr: str, a_rows: str,
+def _k_loop(e: Emitter, tp: TileProgram, stmt, tma: bool, a_tile: str | None, a_ptr: str, a_rows: str,
             a_valid: str, a_stride: str, b: _BNames = _PARAMS, k_blocks: str = _ALL_K) -> None:
     """acc = A tile @ B tile over K; a gated program (tile.is_gated) also accumulates acc_up with the second
     weight, from the same A tiles. A's tile of K-block k: `a_tile` (a TMA load), or, where it is None, pointer
@@ -245,8 +245,8 @@ def generate(tp: TileProgram, tma: bool = True) -> KernelSource:
             "matmul_ar": _gen_matmul_scatter}[tp.kind](tp, tma)
 
 
-def _start(tp: TileProgram) -> _Emitter:
-    e = _Emitter()
+def _start(tp: TileProgram) -> Emitter:
+    e = Emitter()
     e(HEADER.format(name=tp.name, mode=tp.mode, tile=print_tile_program(tp)).rstrip("\n"))
     e()
     e()
@@ -286,7 +286,7 @@ def _gen_allgather_matmul(tp: TileProgram, tma: bool) -> KernelSource:
     return KernelSource(tp.name, "\n".join(e.lines) + "\n", iface, e.line_map)
 
 
-def _gen_comm(e: _Emitter, tp: TileProgram) -> None:
+def _gen_comm(e: Emitter, tp: TileProgram) -> None:
     staging = _peer_rows(tp)
     for s in tp.prologue:
         assert isinstance(s, Signal) and s.rank == "peer"
@@ -350,7 +350,7 @@ def _peer_rows(tp: TileProgram) -> HeapBuffer:
     return next(b for b in tp.heap_buffers if b.param == "stage_ptr")
 
 
-def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
+def _gen_ag_tiles(e: Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
     prec = _dot_precision(tp)
     first = "pid - COMM" if tp.mode != "direct" else "pid"
     gated = is_gated(tp)
@@ -431,7 +431,7 @@ def _gen_ag_tiles(e: _Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 _store_c(e, s, b, out_ty, tma)
 
 
-def _store_c(e: _Emitter, s: StoreTile, b: _BNames, out_ty: str, tma: bool) -> None:
+def _store_c(e: Emitter, s: StoreTile, b: _BNames, out_ty: str, tma: bool) -> None:
     """The tile's rows rm of source rank src into C: rank-major, or with the rows in segments (SEGMENTED)."""
     def by_pointers(rows: str) -> None:
         e(f"out_rows = {rows}", s)
@@ -466,7 +466,7 @@ def _b_desc(tp: TileProgram, b: _BNames) -> str:
             f"block_shape={block})")
 
 
-def _c_desc(e: _Emitter, b: _BNames) -> None:
+def _c_desc(e: Emitter, b: _BNames) -> None:
     """C's descriptor, as boxes of one source rank's rows: C viewed [WORLD, M_LOCAL, N] (rank-major), or, with
     the rows in segments, [B * WORLD, SEG, N] (batch row b of rank src is b * WORLD + src). A TMA store clips
     at the second dim's end (a rank's, or a segment's, last row) as a mask would."""
@@ -481,7 +481,7 @@ def _c_desc(e: _Emitter, b: _BNames) -> None:
           "block_shape=[1, BM, BN])")
 
 
-def _select_weight(e: _Emitter, tp: TileProgram, tma: bool) -> None:
+def _select_weight(e: Emitter, tp: TileProgram, tma: bool) -> None:
     """The weight column tile pid_n falls in: its B, its C and its own column index (pid_n from 0 again)."""
     def pick(values: list[str]) -> str:  # values[j] where first_n{j} <= pid_n < first_n{j+1}
         expr = values[0]
@@ -551,7 +551,7 @@ def _own_tiles_by_tma(tp: TileProgram, tma: bool) -> bool:
     return tma and not any(isinstance(m, MoveChunk) and m.src_buffer == "out" for m in tp.per_chunk + tp.per_own_chunk)
 
 
-def _raise_pending(e: _Emitter, s: Signal) -> None:
+def _raise_pending(e: Emitter, s: Signal) -> None:
     # The flag index a deferred Signal left in pending_<flag> (-1: none), raised a tile late: the stores it
     # announces are complete by now. "dst" also left the rank in pending_<flag>_rank; "peer" means every peer.
     e(f"if pending_{s.flag} >= 0:  # {s}", s)
@@ -564,7 +564,7 @@ def _raise_pending(e: _Emitter, s: Signal) -> None:
             e(f"iris.signal({s.flag} + pending_{s.flag}, epoch, rank, pending_{s.flag}_rank, heap_bases)", s)
 
 
-def _scatter_position(e: _Emitter, tp: TileProgram) -> None:
+def _scatter_position(e: Emitter, tp: TileProgram) -> None:
     """dst (the rank owning the tile's rows) and local_t (the tile among those rows) of position t."""
     assert tp.order == "interleaved", tp.order
     e("# PEERS * lag peer tiles, then groups of WORLD: PEERS peer tiles and the own tile `lag` local tiles behind")
@@ -580,7 +580,7 @@ def _scatter_position(e: _Emitter, tp: TileProgram) -> None:
     e("local_t = tl.where(own, tl.where(t < body_end, g, per_rank - lag + t - body_end), q // PEERS)")
 
 
-def _scatter_tile(e: _Emitter, tp: TileProgram) -> None:
+def _scatter_tile(e: Emitter, tp: TileProgram) -> None:
     _scatter_position(e, tp)
     e("c, pid_n = swizzle(local_t, nb, num_pid_n, GROUP_M)")
     e("rm = c * BM + tl.arange(0, BM)")
@@ -589,7 +589,7 @@ def _scatter_tile(e: _Emitter, tp: TileProgram) -> None:
     e("tile_off = rm[:, None].to(tl.int64) * N + rn[None, :]")
 
 
-def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
+def _scatter_gemm(e: Emitter, tp: TileProgram, tma: bool) -> None:
     deferred = [s for s in tp.per_tile + tp.per_own_tile if isinstance(s, Signal) and s.deferred]
     split = next((s for s in tp.per_tile if isinstance(s, AccumulateSplit)), None)
     for s in deferred:
@@ -628,7 +628,7 @@ def _scatter_gemm(e: _Emitter, tp: TileProgram, tma: bool) -> None:
               s)
 
 
-def _accumulate_split(e: _Emitter, tp: TileProgram, s: AccumulateSplit, rest) -> None:
+def _accumulate_split(e: Emitter, tp: TileProgram, s: AccumulateSplit, rest) -> None:
     """Add this slice's partial (acc) into the float32 buffer and count it; the slice that completes the tile
     reads the sum back into acc, zeroes the buffer for the next call and emits `rest()`."""
     part = f"{_rows_at(next(b for b in tp.heap_buffers if b.name == s.buffer), '0', 'dst')} + tile_off"
@@ -643,7 +643,7 @@ def _accumulate_split(e: _Emitter, tp: TileProgram, s: AccumulateSplit, rest) ->
         rest()
 
 
-def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, k_blocks: str = _ALL_K) -> None:
+def _scatter_k_loop(e: Emitter, tp: TileProgram, stmt, tma: bool, k_blocks: str = _ALL_K) -> None:
     """The tile's partial product: A's rows of owner dst (local rows rm) times B, rows rank-major or in segments
     (over K-blocks `k_blocks`)."""
     e("# LoadA(buffer=a, rank=me) ; Dot()")
@@ -667,7 +667,7 @@ def _scatter_k_loop(e: _Emitter, tp: TileProgram, stmt, tma: bool, k_blocks: str
                 "(dst * M_LOCAL + rm).to(tl.int64)", "rm < M_LOCAL", "stride_am", k_blocks=k_blocks)
 
 
-def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple, tma_own: bool = False) -> None:
+def _scatter_bodies(e: Emitter, tp: TileProgram, peer_body: tuple, own_body: tuple, tma_own: bool = False) -> None:
     """Peer tiles' and own tiles' statements."""
     bodies = [("dst != rank", peer_body), ("dst == rank", own_body)]
     bodies = [(cond, [s for s in body if not isinstance(s, (LoadA, Dot, AccumulateSplit))]) for cond, body in bodies]
@@ -679,7 +679,7 @@ def _scatter_bodies(e: _Emitter, tp: TileProgram, peer_body: tuple, own_body: tu
                 _scatter_stmt(e, tp, s, tma_own)
 
 
-def _scatter_stmt(e: _Emitter, tp: TileProgram, s, tma_own: bool = False) -> None:
+def _scatter_stmt(e: Emitter, tp: TileProgram, s, tma_own: bool = False) -> None:
     """One statement of a scatter kernel. Its fields say what it touches, so the same statement prints the
     same in the GEMM and the comm programs."""
     out_ty = TL_DTYPE[tp.dtype]
