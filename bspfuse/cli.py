@@ -282,11 +282,12 @@ def cmd_tune(args) -> int:
               "Without a GPU the cost model decides (bspfuse analyze, inspect).", file=sys.stderr)
         return USER_ERROR
     problems = [tune.Problem(kind, m, n, k, args.world, args.dtype, args.layout) for kind, m, n, k in args.shape]
+    problems += [tune.DecodeProblem(*sizes, args.world, args.dtype) for sizes in args.decode]
     if args.model:
         problems += _model_problems(args)
     if not problems:
-        print("bspfuse tune: nothing to tune: give --shape OP:MxNxK (repeatable) or --model file.py:function",
-              file=sys.stderr)
+        print("bspfuse tune: nothing to tune: give --shape OP:MxNxK or --decode B,Hq,Hkv,D,S (repeatable), or "
+              "--model file.py:function", file=sys.stderr)
         return USER_ERROR
     from bspfuse.tune.measure import tune_on_gpus
 
@@ -323,6 +324,14 @@ def _shape_arg(text: str):
                                          "(M, N, K as the kernels take them: AG M = one rank's rows, RS/AR K = "
                                          "one rank's K)")
     return m.group(1), *map(int, m.groups()[1:])
+
+
+def _decode_arg(text: str):
+    m = re.fullmatch(r"(\d+),(\d+),(\d+),(\d+),(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B,Hq,Hkv,D,S (batch, query and KV heads, head dim, "
+                                         "this rank's KV length), e.g. 1,32,8,128,65536")
+    return tuple(map(int, m.groups()))
 
 
 def cmd_bench(args) -> int:
@@ -393,6 +402,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "go into the tuning cache that compile, run and the backend read")
     t.add_argument("--shape", type=_shape_arg, action="append", default=[], metavar="OP:MxNxK",
                    help="e.g. matmul_rs:8192x4096x3584 (repeatable)")
+    t.add_argument("--decode", type=_decode_arg, action="append", default=[], metavar="B,Hq,Hkv,D,S",
+                   help="a Flash Decode step: its stages, split counts and pipeline depths (repeatable)")
     t.add_argument("--model", metavar="file.py:function", help="every fused GEMM explain finds in the model")
     t.add_argument("--train", action="store_true", help="with --model: the backward's GEMMs too")
     t.add_argument("--world", type=int, default=1)

@@ -13,12 +13,14 @@ becomes one ``flash_decode`` op over the decode_partial's operands, keeping its 
 ``paged``: operand 3 is the block table; ``kv_lens``: the next operand is the per-batch length) and
 adding ``stage`` (see ``bspfuse.kernels.flash_decode``) and ``result_types``. The stage comes from the
 options (per-site mode, then a ``stage`` attribute on merge_states or decode_partial as a hint, then the
-global mode): auto and push give 3; stage0 (or bsp) .. stage3 pick one; off leaves the program alone.
+global mode): auto takes the stage `bspfuse tune` measured fastest for this step on the device (stage 0, the
+BSP program, where nothing fused measured faster), else 3; push gives 3; stage0 (or bsp) .. stage3 pick one;
+off leaves the program alone.
 """
 from __future__ import annotations
 
-from bspfuse.ir import Op, Program, Value
-from bspfuse.passes import Decision, Options, Pass
+from bspfuse.ir import Op, Program, Value, concrete
+from bspfuse.passes import Decision, Estimate, Options, Pass
 
 NAME = "fuse_flash_decode"
 MODES = {"auto": 3, "push": 3, "bsp": 0, "stage0": 0, "stage1": 1, "stage2": 2, "stage3": 3}
@@ -105,17 +107,46 @@ def _check_fusible(program: Program, decode: Op, ops: list[Op]) -> None:
                                f"(%{outside[0].outputs[0].name}): fusing would drop it")
 
 
-def _stage(options: Options, site: str, merge: Op, decode: Op) -> int | None:
-    """The stage asked for at this site (None: off), or _NoMatch for a mode decode has no form of."""
+def _stage(options: Options, site: str, merge: Op, decode: Op) -> tuple[int | None, bool]:
+    """The stage asked for at this site (None: off) and whether it was auto, or _NoMatch for a mode decode has
+    no form of."""
     mode = options.modes.get(site)
     if mode is None:
         hint = merge.attrs.get("stage", decode.attrs.get("stage"))
         mode = f"stage{hint}" if hint is not None else options.mode
     if mode == "off":
-        return None
+        return None, False
     if mode not in MODES:
         raise _NoMatch(f"mode '{mode}' has no Flash Decode form (use auto, push, bsp, stage0..stage3 or off)")
-    return MODES[mode]
+    return MODES[mode], mode == "auto"
+
+
+def _decode_problem(program: Program, decode: Op):
+    """The step as bspfuse.tune.DecodeProblem (this rank's keys), or None where a size is not known."""
+    from bspfuse.tune import DecodeProblem
+
+    def dims(v: Value) -> list:
+        return [concrete(d, program.sizes, program.world_size) for d in v.type.shape]
+    (B, Hq, D), k = dims(decode.inputs[0]), dims(decode.inputs[1])
+    paged = bool(decode.attrs.get("paged"))
+    S = dims(decode.inputs[3])[1] * k[1] if paged else k[1]
+    sizes = (B, Hq, k[2], D, S, program.world_size)
+    if not all(isinstance(n, int) for n in sizes) or decode.inputs[0].type.dtype not in KERNEL_DTYPES:
+        return None
+    return DecodeProblem(*sizes, decode.inputs[0].type.dtype, paged)
+
+
+def _measured(program: Program, options: Options, decode: Op) -> tuple[int, Estimate] | None:
+    """The stage measured fastest for this step on options.device, with the times per stage."""
+    from bspfuse import tune
+
+    problem = _decode_problem(program, decode)
+    entry = tune.table().get(options.device, problem) if problem is not None else None
+    if entry is None or entry.unfused_us is None:
+        return None
+    stage = 0 if entry.choice() == tune.UNFUSED else int(entry.best.schedule.removeprefix("stage"))
+    times = dict(sorted(entry.schedule_times().items()))
+    return stage, Estimate(options.device, f"stage{stage}", times, measured=True, problem=problem)
 
 
 def _fuse(program: Program, decode: Op, ops: list[Op], stage: int) -> Op:
@@ -143,15 +174,20 @@ def run(program: Program, options: Options) -> tuple[Program, list[Decision]]:
         try:
             decode, ops = _match(merge)
             _check_fusible(program, decode, ops)
-            stage = _stage(options, out.name, merge, decode)
+            stage, auto = _stage(options, out.name, merge, decode)
         except _NoMatch as e:
             decisions.append(Decision(NAME, site, False, str(e), what=what))
             continue
         if stage is None:
             decisions.append(Decision(NAME, site, False, "disabled by the options (mode off)", what=what))
             continue
+        measured = _measured(program, options, decode) if auto else None
+        reason, estimate = STAGE_PLANS[stage], None
+        if measured is not None:
+            stage, estimate = measured
+            reason = f"{STAGE_PLANS[stage]}; measured the fastest stage on {options.device}"
         _fuse(program, decode, ops, stage)
-        decisions.append(Decision(NAME, site, True, STAGE_PLANS[stage], what=what, schedule=f"stage {stage}"))
+        decisions.append(Decision(NAME, site, True, reason, estimate, what=what, schedule=f"stage {stage}"))
     return program, decisions
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,61 @@ def test_split_k_is_in_the_space_where_few_tiles_leave_sms_idle():
                                                                                           14336), 132),
                       DeviceModel.of("H100"), 12)
     assert any(c.config and c.config.split_k > 1 for c in kept)
+
+
+STEP = tune.DecodeProblem(B=2, Hq=8, Hkv=2, D=64, S=128, world=2)  # examples/flash_decode.bsp's step, per rank
+
+
+def decode_timer(fastest: str):
+    """Stage `fastest` at 10 us, the others at 20 us plus a little per split (so the knobs order too)."""
+    def timer(problem, cand):
+        return ((10.0 if cand.schedule == fastest else 20.0) + cand.config.splits / 100
+                + (0.5 if cand.config.num_stages else 0)) * 1e-6
+    return timer
+
+
+def test_a_decode_step_measures_every_stage_and_knob_and_stage_0_is_its_unfused_program():
+    cands = tune.Tuner(None, "H100").candidates(STEP)
+    assert {c.schedule for c in cands} == {"stage0", "stage1", "stage2", "stage3"}
+    assert len({c.config.splits for c in cands}) >= 2 and {c.config.num_stages for c in cands} == {None, 4}
+    entry = tune.Tuner(decode_timer("stage2"), "H100").tune(STEP)
+    assert entry.choice() == "stage2" and entry.best.config.num_stages is None
+    assert entry.best.config.splits == min(c.config.splits for c in cands)
+    assert entry.unfused_us == 20.0 + entry.best.config.splits / 100  # stage 0's best
+    slow = tune.Tuner(decode_timer("stage0"), "H100").tune(STEP)
+    assert slow.best.schedule != "stage0" and slow.choice() == tune.UNFUSED
+    assert slow.best_decode_config(3).splits == entry.best.config.splits
+
+
+def _flash_decode_decision(options):
+    from bspfuse.grammar import parse_file
+    from bspfuse.passes import run_passes
+
+    log = run_passes(parse_file(str(Path(__file__).resolve().parents[1] / "examples" / "flash_decode.bsp")),
+                     options=options)
+    (op,) = [op for op in log.program.ops if op.opcode == "flash_decode"]
+    (decision,) = [d for d in log.decisions if d.pass_name == "fuse_flash_decode"]
+    return op.attrs["stage"], decision
+
+
+def test_the_decode_pass_takes_the_stage_measured_fastest(tmp_path, monkeypatch):
+    stage, decision = _flash_decode_decision(Options(device="H100"))
+    assert stage == 3 and decision.estimate is None  # nothing measured: stage 3
+    for fastest, want in (("stage1", 1), ("stage0", 0)):
+        entry = tune.Tuner(decode_timer(fastest), "H100").tune(STEP)
+        table = _table_with(entry, tmp_path, monkeypatch)
+        assert table.get("H100", STEP) is not None, "the entry survives the round trip through the cache"
+        stage, decision = _flash_decode_decision(Options(device="H100"))
+        assert stage == want and "measured the fastest stage on H100" in decision.reason
+        assert decision.estimate.measured and str(decision.estimate).startswith(f"measured on H100: stage{want}")
+        assert _flash_decode_decision(Options(device="H100", mode="push"))[0] == 3  # a forced stage stands
+    tune.table(reload=True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: tune would run")
+def test_tune_without_a_gpu_says_so_and_exits_2(capsys):
+    from bspfuse.cli import main
+
+    assert main(["tune", "--shape", "matmul_rs:64x64x64", "--decode", "1,8,2,64,256"]) == 2
+    err = capsys.readouterr().err
+    assert "measures the kernels on 1 GPU" in err and "torch sees 0" in err

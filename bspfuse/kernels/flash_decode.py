@@ -534,11 +534,28 @@ class FlashDecode:
                 out.append(sources[s.name].name)
         return out
 
+    def _tuned(self, kv: _KV):
+        """The split count and pipeline depth `bspfuse tune` measured fastest for this step at this stage on this
+        GPU (bspfuse.tune.DecodeProblem), or None."""
+        if self.device.type != "cuda":
+            return None
+        from bspfuse import tune
+        from bspfuse.lowering import target_of
+
+        dtype = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}[self.dtype]
+        problem = tune.DecodeProblem(self.B, self.Hq, self.Hkv, self.D, kv.capacity, self.world_size, dtype,
+                                     kv.page > 0)
+        entry = tune.table().get(target_of(self.device).name, problem)
+        return entry.best_decode_config(self.stage) if entry is not None else None
+
     def _prepare(self, kv: _KV) -> "_StepLaunches":
         """At the first step of a KV layout: the split count (first step only), buffers and launches."""
         t, W = self.tiling, self.world_size
         if self.num_splits is None:  # fixed at the first step: stage 3 derives epochs from a program count
-            self.num_splits = choose_num_splits(t, kv.capacity, _num_sms(self.device))
+            tuned = self._tuned(kv)
+            if tuned is not None and self.num_stages is None:
+                self.num_stages = tuned.num_stages
+            self.num_splits = tuned.splits if tuned else choose_num_splits(t, kv.capacity, _num_sms(self.device))
         splits = self.num_splits
         # One wave of split programs (batch 1): a deeper K/V pipeline (4 stages, 104 KB of shared memory,
         # so exactly two programs an SM, evenly placed) and, in the fused kernel, tickets handed out

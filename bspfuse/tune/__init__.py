@@ -17,11 +17,17 @@ Entries are keyed by (GPU model, world size, op, dtype, M bucket, N, K, B layout
 so a tuned table serves every length up to its bucket. Each entry carries a fingerprint of the kernel it
 timed (the generated source of its config): an entry whose kernel has changed since, or that is not valid
 JSON of this form, is ignored with one warning and never used.
+
+A Flash Decode step tunes the same way (`DecodeProblem`, keyed by heads, head dim, batch and KV-length bucket):
+its candidates are the stages (bspfuse.tile_decode; stage 0 the unfused program) with split counts and
+pipeline depths around the heuristic's, all measured; the pass takes the measured stage, FlashDecode the
+measured knobs.
 """
 
-from bspfuse.tune.search import (KINDS, UNFUSED, Candidate, Problem, Tuner, estimate, m_bucket, prune, schedules,
-                                 space)
+from bspfuse.tune.search import (KINDS, UNFUSED, Candidate, DecodeConfig, DecodeProblem, Problem, Tuner, decode_space,
+                                 estimate, m_bucket, prune, schedules, space)
 from bspfuse.tune.table import Entry, TunedTable, cache_path, kernel_fingerprint, lookup, shipped_tables, table
 
-__all__ = ["KINDS", "UNFUSED", "Candidate", "Entry", "Problem", "TunedTable", "Tuner", "cache_path", "estimate",
-           "kernel_fingerprint", "lookup", "m_bucket", "prune", "schedules", "shipped_tables", "space", "table"]
+__all__ = ["KINDS", "UNFUSED", "Candidate", "DecodeConfig", "DecodeProblem", "Entry", "Problem", "TunedTable", "Tuner",
+           "cache_path", "decode_space", "estimate", "kernel_fingerprint", "lookup", "m_bucket", "prune", "schedules",
+           "shipped_tables", "space", "table"]

@@ -1,20 +1,28 @@
 """Timing candidates on GPUs: the real host objects with the candidate's tile and schedule, every output checked
 against a float32 matmul (and its collective) before it is timed, and the unfused program (NCCL + cuBLAS; at
-world 1 cuBLAS alone) timed beside them, on every rank of `launch(..., backend="cuda")`.
+world 1 cuBLAS alone) timed beside them; a decode step through FlashDecode at each stage and knob setting,
+checked against float64. On every rank of `launch(..., backend="cuda")`.
 
     entries = tune_on_gpus([Problem("matmul_rs", 8192, 4096, 3584)], world=1)   # -> [Entry], rank 0's
 
 Every rank runs the same candidates in the same order with the same number of calls (collective kernels), so
-the call count comes from the cost model's estimate, not from a rank's own timing.
+the call count comes from a first-order estimate (the device table's rates), not from a rank's own timing.
 """
 from __future__ import annotations
 
 import torch
 
-from bspfuse.tune.search import UNFUSED, Candidate, Problem, Tuner
+from bspfuse.tune.search import UNFUSED, Candidate, DecodeProblem, Problem, Tuner
 
 TORCH_DTYPE = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 TOLERANCE = {"bf16": 2e-2, "f16": 5e-3, "f32": 1e-3}
+
+
+def _rates() -> tuple[float, float]:
+    """(matmul flop/s, HBM bytes/s) that set a timing's call count: the H100's in the device table."""
+    from bspfuse.devices import H100
+
+    return H100.matmul_tflops.value * 1e12, H100.hbm_gbps.value * 1e9
 
 
 class WrongResult(RuntimeError):
@@ -53,18 +61,53 @@ class GpuTimer:
             self._inputs[key] = (a_all[r], b, ref)
         return self._inputs[key]
 
-    def __call__(self, p: Problem, cand: Candidate) -> float:
+    def __call__(self, p: Problem | DecodeProblem, cand: Candidate) -> float:
+        if isinstance(p, DecodeProblem):
+            return self._decode(p, cand)
         a, b, ref = self.inputs(p)
-        fn = self._unfused(p, a, b) if cand.config is None else self._fused(p, cand, a, b)
+        fn = self._unfused(p, a, b) if cand.config is None else self.fused_call(p, cand, a, b)
         out = fn()
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err <= TOLERANCE[p.dtype]:
             raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float32 reference")
-        return self._time(fn, p)
+        return self.time_gemm(fn, p)
+
+    def time_gemm(self, fn, p: Problem) -> float:
+        """Seconds per call of a GEMM of problem p (time_calls with the call count for its flops)."""
+        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6))
+
+    def _decode(self, p: DecodeProblem, cand: Candidate) -> float:
+        """A decode step at the candidate's stage and knobs (FlashDecode), its O checked against float64 over
+        every rank's keys; the query is the same on every rank, each holds S keys."""
+        from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
+
+        dev, dt, r, W = self.ctx.device, TORCH_DTYPE[p.dtype], self.ctx.rank, p.world
+        key = ("decode", p)
+        if key not in self._inputs:
+            self._inputs.clear()
+            g = torch.Generator(device=dev).manual_seed(self.seed)
+            q = torch.randn(p.B, p.Hq, p.D, device=dev, generator=g).to(dt)
+            kv = [torch.randn(2, p.B, p.S, p.Hkv, p.D, device=dev, generator=g).to(dt) for _ in range(W)]
+            ref_o, _ = reference_decode(q, torch.cat([x[0] for x in kv], 1), torch.cat([x[1] for x in kv], 1))
+            self._inputs[key] = (q, kv[r][0], kv[r][1], ref_o.to(dev))
+        q, k, v, ref_o = self._inputs[key]
+        fd = FlashDecode(self.ctx.heap, W, r, p.B, p.Hq, p.Hkv, p.D, dt, stage=int(cand.schedule.removeprefix("stage")),
+                         num_splits=cand.config.splits, num_stages=cand.config.num_stages)
+        try:
+            out = (torch.empty_like(q), torch.empty(p.B, p.Hq, dtype=torch.float32, device=dev))
+            step = lambda: fd(q, k, v, out=out)  # noqa: E731
+            o, _ = step()
+            err = float((o.double() - ref_o).norm() / ref_o.norm().clamp_min(1e-30))
+            if not err <= TOLERANCE[p.dtype]:
+                raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float64 reference")
+            return self.time_calls(step, max(2 * k.numel() * k.element_size() / _rates()[1], 2e-6))
+        finally:
+            fd.close()
 
     @staticmethod
-    def gemm(p: Problem) -> tuple:
-        return (p.kind, p.N, p.K, p.world, p.dtype, p.b_layout)
+    def gemm(p: Problem | DecodeProblem) -> tuple:
+        """The GEMM a problem times (its host objects serve every M up to a bound); a decode step is its own."""
+        return (p.kind, p.N, p.K, p.world, p.dtype, p.b_layout) if isinstance(p, Problem) else (p,)
 
     def close(self) -> None:
         """Free every host object's heap buffers (collective)."""
@@ -75,12 +118,11 @@ class GpuTimer:
                     self.ctx.heap.free(buf)
         self._ops.clear()
 
-    def _time(self, fn, p: Problem) -> float:
-        """Seconds per call over a fixed count of back-to-back calls (the same on every rank), after warm-up."""
-        from bspfuse.passes.fuse_gemm import DeviceModel
-
-        guess = max(p.flops / DeviceModel.of("H100").matmul_flops, 2e-6)
-        calls = int(min(2000, max(5, self.rep_ms * 1e-3 / guess)))
+    def time_calls(self, fn, guess_s: float) -> float:
+        """Seconds per call over a fixed count of back-to-back calls, after warm-up. The count comes from
+        `guess_s` (a first-order estimate, the same on every rank: collective kernels must be called as often
+        on each), not from this rank's own timing."""
+        calls = int(min(2000, max(5, self.rep_ms * 1e-3 / guess_s)))
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -112,7 +154,8 @@ class GpuTimer:
             return c
         return all_reduce
 
-    def _fused(self, p: Problem, cand: Candidate, a, b):
+    def fused_call(self, p: Problem, cand: Candidate, a, b):
+        """The candidate's host object for p (built once per GEMM and config), called on (a, b)."""
         from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
 
         if self.gemm(p) != self._gemm:

@@ -1,5 +1,6 @@
-"""The search: a fused GEMM problem, its joint space (tile, comm programs, schedule, and the unfused program),
-the cost model that ranks it and the tuner that measures the best of it."""
+"""The search: a fused GEMM problem, its joint space (tile, split-K, comm programs, schedule, and the unfused
+program), the cost model that ranks it and the tuner that measures the best of it; a Flash Decode step and its
+space (stages, splits, pipeline depth), measured whole."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
 KINDS = ("ag_matmul", "matmul_rs", "matmul_ar")
 UNFUSED = "unfused"  # the schedule name of the bulk-synchronous program (collective + cuBLAS)
+UNFUSED_STAGE = "stage0"  # a decode step's bulk-synchronous program (split, merge, all_gather, merge)
 
 
 def m_bucket(M: int) -> int:
@@ -62,9 +64,53 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class DecodeProblem:
+    """One Flash Decode step: batch B, Hq query and Hkv KV heads of dim D, this rank's KV length S, the world,
+    dtype and whether the cache is paged. Its schedules are the stages (bspfuse.tile_decode), stage 0 the
+    unfused (BSP) program."""
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    S: int
+    world: int = 1
+    dtype: str = "bf16"
+    paged: bool = False
+    kind: str = "flash_decode"
+
+    def __post_init__(self):
+        if min(self.B, self.Hq, self.Hkv, self.D, self.S, self.world) < 1 or self.Hq % self.Hkv:
+            raise ValueError(f"{self}: sizes must be positive and Hq a multiple of Hkv")
+
+    def key(self, gpu: str) -> str:
+        return (f"{gpu}|w{self.world}|flash_decode|{self.dtype}|b{self.B}|h{self.Hq}/{self.Hkv}|d{self.D}|"
+                f"s{m_bucket(self.S)}|{'paged' if self.paged else 'contiguous'}")
+
+    def __str__(self) -> str:
+        return (f"flash_decode B={self.B} heads {self.Hq}/{self.Hkv} D={self.D} KV {self.S} w{self.world} "
+                f"{self.dtype}{' paged' if self.paged else ''}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """A decode step's knobs: splits of each tile's KV length, and the K/V pipeline depth (None: the tiling's)."""
+    splits: int
+    num_stages: int | None = None
+
+    def __str__(self) -> str:
+        return f"splits={self.splits}" + (f" stages={self.num_stages}" if self.num_stages else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "DecodeConfig":
+        """The config a candidate's label names ("splits=22 stages=4", as __str__ writes it)."""
+        fields = dict(part.split("=") for part in text.split())
+        return cls(int(fields["splits"]), int(fields["stages"]) if "stages" in fields else None)
+
+
+@dataclass(frozen=True)
 class Candidate:
-    schedule: str  # push | pull | direct | copy_engine | unfused
-    config: TileConfig | None = None  # None for the unfused program
+    schedule: str  # push | pull | direct | copy_engine | unfused; a decode step's stage0 .. stage3
+    config: TileConfig | DecodeConfig | None = None  # None for the unfused program
 
     @property
     def label(self) -> str:
@@ -115,6 +161,20 @@ def space(problem: Problem, num_sms: int) -> list[Candidate]:
                     continue
                 out.append(Candidate(schedule, TileConfig(BM, BN, BK, group, warps, stages, comm, split)))
     return out
+
+
+DECODE_STAGES = ("stage0", "stage1", "stage2", "stage3")
+
+
+def decode_space(problem: DecodeProblem, num_sms: int) -> list[Candidate]:
+    """Every stage with the split count choose_num_splits gives, half and twice it, and two pipeline depths: a
+    few dozen candidates, all measured (no pruning)."""
+    from bspfuse.kernels.flash_decode import MAX_SPLITS, choose_num_splits, decode_tiling
+
+    tiling = decode_tiling(problem.B, problem.Hq, problem.Hkv, problem.D, device="cuda")
+    base = choose_num_splits(tiling, problem.S, num_sms)
+    splits = sorted({max(1, base // 2), base, min(MAX_SPLITS, 2 * base)})
+    return [Candidate(stage, DecodeConfig(n, depth)) for stage in DECODE_STAGES for n in splits for depth in (None, 4)]
 
 
 def estimate(problem: Problem, cand: Candidate, device) -> float:
@@ -200,7 +260,9 @@ class Tuner:
         self.device = DeviceModel.of(gpu)
         self.num_sms = num_sms or self.device.num_sms
 
-    def candidates(self, problem: Problem) -> list[Candidate]:
+    def candidates(self, problem: Problem | DecodeProblem) -> list[Candidate]:
+        if isinstance(problem, DecodeProblem):
+            return decode_space(problem, self.num_sms)
         return prune(problem, space(problem, self.num_sms), self.device, self.keep)
 
     def tune(self, problem: Problem) -> Entry:
@@ -217,7 +279,8 @@ class Tuner:
             times[cand.label] = None if seconds is None else round(seconds * 1e6, 2)
             if self.progress:
                 self.progress(i + 1, len(cands), cand.label)
-        fused = [c for c in cands if c.config is not None and times.get(c.label) is not None]
+        fused = [c for c in cands if c.config is not None and c.schedule != UNFUSED_STAGE
+                 and times.get(c.label) is not None]
         best = min(fused, key=lambda c: times[c.label]) if fused else None
         from bspfuse.tune.table import Entry, kernel_fingerprint
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bspfuse.tile import TileConfig
-from bspfuse.tune.search import UNFUSED, Candidate, Problem
+from bspfuse.tune.search import UNFUSED, UNFUSED_STAGE, Candidate, DecodeConfig, DecodeProblem, Problem
 
 SHIPPED = Path(__file__).parent / "tables"  # measured on the machines named in their entries
 FORMAT = 1
@@ -26,7 +26,21 @@ def kernel_fingerprint(problem: Problem, cand: Candidate) -> str:
     longer matches. The source depends on the op, schedule, dtype, B layout and config, not on the sizes."""
     if cand.config is None:
         return "unfused"
+    if isinstance(problem, DecodeProblem):
+        return _decode_fingerprint(int(cand.schedule.removeprefix("stage")))
     return _fingerprint(problem.kind, cand.schedule, problem.dtype, problem.b_layout, cand.config)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fingerprint(stage: int) -> str:
+    """The stage's generated kernels and the device functions they call."""
+    import inspect
+
+    from bspfuse.codegen.decode import decode_sources
+    from bspfuse.kernels import decode
+
+    text = "".join(ks.source for ks in decode_sources(stage).values()) + inspect.getsource(decode)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +67,9 @@ class Entry:
 
     @property
     def unfused_us(self) -> float | None:
-        return self.times_us.get(UNFUSED)
+        """The unfused program's time (a decode step's: its best stage-0 time)."""
+        times = self.schedule_times()
+        return times.get(UNFUSED, times.get(UNFUSED_STAGE))
 
     @property
     def best_us(self) -> float | None:
@@ -67,6 +83,11 @@ class Entry:
             if us is not None and (schedule not in out or us < out[schedule]):
                 out[schedule] = us
         return out
+
+    def best_decode_config(self, stage: int) -> DecodeConfig | None:
+        """A decode entry's fastest measured knobs at `stage` (a stage the user forced may not be the best)."""
+        runs = {label: us for label, us in self.times_us.items() if label.startswith(f"stage{stage} ") and us}
+        return DecodeConfig.parse(min(runs, key=runs.get).split(" ", 1)[1]) if runs else None
 
     def choice(self) -> str:
         """The schedule auto takes: the fastest fused one, unless the unfused program measured faster."""
@@ -85,9 +106,10 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict) -> "Entry":
-        problem = Problem(**d["problem"])
-        best = d["best"]
-        cand = Candidate(best["schedule"], TileConfig(**best["config"]) if best["config"] else None) if best else None
+        decode = d["problem"].get("kind") == "flash_decode"
+        problem = DecodeProblem(**d["problem"]) if decode else Problem(**d["problem"])
+        best, config = d["best"], DecodeConfig if decode else TileConfig
+        cand = Candidate(best["schedule"], config(**best["config"]) if best["config"] else None) if best else None
         times = {str(k): (None if v is None else float(v)) for k, v in d["times_us"].items()}
         entry = cls(str(d["gpu"]), problem, times, cand, str(d["fingerprint"]), str(d.get("measured", "")),
                     float(d.get("seconds", 0.0)))
