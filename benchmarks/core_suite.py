@@ -94,14 +94,14 @@ def run(ctx, args):
         a, b, _ = timer.inputs(p)
         ref = a.double() @ b.double()
         cublas = a @ b
-        ours_fn = timer._fused(p, entry.best, a, b)
+        ours_fn = timer.fused_call(p, entry.best, a, b)
         ours = ours_fn()
         err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
         # back to back, alternating, the best of three each
         cu_us, our_us = [], []
         for _ in range(3):
-            cu_us.append(timer._time(lambda: a @ b, p) * 1e6)
-            our_us.append(timer._time(ours_fn, p) * 1e6)
+            cu_us.append(timer.time_gemm(lambda: a @ b, p) * 1e6)
+            our_us.append(timer.time_gemm(ours_fn, p) * 1e6)
         row.update(cublas_us=round(min(cu_us), 2), ours_us=round(min(our_us), 2),
                    ratio=round(min(our_us) / min(cu_us), 4), rel_err=err(ours), cublas_rel_err=err(cublas),
                    config=str(entry.best.config), schedule=entry.best.schedule)
