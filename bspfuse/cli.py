@@ -291,7 +291,8 @@ def cmd_tune(args) -> int:
         return USER_ERROR
     from bspfuse.tune.measure import tune_on_gpus
 
-    table = tune.TunedTable.load(save_to=args.out)
+    out = args.out or tune.cache_path()  # the table to update: only its own entries are written back
+    table = tune.TunedTable.load(paths=[out], save_to=out)
     for entry in tune_on_gpus(list(dict.fromkeys(problems)), args.world, keep=args.keep, rep_ms=args.rep_ms):
         table.put(entry)
         best = f"{entry.best.label}: {entry.best_us:g} us" if entry.best else "no fused candidate ran"

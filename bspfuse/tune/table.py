@@ -138,12 +138,11 @@ class TunedTable:
 
     @classmethod
     def load(cls, paths: list[Path] | None = None, save_to: Path | None = None) -> "TunedTable":
-        """Entries of `paths` (default: the shipped tables, then the user's cache, later ones winning). A file
-        or entry that is not valid, or whose kernel changed since it was measured, is skipped with one warning
-        per file."""
+        """Entries of `paths` (default: the shipped tables, then the user's cache, later ones winning), saved to
+        `save_to` (default: the user's cache). A file or entry that is not valid, or whose kernel changed since it
+        was measured, is skipped with one warning per file."""
         paths = paths if paths is not None else shipped_tables() + [cache_path()]
-        table = cls(path=save_to if save_to is not None else (cache_path() if not paths or paths[-1] == cache_path()
-                                                             else paths[-1]))
+        table = cls(path=save_to or cache_path())
         for path in paths:
             if not Path(path).exists():
                 continue
