@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _own_tuning_cache(tmp_path_factory):
-    """No test reads or writes the user's tuning cache (bspfuse.tune.cache_path)."""
-    os.environ["BSPFUSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("bspfuse-cache"))
+# No test reads or writes the user's tuning cache (bspfuse.tune.cache_path): the tests' own, empty, for the run.
+os.environ["BSPFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="bspfuse-cache-")
 
 
 @pytest.fixture
