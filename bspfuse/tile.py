@@ -529,11 +529,13 @@ def _expect_remote_load(tp: TileProgram) -> None:
 
 
 def stage_split_k(tp: TileProgram) -> TileProgram:
-    """Split each output tile's K range over config.split_k work items (GEMM+RS/AR): after its Dot, an item adds
-    its partial into a float32 buffer; the item that completes a tile goes on with the tile's statements.
-    # gemm: LoadA ; Dot ; rest  ->  LoadA ; Dot (one K slice) ; AccumulateSplit ; rest (the last slice only)"""
-    if tp.kind == "ag_matmul":
-        raise ValueError(f"{tp.name}: split-K is written for GEMM+RS/AR (an AG+GEMM tile waits for its rows first)")
+    """Split each output tile's K range over config.split_k work items: after its Dot, an item adds its partial
+    into a float32 buffer; the item that completes a tile goes on with the tile's statements (an AG+GEMM item
+    waits for its rows first, as the tile did).
+    # gemm: [Wait ;] LoadA ; Dot ; rest  ->  [Wait ;] LoadA ; Dot (one K slice) ; AccumulateSplit ; rest (last)"""
+    if tp.kind == "ag_matmul" and (tp.mode == "direct" or tp.weights > 1):
+        raise ValueError(f"{tp.name}: split-K takes an AG+GEMM of one weight that stages its rows (push, pull, "
+                         f"copy_engine), not {tp.mode} with {tp.weights} weight(s)")
     acc = AccumulateSplit(SPLIT_PARTIALS.name, K_DONE.name)
     return tp.with_(per_tile=_rewrite(tp.per_tile, {Dot(): (Dot(), acc)}),
                     per_own_tile=_rewrite(tp.per_own_tile, {Dot(): (Dot(), acc)}),
@@ -568,7 +570,7 @@ def kernel_interface(tp: TileProgram) -> KernelInterface:
                      for n, role in zip(AG_WEIGHT_PARAMS, ("weight", "output", "scalar", "scalar", "scalar")))
         params = ((P("a_ptr", "operand"), P("b_desc", "weight"), P("b_ptr", "weight"), P("c_ptr", "output"))
                   + bias + heap + kept + sizes + (P("stride_cm", "scalar"),) + more)
-        constexprs = common + ("CHUNK_K", "TARGET") + (("FLAG_BLOCKS",) if tp.host_per_chunk else ())
+        constexprs = common + ("CHUNK_K", "TARGET", "SPLIT_K") + (("FLAG_BLOCKS",) if tp.host_per_chunk else ())
     else:
         params = ((P("a_desc", "operand"), P("a_ptr", "operand"), P("b_desc", "weight"), P("b_ptr", "weight"),
                    P("out_ptr", "output")) + bias + heap + kept + sizes)

@@ -56,13 +56,25 @@ def test_local_matmul_is_the_plain_gemm():
 
 
 def _split_k_world(ctx):
-    """GEMM+RS and GEMM+AR with split-K (a tile's K in slices, summed in float32) in every schedule, two calls
-    each (the float32 sums and the slice counters carry over): worst relative error against float64."""
-    from bspfuse.kernels.gemm import FusedMatmulAllReduce, FusedMatmulReduceScatter
+    """GEMM+RS, GEMM+AR and AG+GEMM with split-K (a tile's K in slices, summed in float32) in every schedule that
+    has it, two calls each (the float32 sums and the slice counters carry over): worst relative error against
+    float64."""
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
     from bspfuse.tile import TileConfig
 
     W, r, out = ctx.world_size, ctx.rank, {}
     cfg = TileConfig(16, 32, 16, 1, 4, 2, 1, split_k=3)  # K = 80: five K-blocks in slices of two (the last one)
+    for mode in ("push", "pull", "copy_engine"):
+        op = FusedAllGatherMatmul(ctx.heap, 24, 40, 80, torch.bfloat16, mode=mode, config=cfg, debug=True,
+                                  epilogue=("relu",))
+        worst = 0.0
+        for call in range(2):
+            g = torch.Generator().manual_seed(call)
+            shards = [torch.randn(24, 80, generator=g).to(torch.bfloat16) for _ in range(W)]
+            b = torch.randn(80, 40, generator=g).to(torch.bfloat16)
+            ref = torch.relu(torch.cat(shards).double() @ b.double())
+            worst = max(worst, float((op(shards[r], b).double() - ref).norm() / ref.norm()))
+        out[f"ag_matmul {mode}"] = (worst, "k_partials" in op.bufs, str(op.config))
     for cls in (FusedMatmulReduceScatter, FusedMatmulAllReduce):
         for mode in ("direct", "push", "pull"):
             op = cls(ctx.heap, 16 * W, 40, 80, torch.bfloat16, config=cfg, mode=mode, debug=True)

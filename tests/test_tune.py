@@ -154,7 +154,7 @@ def test_split_k_is_in_the_space_where_few_tiles_leave_sms_idle():
         return {c.config.split_k for c in tune.space(p, 132) if c.config}
     assert splits(tune.Problem("matmul_rs", 32, 8192, 14336)) == {1, 2, 4, 8}  # 32 rows: few tiles, a deep K
     assert splits(tune.Problem("matmul_rs", 8192, 8192, 14336)) == {1}  # tiles for every SM already
-    assert splits(tune.Problem("ag_matmul", 8, 4096, 4096)) == {1}  # AG+GEMM's tiles wait for rows: not split
+    assert splits(tune.Problem("ag_matmul", 8, 4096, 4096)) == {1, 2, 4, 8}  # AG+GEMM too, where it stages rows
     kept = tune.prune(tune.Problem("matmul_rs", 32, 8192, 14336), tune.space(tune.Problem("matmul_rs", 32, 8192,
                                                                                           14336), 132),
                       DeviceModel.of("H100"), 12)

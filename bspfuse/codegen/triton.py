@@ -369,8 +369,15 @@ def _gen_ag_tiles(e: Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
         _c_desc(e, b)
     elif tma:
         e("# (one C descriptor per tile: the weight a tile falls in names its C)")
-    e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
+    split = next((s for s in tp.per_tile if isinstance(s, AccumulateSplit)), None)
+    if split is None:
+        e(f"for tile_id in range({first}, num_pid_m * num_pid_n, NUM_PROGRAMS - COMM):")
+    else:  # work items: SPLIT_K slices of K per tile, a tile's slices next to each other
+        e(f"for w in range({first}, num_pid_m * num_pid_n * SPLIT_K, NUM_PROGRAMS - COMM):")
     with e.block():
+        if split is not None:
+            e("tile_id = w // SPLIT_K", split)
+            _k_slice(e, split)
         e("v, pid_n = swizzle(tile_id, num_pid_m, num_pid_n, GROUP_M)")
         if b is _SELECTED:
             _select_weight(e, tp, tma)
@@ -413,22 +420,33 @@ def _gen_ag_tiles(e: Emitter, tp: TileProgram, out_ty: str, tma: bool) -> None:
                 e("a_tile_desc = tl.make_tensor_descriptor(a_base, shape=[M_LOCAL, K], strides=[a_stride, 1], "
                   "block_shape=[BM, BK])", s)
             _k_loop(e, tp, s, tma, "a_tile_desc.load([c * BM, k * BK])" if tma else None, "a_base",
-                    "rm.to(tl.int64)", "rm < M_LOCAL", "a_stride", b)
-        for s in tp.per_tile:
-            if isinstance(s, Epilogue):
-                e(f"# {s}", s)
-                lines = _epilogue_lines(s.fns)
-                if lines and b is _SELECTED:
-                    e("if first_weight:  # the epilogue is the first weight's", s)
-                    with e.block():
-                        for line in lines:
-                            e(line, s)
-                else:
+                    "rm.to(tl.int64)", "rm < M_LOCAL", "a_stride", b, k_blocks=_ALL_K if split is None else _K_SLICE)
+        if split is None:
+            _ag_epilogue(e, tp, b, out_ty, tma)
+        else:
+            e("mask = (rm < M_LOCAL)[:, None] & (rn < N)[None, :]", split)
+            e("tile_off = rm[:, None].to(tl.int64) * N + rn[None, :]", split)
+            _accumulate_split(e, tp, split, lambda: _ag_epilogue(e, tp, b, out_ty, tma), owner="src",
+                              tile="tile_id")
+
+
+def _ag_epilogue(e: Emitter, tp: TileProgram, b: _BNames, out_ty: str, tma: bool) -> None:
+    """A finished AG+GEMM tile: its epilogue, then its store into C."""
+    for s in tp.per_tile:
+        if isinstance(s, Epilogue):
+            e(f"# {s}", s)
+            lines = _epilogue_lines(s.fns)
+            if lines and b is _SELECTED:
+                e("if first_weight:  # the epilogue is the first weight's", s)
+                with e.block():
                     for line in lines:
                         e(line, s)
-            elif isinstance(s, StoreTile):
-                e(f"# {s}", s)
-                _store_c(e, s, b, out_ty, tma)
+            else:
+                for line in lines:
+                    e(line, s)
+        elif isinstance(s, StoreTile):
+            e(f"# {s}", s)
+            _store_c(e, s, b, out_ty, tma)
 
 
 def _store_c(e: Emitter, s: StoreTile, b: _BNames, out_ty: str, tma: bool) -> None:
@@ -603,9 +621,7 @@ def _scatter_gemm(e: Emitter, tp: TileProgram, tma: bool) -> None:
     with e.block():
         if split is not None:
             e("t = w // SPLIT_K", split)
-            e("per_slice = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)", split)
-            e("k_first = (w % SPLIT_K) * per_slice", split)
-            e("k_last = tl.minimum(k_first + per_slice, tl.cdiv(K, BK))", split)
+            _k_slice(e, split)
         _scatter_tile(e, tp)
         _scatter_k_loop(e, tp, tp.per_tile[0], tma, _ALL_K if split is None else _K_SLICE)
         for s in deferred:  # before this tile's waits: a peer may be waiting for them
@@ -628,13 +644,23 @@ def _scatter_gemm(e: Emitter, tp: TileProgram, tma: bool) -> None:
               s)
 
 
-def _accumulate_split(e: Emitter, tp: TileProgram, s: AccumulateSplit, rest) -> None:
-    """Add this slice's partial (acc) into the float32 buffer and count it; the slice that completes the tile
-    reads the sum back into acc, zeroes the buffer for the next call and emits `rest()`."""
-    part = f"{_rows_at(next(b for b in tp.heap_buffers if b.name == s.buffer), '0', 'dst')} + tile_off"
+def _k_slice(e: Emitter, s: AccumulateSplit) -> None:
+    """k_first, k_last: the K-blocks of work item w's slice (split-K)."""
+    e("per_slice = tl.cdiv(tl.cdiv(K, BK), SPLIT_K)", s)
+    e("k_first = (w % SPLIT_K) * per_slice", s)
+    e("k_last = tl.minimum(k_first + per_slice, tl.cdiv(K, BK))", s)
+
+
+def _accumulate_split(e: Emitter, tp: TileProgram, s: AccumulateSplit, rest, owner: str = "dst",
+                      tile: str = "t") -> None:
+    """Add this slice's partial (acc, rows rm of `owner`'s block at tile_off) into the float32 buffer and count
+    it for tile position `tile`; the slice that completes the tile reads the sum back into acc, zeroes the
+    buffer for the next call and emits `rest()`."""
+    part = f"{_rows_at(next(b for b in tp.heap_buffers if b.name == s.buffer), '0', owner)} + tile_off"
     e(f"# {s}", s)
     e(f"tl.atomic_add({part}, acc, mask=mask, sem=\"relaxed\", scope=\"gpu\")", s)
-    e(f"added = tl.atomic_add({s.counter} + t, 1, sem=\"acq_rel\", scope=\"gpu\")  # never reset: SPLIT_K a call", s)
+    e(f"added = tl.atomic_add({s.counter} + {tile}, 1, sem=\"acq_rel\", scope=\"gpu\")  # never reset: SPLIT_K a call",
+      s)
     e("if added % SPLIT_K == SPLIT_K - 1:  # the tile's last slice: the sum is complete", s)
     with e.block():
         e(f"acc = tl.atomic_add({part}, tl.zeros((BM, BN), dtype=tl.float32), mask=mask, sem=\"relaxed\", "

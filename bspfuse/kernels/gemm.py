@@ -398,6 +398,7 @@ class FusedAllGatherMatmul(_Fused):
         launch = self._launcher((b_layout, segmented), b_layout, programs, lambda: dict(
             WORLD=W, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, COMM=cfg.comm_programs,
             NUM_PROGRAMS=programs, CHUNK_K=128, MAX_SPINS=self.max_spins, TARGET=self.target.kernel_target,
+            SPLIT_K=cfg.split_k,
             VEC=_vec(self.K), SEGMENTED=segmented, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"FLAG_BLOCKS": self._copies.blocks_per_flag} if self.mode == "copy_engine" else {})))
         # copy_engine's flags are written by the host: its kernel takes the host's epoch; the others count
@@ -466,8 +467,7 @@ class _CopyEngineRows:
         # The peers that need these rows soonest come first: peer p multiplies its own rows, then p+1's, ...
         self.peers = [(heap.peer_tensor(op.bufs[op.peer_rows], p), heap.peer_tensor(op.flags, p))
                       for p in ((r - s) % W for s in range(1, W))]
-        arrived = op.interface.flags[0]
-        assert arrived.name == "arrived" and len(op.interface.flags) == 1, op.interface.flags
+        arrived = next(f for f in op.interface.flags if f.name == "arrived")
         # this rank's flags in a peer's "arrived" array [WORLD, NB]
         self.offset = size_of(op.interface.flag_offset("arrived"), op.sizes) + r * size_of(arrived.per_rank, op.sizes)
         self.stream = None if self.sim else _copy_stream(heap.device)

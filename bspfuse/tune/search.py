@@ -152,9 +152,8 @@ def space(problem: Problem, num_sms: int) -> list[Candidate]:
             groups = sorted({min(g, row_blocks) for g in (1, 8, group_rows(BM, BN, num_sms))})  # > blocks: same
             tiles = math.ceil(rows / BM) * math.ceil(problem.N / BN)
             k_blocks = math.ceil(problem.K / BK)
-            # split-K (GEMM+RS/AR): where the tiles leave SMs idle, a tile's K in slices of at least 4 K-blocks
-            splits = [1] + [s for s in (2, 4, 8) if problem.kind != "ag_matmul" and tiles * s <= 2 * num_sms
-                            and k_blocks >= 4 * s]
+            # split-K: where the tiles leave SMs idle, a tile's K in slices of at least 4 K-blocks
+            splits = [1] + [s for s in (2, 4, 8) if tiles * s <= 2 * num_sms and k_blocks >= 4 * s]
             for (warps, stages), group, comm, split in ((ws, g, c, sk) for ws in WARPS_STAGES for g in groups
                                                         for c in comms for sk in splits):
                 if BM * BN >= 128 * 256 and warps == 4:  # a 128x256 accumulator needs 8 warps' registers
