@@ -137,16 +137,20 @@ def _decode_problem(program: Program, decode: Op):
 
 
 def _measured(program: Program, options: Options, decode: Op) -> tuple[int, Estimate] | None:
-    """The stage measured fastest for this step on options.device, with the times per stage."""
+    """The stage measured fastest for this step on options.device (replayed from a CUDA graph where the
+    options say steps replay), with the times per stage: stage 0 unless a fused stage measured faster."""
     from bspfuse import tune
 
     problem = _decode_problem(program, decode)
     entry = tune.table().get(options.device, problem) if problem is not None else None
-    if entry is None or entry.unfused_us is None:
+    times = entry.decode_stage_times(options.replayable) if entry is not None else {}
+    fused = {s: us for s, us in times.items() if s != "stage0"}
+    if "stage0" not in times or not fused:
         return None
-    stage = 0 if entry.choice() == tune.UNFUSED else int(entry.best.schedule.removeprefix("stage"))
-    times = dict(sorted(entry.schedule_times().items()))
-    return stage, Estimate(options.device, f"stage{stage}", times, measured=True, problem=problem)
+    best = min(fused, key=fused.get)
+    stage = 0 if times["stage0"] <= fused[best] else int(best.removeprefix("stage"))
+    graph = " (CUDA graphs)" if options.replayable else ""
+    return stage, Estimate(options.device + graph, f"stage{stage}", times, measured=True, problem=problem)
 
 
 def _fuse(program: Program, decode: Op, ops: list[Op], stage: int) -> Op:

@@ -217,3 +217,19 @@ def test_tune_without_a_gpu_says_so_and_exits_2(capsys):
     assert main(["tune", "--shape", "matmul_rs:64x64x64", "--decode", "1,8,2,64,256"]) == 2
     err = capsys.readouterr().err
     assert "measures the kernels on 1 GPU" in err and "torch sees 0" in err
+
+
+def test_steps_that_replay_from_a_cuda_graph_are_decided_by_their_graph_times(tmp_path, monkeypatch):
+    cands = tune.Tuner(None, "H100").candidates(STEP)
+    assert {c.schedule for c in cands if c.config.graph} == {"stage0", "stage3"}  # stages 1, 2 do not replay
+
+    def timer(problem, cand):  # without graphs stage 2 wins; replayed, stage 0 beats stage 3
+        if cand.config.graph:
+            return {"stage0": 8.0, "stage3": 9.0}[cand.schedule] * 1e-6
+        return (10.0 if cand.schedule == "stage2" else 20.0) * 1e-6
+    _table_with(tune.Tuner(timer, "H100").tune(STEP), tmp_path, monkeypatch)
+    assert _flash_decode_decision(Options(device="H100"))[0] == 2
+    stage, decision = _flash_decode_decision(Options(device="H100", replayable=True))
+    assert stage == 0 and decision.estimate.us == {"stage0": 8.0, "stage3": 9.0}
+    assert "CUDA graphs" in str(decision.estimate)
+    tune.table(reload=True)

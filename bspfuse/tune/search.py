@@ -93,18 +93,22 @@ class DecodeProblem:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """A decode step's knobs: splits of each tile's KV length, and the K/V pipeline depth (None: the tiling's)."""
+    """A decode step's knobs: splits of each tile's KV length, the K/V pipeline depth (None: the tiling's), and
+    whether steps were timed replayed from a CUDA graph (what an inference engine runs)."""
     splits: int
     num_stages: int | None = None
+    graph: bool = False
 
     def __str__(self) -> str:
-        return f"splits={self.splits}" + (f" stages={self.num_stages}" if self.num_stages else "")
+        return (f"splits={self.splits}" + (f" stages={self.num_stages}" if self.num_stages else "")
+                + (" graph" if self.graph else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
-        """The config a candidate's label names ("splits=22 stages=4", as __str__ writes it)."""
-        fields = dict(part.split("=") for part in text.split())
-        return cls(int(fields["splits"]), int(fields["stages"]) if "stages" in fields else None)
+        """The config a candidate's label names ("splits=22 stages=4 graph", as __str__ writes it)."""
+        words = text.split()
+        fields = dict(part.split("=") for part in words if "=" in part)
+        return cls(int(fields["splits"]), int(fields["stages"]) if "stages" in fields else None, "graph" in words)
 
 
 @dataclass(frozen=True)
@@ -163,17 +167,21 @@ def space(problem: Problem, num_sms: int) -> list[Candidate]:
 
 
 DECODE_STAGES = ("stage0", "stage1", "stage2", "stage3")
+# stages whose step replays from a CUDA graph: stage 1 has the host barrier every step, stage 2 kernels take the
+# host's epoch (FlashDecode); stage 0's collective and stage 3's ticket epochs replay
+REPLAYABLE_STAGES = ("stage0", "stage3")
 
 
 def decode_space(problem: DecodeProblem, num_sms: int) -> list[Candidate]:
-    """Every stage with the split count choose_num_splits gives, half and twice it, and two pipeline depths: a
-    few dozen candidates, all measured (no pruning)."""
+    """Every stage with the split count choose_num_splits gives, half and twice it, and two pipeline depths, and
+    the stages that replay from a CUDA graph again replayed: a few dozen candidates, all measured (no pruning)."""
     from bspfuse.kernels.flash_decode import MAX_SPLITS, choose_num_splits, decode_tiling
 
     tiling = decode_tiling(problem.B, problem.Hq, problem.Hkv, problem.D, device="cuda")
     base = choose_num_splits(tiling, problem.S, num_sms)
     splits = sorted({max(1, base // 2), base, min(MAX_SPLITS, 2 * base)})
-    return [Candidate(stage, DecodeConfig(n, depth)) for stage in DECODE_STAGES for n in splits for depth in (None, 4)]
+    return [Candidate(stage, DecodeConfig(n, depth, graph)) for graph in (False, True) for stage in DECODE_STAGES
+            if not graph or stage in REPLAYABLE_STAGES for n in splits for depth in (None, 4)]
 
 
 def estimate(problem: Problem, cand: Candidate, device) -> float:

@@ -84,10 +84,27 @@ class Entry:
                 out[schedule] = us
         return out
 
-    def best_decode_config(self, stage: int) -> DecodeConfig | None:
+    def decode_runs(self, graph: bool) -> dict:
+        """A decode entry's measured candidates timed with (or without) CUDA graphs: {(stage, config): us}."""
+        runs = {}
+        for label, us in self.times_us.items():
+            stage, config = label.split(" ", 1)
+            config = DecodeConfig.parse(config)
+            if us is not None and config.graph == graph:
+                runs[(int(stage.removeprefix("stage")), config)] = us
+        return runs
+
+    def decode_stage_times(self, graph: bool) -> dict:
+        """The best microseconds per stage ("stage0" ...), with (or without) CUDA graphs."""
+        out: dict = {}
+        for (stage, _), us in self.decode_runs(graph).items():
+            out[f"stage{stage}"] = min(us, out.get(f"stage{stage}", us))
+        return dict(sorted(out.items()))
+
+    def best_decode_config(self, stage: int, graph: bool = False) -> DecodeConfig | None:
         """A decode entry's fastest measured knobs at `stage` (a stage the user forced may not be the best)."""
-        runs = {label: us for label, us in self.times_us.items() if label.startswith(f"stage{stage} ") and us}
-        return DecodeConfig.parse(min(runs, key=runs.get).split(" ", 1)[1]) if runs else None
+        runs = {config: us for (s, config), us in self.decode_runs(graph).items() if s == stage}
+        return min(runs, key=runs.get) if runs else None
 
     def choice(self) -> str:
         """The schedule auto takes: the fastest fused one, unless the unfused program measured faster."""
