@@ -688,8 +688,8 @@ def _device(options: dict) -> str:
     if torch.cuda.is_available():
         from bspfuse.tune.measure import gpu_model
 
-        if gpu_model() in DEVICES:
-            return gpu_model()
+        if (here := gpu_model()) in DEVICES:
+            return here
     return Options.device
 
 

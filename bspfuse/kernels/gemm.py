@@ -30,6 +30,7 @@ writes flags, all-reduce returns a slot): those calls pass it, and only they can
 """
 from __future__ import annotations
 
+import math
 import torch
 import triton
 from triton.runtime._allocation import _allocator as _triton_allocator
@@ -186,14 +187,11 @@ class _Fused:
         self._launchers = {}
         cfg = self.config
         self.sizes = _layout_sizes(self.world, M_bound, self.N, self.K, cfg)
-        self.bufs = {b.name: self.heap.empty(size_of(b.rows, self.sizes), size_of(b.cols, self.sizes),
-                                             dtype=_buffer_dtype(b, self.dtype), name=f"{self.name}.{b.name}")
-                     for b in iface.buffers}
-        for b in iface.buffers:
-            if b.dtype == "f32":  # sums: they start at zero (the kernels zero them again after each use)
-                self.bufs[b.name].zero_()
-        self.flags = self.heap.zeros(max(1, size_of(iface.flag_words(), self.sizes)), dtype=torch.int32,
-                                     name=f"{self.name}.flags")
+        # buffers of sums (float32) and flags start at zero; the kernels zero the sums again after each use
+        made = {name: (self.heap.zeros if zeroed else self.heap.empty)(*shape, dtype=dtype, name=f"{self.name}.{name}")
+                for name, shape, dtype, zeroed in _allocations(iface, self.sizes, self.dtype)}
+        self.flags = made.pop("flags")
+        self.bufs = made
         # what every launch passes the same: the buffers, flags, kept state and the sizes of the bound
         fixed = dict(flag_ptr=self.flags, err_ptr=self.err, heap_bases=self.heap.heap_bases, ticket_ptr=self.ticket,
                      M_BOUND=M_bound, K=self.K, **{b.param: self.bufs[b.name] for b in iface.buffers
@@ -204,20 +202,26 @@ class _Fused:
         """The heap buffers this object holds (a caller that is done with it frees these)."""
         return [self.flags, *self.bufs.values()]
 
-    def _row_offset(self, buffer: str, slot: int, owner: int, m_local: int = 0) -> int:
-        """The first row of `owner`'s block in `slot` of heap buffer `buffer` (tile.HeapBuffer's layout; m_local:
-        a call's rows per rank, for a buffer whose blocks are packed by them)."""
-        return size_of(self.interface.buffer(buffer).row_start(str(slot), str(owner)), {**self.sizes, "M_LOCAL": m_local})
+    def _row_offset(self, buffer: str, slot: int, owner: int) -> int:
+        """The first row of `owner`'s block in `slot` of heap buffer `buffer` (tile.HeapBuffer's layout). Owner
+        0 and blocks laid out by M_BOUND only: a buffer packed by a call's rows (M_LOCAL) is addressed from 0."""
+        start = self.interface.buffer(buffer).row_start(str(slot), str(owner))
+        return size_of(start, {**self.sizes, "M_LOCAL": 0})
 
     def _rows_at(self, buffer: str, slot: int, owner: int) -> torch.Tensor:
         """Heap buffer `buffer`'s rows from `owner`'s block in `slot` on."""
         return self.bufs[buffer][self._row_offset(buffer, slot, owner):]
 
+    def _flag_span(self, name: str) -> tuple[int, int]:
+        """(first element, entries per rank) of flag array `name` in the flag buffer (tile.FlagArray's layout)."""
+        f = next(f for f in self.interface.flags if f.name == name)
+        return size_of(self.interface.flag_offset(name), self.sizes), size_of(f.per_rank, self.sizes)
+
     def _flag_arrays(self) -> dict[str, torch.Tensor]:
         """Each flag array as a [WORLD, per_rank] view, named op.array: a timed-out wait names its flag by it."""
         out = {}
         for f in self.interface.flags:
-            start, n = size_of(self.interface.flag_offset(f.name), self.sizes), size_of(f.per_rank, self.sizes)
+            start, n = self._flag_span(f.name)
             out[f"{self.name}.{f.name}"] = self.flags[start:start + self.world * n].view(self.world, n)
         return out
 
@@ -467,9 +471,8 @@ class _CopyEngineRows:
         # The peers that need these rows soonest come first: peer p multiplies its own rows, then p+1's, ...
         self.peers = [(heap.peer_tensor(op.bufs[op.peer_rows], p), heap.peer_tensor(op.flags, p))
                       for p in ((r - s) % W for s in range(1, W))]
-        arrived = next(f for f in op.interface.flags if f.name == "arrived")
-        # this rank's flags in a peer's "arrived" array [WORLD, NB]
-        self.offset = size_of(op.interface.flag_offset("arrived"), op.sizes) + r * size_of(arrived.per_rank, op.sizes)
+        start, per_rank = op._flag_span("arrived")
+        self.offset = start + r * per_rank  # this rank's flags in a peer's "arrived" array [WORLD, NB]
         self.stream = None if self.sim else _copy_stream(heap.device)
         self._thread = None
 
@@ -653,17 +656,20 @@ def heap_bytes(opcode: str, M: int, N: int, K: int, world: int, dtype: torch.dty
     on_gpu = target is not None and not target.sim
     plan = plan_kernel(kind, mode, M, N, K, world, IR_DTYPE[dtype], (), target if on_gpu else SIM,
                        config=None if on_gpu else smallest)
-    iface = kernel_interface(plan.tile_program)
     sizes = _layout_sizes(world, M if kind == "ag_matmul" else M // world, N, K, plan.config)
-    buffers = [8 * ERR_RECORD_LEN, 8, 4 * max(1, size_of(iface.flag_words(), sizes))]  # error record, ticket, flags
-    buffers += [size_of(b.rows, sizes) * size_of(b.cols, sizes) * _buffer_dtype(b, dtype).itemsize
-                for b in iface.buffers]
+    buffers = [8 * ERR_RECORD_LEN, 8]  # the error record and the ticket
+    buffers += [math.prod(shape) * elem.itemsize
+                for _, shape, elem, _ in _allocations(kernel_interface(plan.tile_program), sizes, dtype)]
     return sum(FreeList.reserved_size(b) for b in buffers)
 
 
-def _buffer_dtype(buffer, dtype: torch.dtype) -> torch.dtype:
-    """A heap buffer's torch dtype: the op's, or float32 (tile.HeapBuffer.dtype)."""
-    return torch.float32 if buffer.dtype == "f32" else dtype
+def _allocations(iface, sizes: dict, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype, bool]]:
+    """(name, shape, dtype, zeroed) of every heap allocation a kernel interface declares for these sizes: each
+    HeapBuffer (the op's dtype, or float32 sums, which start at zero), then "flags", all flag arrays in one
+    int32 buffer (at least one element)."""
+    out = [(b.name, (size_of(b.rows, sizes), size_of(b.cols, sizes)), torch.float32 if b.dtype == "f32" else dtype,
+            b.dtype == "f32") for b in iface.buffers]
+    return out + [("flags", (max(1, size_of(iface.flag_words(), sizes)),), torch.int32, True)]
 
 
 def _layout_sizes(world: int, M_bound: int, N: int, K: int, cfg: TileConfig) -> dict:
