@@ -129,9 +129,12 @@ def _signature(e: Emitter, iface: KernelInterface) -> None:
 
 
 def _layout(e: Emitter, iface: KernelInterface) -> None:
-    """The derived sizes and each flag array's start, as the interface declares them."""
+    """The derived sizes the flags are laid out in (NB always: the kernels count row blocks by it) and each flag
+    array's start, as the interface declares them."""
+    used = {"NB"} | {f.per_rank for f in iface.flags}
     for name, expr in DERIVED_SIZES.items():
-        e(f"{name} = {_size(expr)}  # at the bound: the flags' and buffers' layout, the same in every call")
+        if name in used:
+            e(f"{name} = {_size(expr)}  # at the bound: the flags' and buffers' layout, the same in every call")
     for f in iface.flags:
         e(f"{f.name} = flag_ptr + {_size(iface.flag_offset(f.name))}  # [WORLD, {f.per_rank}] {f.doc}")
 
