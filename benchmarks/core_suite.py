@@ -79,6 +79,7 @@ def run(ctx, args):
     rows_spec = suite(args.models, args.tps, args.ms)
     if args.limit:
         rows_spec = rows_spec[:args.limit]
+    rows_spec = rows_spec[args.shard[0]::args.shard[1]]
     problems = [Problem(op, m, n, k, 1, "bf16", "nk") for _, op, m, n, k in rows_spec]
     t0 = time.time()
     entries = tune_in_rank(ctx, problems, gpu, keep=args.keep, rep_ms=args.tune_rep_ms, progress=True)
@@ -159,6 +160,31 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/3")
+    return int(i), int(n)
+
+
+def merge(paths: list[str], out: str, plot_path: str | None) -> None:
+    """One results file from the shards' (their rows in suite order, their seconds summed)."""
+    import json
+
+    shards = [json.load(open(p)) for p in paths]
+    order = {(op, m, n, k): i for i, (_, op, m, n, k) in enumerate(suite(list(MODELS), TPS, MS))}
+    rows = sorted((r for s in shards for r in s["rows"]),
+                  key=lambda r: order.get((r["op"], r["M"], r["N"], r["K"]), len(order)))
+    meta = dict(shards[0]["meta"], commands=[s["meta"]["command"] for s in shards], command=" ".join(sys.argv),
+                seconds=round(sum(s["meta"]["seconds"] for s in shards), 1),
+                tune_seconds=round(sum(s["meta"]["tune_seconds"] for s in shards), 1))
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    if plot_path:
+        plot(rows, plot_path)
+    print(summary(rows))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="benchmarks/results/core_suite_h100.json")
@@ -171,7 +197,14 @@ def main():
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--tune-rep-ms", type=float, default=10.0, dest="tune_rep_ms")
     p.add_argument("--rep-ms", type=float, default=30.0, dest="rep_ms")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="only every Nth GEMM from the Ith (0-based): the suite split over several runs")
+    p.add_argument("--merge", nargs="+", metavar="SHARD.json",
+                   help="no GPU run: join shards' results into --json (and --plot), print the summary")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.json, args.plot)
+        return
     from bspfuse.runtime import launch
     from bspfuse.tune import Entry, TunedTable
 
