@@ -10,7 +10,9 @@ kernel (GEMM+AR runs the same core), at TP 2, 4 and 8 and M tokens in {1, 8, 32,
 --keep candidates) picks each row's config; the best is timed again back to back beside cuBLAS, and both
 outputs are checked against a float64 reference. For M <= 256 the row also gives the rate at which the
 kernel reads the weight against the HBM copy rate measured in the same run. The entries go into --table
-(the tuned table the package ships for this GPU).
+(the tuned table the package ships for this GPU). A suite too long for one run goes in shards
+(``--shard 0/4`` ... ``3/4``, each GEMM with all its Ms, ``--budget-s`` to end in time), joined by
+``--merge``.
 """
 from __future__ import annotations
 
@@ -79,43 +81,73 @@ def run(ctx, args):
     rows_spec = suite(args.models, args.tps, args.ms)
     if args.limit:
         rows_spec = rows_spec[:args.limit]
-    rows_spec = rows_spec[args.shard[0]::args.shard[1]]
-    problems = [Problem(op, m, n, k, 1, "bf16", "nk") for _, op, m, n, k in rows_spec]
-    t0 = time.time()
-    entries = tune_in_rank(ctx, problems, gpu, keep=args.keep, rep_ms=args.tune_rep_ms, progress=True)
-    tune_s = time.time() - t0
+    groups: dict = {}  # the Ms of one GEMM tune together (its host objects serve them all)
+    for spec in rows_spec:
+        groups.setdefault(spec[1:2] + spec[3:], []).append(spec)
+    groups = list(groups.values())[args.shard[0]::args.shard[1]]
     hbm = copy_rate(ctx.device)
-    timer = GpuTimer(ctx, rep_ms=args.rep_ms)
-    rows = []
-    for (name, op, m, n, k), p, entry in zip(rows_spec, problems, entries):
-        row = dict(name=name, op=op, M=m, N=n, K=k, layout="nk", tune_s=entry.seconds)
-        if entry.best is None:
-            rows.append(dict(row, error="no candidate ran", cublas_us=entry.unfused_us))
+    t_start, tune_s, rows, entries = time.time(), 0.0, [], []
+    result = lambda: dict(rows=rows, entries=[e.to_json() for e in entries], gpu=gpu,  # noqa: E731
+                          hbm_copy_gbps=round(hbm / 1e9, 1), tune_seconds=round(tune_s, 1),
+                          seconds=round(time.time() - t_start, 1))
+    for group in groups:
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            rows += [dict(name=name, op=op, M=m, N=n, K=k, layout="nk", error="not run: --budget-s spent")
+                     for name, op, m, n, k in group]
             continue
-        a, b, _ = timer.inputs(p)
-        ref = a.double() @ b.double()
-        cublas = a @ b
-        ours_fn = timer.fused_call(p, entry.best, a, b)
-        ours = ours_fn()
-        err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
-        # back to back, alternating, the best of three each
-        cu_us, our_us = [], []
-        for _ in range(3):
-            cu_us.append(timer.time_gemm(lambda: a @ b, p) * 1e6)
-            our_us.append(timer.time_gemm(ours_fn, p) * 1e6)
-        row.update(cublas_us=round(min(cu_us), 2), ours_us=round(min(our_us), 2),
-                   ratio=round(min(our_us) / min(cu_us), 4), rel_err=err(ours), cublas_rel_err=err(cublas),
-                   config=str(entry.best.config), schedule=entry.best.schedule)
-        if m <= 256:
-            weight = n * k * 2
-            row.update(weight_read_fraction=round(weight / (min(our_us) * 1e-6) / hbm, 3),
-                       cublas_weight_read_fraction=round(weight / (min(cu_us) * 1e-6) / hbm, 3))
-        rows.append(row)
-        print(f"{name:28} {op:10} {m:6}x{n:6}x{k:6}  cublas {row['cublas_us']:9.1f} us  ours {row['ours_us']:9.1f} us"
-              f"  {row['ratio']:.3f}  err {row['rel_err']:.1e} (cublas {row['cublas_rel_err']:.1e})", flush=True)
-    timer.close()
-    return dict(rows=rows, entries=[e.to_json() for e in entries], gpu=gpu, hbm_copy_gbps=round(hbm / 1e9, 1),
-                tune_seconds=round(tune_s, 1))
+        problems = [Problem(op, m, n, k, 1, "bf16", "nk") for _, op, m, n, k in group]
+        t0 = time.time()
+        group_entries = tune_in_rank(ctx, problems, gpu, keep=args.keep, rep_ms=args.tune_rep_ms, progress=True)
+        tune_s += time.time() - t0
+        entries += group_entries
+        timer = GpuTimer(ctx, rep_ms=args.rep_ms)
+        try:
+            rows += [time_row(timer, spec, p, entry, hbm) for spec, p, entry in zip(group, problems, group_entries)]
+        finally:
+            timer.close()
+        save(args, result())  # after every GEMM: a run stopped from outside keeps what it measured
+    return result()
+
+
+def save(args, out: dict) -> None:
+    """The rows to --json, the tuned entries into --table."""
+    from bspfuse.tune import Entry, TunedTable
+
+    results_file.save(args.json, out["rows"], **{k: out[k] for k in ("seconds", "gpu", "hbm_copy_gbps", "tune_seconds")})
+    if args.table:
+        table = TunedTable.load(paths=[args.table] if os.path.exists(args.table) else [], save_to=args.table)
+        for e in out["entries"]:
+            table.put(Entry.from_json(e))
+        table.save()
+
+
+def time_row(timer, spec, p, entry, hbm) -> dict:
+    """The tuned config of one GEMM timed back to back beside cuBLAS, both checked against float64."""
+    name, op, m, n, k = spec
+    row = dict(name=name, op=op, M=m, N=n, K=k, layout="nk", tune_s=entry.seconds)
+    if entry.best is None:
+        return dict(row, error="no candidate ran", cublas_us=entry.unfused_us)
+    a, b, _ = timer.inputs(p)
+    ref = a.double() @ b.double()
+    cublas = a @ b
+    ours_fn = timer.fused_call(p, entry.best, a, b)
+    ours = ours_fn()
+    err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
+    # back to back, alternating, the best of three each
+    cu_us, our_us = [], []
+    for _ in range(3):
+        cu_us.append(timer.time_gemm(lambda: a @ b, p) * 1e6)
+        our_us.append(timer.time_gemm(ours_fn, p) * 1e6)
+    row.update(cublas_us=round(min(cu_us), 2), ours_us=round(min(our_us), 2),
+               ratio=round(min(our_us) / min(cu_us), 4), rel_err=err(ours), cublas_rel_err=err(cublas),
+               config=str(entry.best.config), schedule=entry.best.schedule)
+    if m <= 256:
+        weight = n * k * 2
+        row.update(weight_read_fraction=round(weight / (min(our_us) * 1e-6) / hbm, 3),
+                   cublas_weight_read_fraction=round(weight / (min(cu_us) * 1e-6) / hbm, 3))
+    print(f"{name:28} {op:10} {m:6}x{n:6}x{k:6}  cublas {row['cublas_us']:9.1f} us  ours {row['ours_us']:9.1f} us"
+          f"  {row['ratio']:.3f}  err {row['rel_err']:.1e} (cublas {row['cublas_rel_err']:.1e})", flush=True)
+    return row
 
 
 def summary(rows) -> str:
@@ -124,8 +156,11 @@ def summary(rows) -> str:
         return "no rows"
     geo = math.exp(sum(math.log(r["ratio"]) for r in ok) / len(ok))
     worst = max(ok, key=lambda r: r["ratio"])
+    missing = len(rows) - len(ok)
     lines = [f"{len(ok)} GEMMs: geomean ours/cuBLAS {geo:.3f}; {sum(r['ratio'] > 1.10 for r in ok)} above 1.10; "
-             f"worst {worst['ratio']:.3f} ({worst['op']} {worst['M']}x{worst['N']}x{worst['K']})"]
+             f"worst {worst['ratio']:.3f} ({worst['op']} {worst['M']}x{worst['N']}x{worst['K']})"
+             + (f"; {missing} without a time ({', '.join(sorted({r['error'] for r in rows if 'ratio' not in r}))})"
+                if missing else "")]
     for m in sorted({r["M"] for r in ok}):
         at = [r["ratio"] for r in ok if r["M"] == m]
         lines.append(f"  M={m:6}: geomean {math.exp(sum(map(math.log, at)) / len(at)):.3f} over {len(at)}, "
@@ -198,7 +233,9 @@ def main():
     p.add_argument("--tune-rep-ms", type=float, default=10.0, dest="tune_rep_ms")
     p.add_argument("--rep-ms", type=float, default=30.0, dest="rep_ms")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="only every Nth GEMM from the Ith (0-based): the suite split over several runs")
+                   help="only every Nth GEMM (all its Ms) from the Ith, 0-based: the suite split over several runs")
+    p.add_argument("--budget-s", type=float, default=0, dest="budget_s",
+                   help="start no GEMM after this many seconds (its rows say not run): a run that must end in time")
     p.add_argument("--merge", nargs="+", metavar="SHARD.json",
                    help="no GPU run: join shards' results into --json (and --plot), print the summary")
     args = p.parse_args()
@@ -206,17 +243,9 @@ def main():
         merge(args.merge, args.json, args.plot)
         return
     from bspfuse.runtime import launch
-    from bspfuse.tune import Entry, TunedTable
 
-    t0 = time.time()
     out = launch(run, 1, backend="cuda", heap_bytes=24 << 30, args=(args,), timeout_s=3600)[0]
-    results_file.save(args.json, out["rows"], seconds=round(time.time() - t0, 1), gpu=out["gpu"],
-                      hbm_copy_gbps=out["hbm_copy_gbps"], tune_seconds=out["tune_seconds"])
-    if args.table:
-        table = TunedTable.load(paths=[args.table] if os.path.exists(args.table) else [], save_to=args.table)
-        for e in out["entries"]:
-            table.put(Entry.from_json(e))
-        table.save()
+    save(args, out)
     if args.plot:
         plot(out["rows"], args.plot)
     print(summary(out["rows"]))
