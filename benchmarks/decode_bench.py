@@ -17,8 +17,9 @@ What it measures, bf16, the KV cache split along the sequence (every rank holds 
   replayed from a CUDA graph (no launch tax).
 - ``stage1`` (RMA all-gather + heap barrier), ``stage2`` (per-tile flags), ``stage3`` (one fused kernel);
   ``stage3_graph``: stage 3 replayed from a CUDA graph (it keeps its epochs on the device).
-- ``floor``: K+V bytes over the HBM bandwidth measured in this run (a large device copy, read+write)
-  plus one cross-GPU flag round trip measured in this run (rma_bench.py's ping-pong: many round trips
+- ``floor``: K+V bytes over the highest rate at which a plain read kernel read a shape's K and V in this
+  run (read_rate.py; ``copy_floor_us`` uses a large device copy's rate, read+write, instead) plus one
+  cross-GPU flag round trip measured in this run (rma_bench.py's ping-pong: many round trips
   inside one kernel launch, the launch's time divided by their number).
 
 Timing: CUDA events, warm-up first, a host barrier (NCCL barrier + device sync) before each timed step and the
@@ -250,6 +251,7 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
     import torch.distributed as dist
 
     from bspfuse.kernels.flash_decode import decode_partial
+    from read_rate import read_kv  # benchmarks/, this script's directory
 
     q, k, v, lens = make_inputs(_shared_seed(ctx), ctx.rank, B, Hq, Hkv, D, S, ctx.device)
     out = _outputs(q)
@@ -290,6 +292,11 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
         timeline = fd.timeline()
         fd.close()
     run("local", lambda: decode_partial(q, k, v, kv_lens=lens, num_splits=splits))
+    reads = []  # the floor's rate: this rank's K and V read once by a plain read kernel, a few grids
+    for n in sorted({splits, 2 * splits, 4 * splits}):
+        read = read_kv(k, v, n)
+        read()  # compiles
+        reads.append(time_back_to_back(read, 50))
     packed = torch.zeros(fds[0].slot, dtype=torch.float32, device=ctx.device)
     gathered = torch.empty(ctx.world_size * fds[0].slot, dtype=torch.float32, device=ctx.device)
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -299,7 +306,7 @@ def bench_shape(ctx, B, Hq, Hkv, D, S, budget_s: float) -> dict:
         fd.close()
     del q, k, v
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "splits": splits, "steps_us": steps, "host_us": host,
-            "b2b_us": b2b, "loop_us": loop, "timeline": timeline}
+            "b2b_us": b2b, "loop_us": loop, "read_us": min(reads), "timeline": timeline}
 
 
 def run_rank(ctx, opts: dict) -> dict:
@@ -342,12 +349,16 @@ def combine(per_rank: list[dict]) -> dict:
     meta = dict(first["meta"])
     meta["hbm_bytes_per_s"] = min(r["meta"]["hbm_bytes_per_s"] for r in per_rank)
     meta["flag_round_trip_us"] = max(r["meta"]["flag_round_trip_us"] for r in per_rank[:2])
+    kv_bytes_of = lambda s: 2 * s["B"] * s["S"] * s["Hkv"] * s["D"] * 2  # noqa: E731
+    meta["read_bytes_per_s"] = max((kv_bytes_of(s) / (s["read_us"] * 1e-6) for r in per_rank for s in r["shapes"]),
+                                   default=float("nan"))
     rows = []
     for i, shape in enumerate(first["shapes"]):
         row = {k: shape[k] for k in ("B", "Hq", "Hkv", "D", "S", "splits")}
-        kv_bytes = 2 * shape["B"] * shape["S"] * shape["Hkv"] * shape["D"] * 2
+        kv_bytes = kv_bytes_of(shape)
         row["kv_bytes_per_rank"] = kv_bytes
-        row["floor_us"] = kv_bytes / meta["hbm_bytes_per_s"] * 1e6 + meta["flag_round_trip_us"]
+        row["floor_us"] = kv_bytes / meta["read_bytes_per_s"] * 1e6 + meta["flag_round_trip_us"]
+        row["copy_floor_us"] = kv_bytes / meta["hbm_bytes_per_s"] * 1e6 + meta["flag_round_trip_us"]
         row["us"], row["b2b_us"], row["host_us"], row["loop_us"] = {}, {}, {}, {}
         for name in shape["steps_us"]:
             slowest = [max(vals) for vals in zip(*(r["shapes"][i]["steps_us"][name] for r in per_rank))]

@@ -36,32 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from read_rate import read_kv  # noqa: E402  (benchmarks/, the script's own folder)
 
 HEADS = [(96, 12, 128), (32, 8, 128)]
 LENGTHS = [4096, 16384, 65536, 131072]
 # FlashDecode's own choices first, then variants (its keyword arguments); other split counts run the first two
 FUSED_VARIANTS = [{}, {"wait_sleep_ns": 0}, {"num_stages": 3}]
-
-
-@triton.jit
-def read_kv_kernel(k_ptr, v_ptr, out_ptr, S, num_splits, stride_kn, stride_kh, Hkv,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (Hkv, splits): each program sums its split's K and V rows of one KV head (the bytes a split reads)."""
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
-    chunk = tl.cdiv(tl.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, S)
-    offs_d = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_N, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        rows = offs_n[:, None] * stride_kn + kvh * stride_kh + offs_d[None, :]
-        m = (offs_n < end)[:, None]
-        acc += tl.load(k_ptr + rows, mask=m, other=0.0).to(tl.float32)
-        acc += tl.load(v_ptr + rows, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (split * Hkv + kvh) * D + offs_d, tl.sum(acc, 0))
 
 
 def us_per_call(fn, calls: int = 200) -> float:
@@ -132,11 +112,7 @@ def run(ctx, opts) -> dict:
             launch = F._split_launch(t, splits, kv.layout, 4 if F.one_wave(t, splits, sms) else None)
             args = F._split_args(kv, t, splits, D ** -0.5 * K.LOG2E, mid_o, mid_lse)
             row["us"][f"split s{splits}"] = us_per_call(lambda: launch(*args))
-            partial = torch.empty(splits * Hkv * D, dtype=torch.float32, device=ctx.device)
-            read = lambda: read_kv_kernel[(Hkv, splits)](  # noqa: E731
-                k, v, partial, S, splits, k.stride(1), k.stride(2), Hkv, D=D, BLOCK_N=t.block_n, num_warps=4,
-                num_stages=4)
-            row["us"][f"read s{splits}"] = us_per_call(read)
+            row["us"][f"read s{splits}"] = us_per_call(read_kv(k, v, splits, t.block_n))
             launch(*args)  # the states the merges below fold
             for chunk in (1, 2, 4, 8, 16):
                 merge = FastLaunch(decode_kernels(0)["merge_splits"], (t.num_tiles,),

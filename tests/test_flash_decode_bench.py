@@ -29,6 +29,7 @@ def _rank(bench, rank):
                            "host_us": {k: 20.0 + 10 * rank for k in steps},
                            "b2b_us": {k: steps[k] for k in bench.B2B_VARIANTS},
                            "loop_us": {k: steps[k] + 10 + rank for k in bench.LOOP_VARIANTS},
+                           "read_us": 2 * B * S * 12 * 128 * 2 / (3.0e12 - 1e11 * rank) * 1e6,
                            "timeline": {"attended": {"median": base, "max": base + 1}, "programs_per_sm_max": 2}
                            if B == 1 else None})
     check = {"B": 1, "Hq": 96, "Hkv": 12, "D": 128, "S": 4096, "ragged": False, "seed": 1,
@@ -42,7 +43,9 @@ def test_report(bench, tmp_path, capsys):
     result = bench.combine([_rank(bench, 0), _rank(bench, 1)])
     row = result["rows"][0]
     assert row["us"]["stage3"] == 4.096 + 8 + 2  # median over steps of the slower rank
-    assert row["floor_us"] == pytest.approx(2 * 4096 * 12 * 128 * 2 / 4.2e12 * 1e6 + 3.0)
+    # the floor: K+V at the best read rate of any rank and shape, plus the slower flag round trip
+    assert row["floor_us"] == pytest.approx(2 * 4096 * 12 * 128 * 2 / 3.0e12 * 1e6 + 3.0)
+    assert row["copy_floor_us"] == pytest.approx(2 * 4096 * 12 * 128 * 2 / 4.2e12 * 1e6 + 3.0)
     assert row["host_us"]["stage3"] == 30.0  # the slower rank's host time
     short = result["summary"]["targets"]["stage3_vs_bsp_b1_short"]
     assert short["value"] == pytest.approx(row["us"]["bsp"] / row["us"]["stage3"]) and short["met"]
