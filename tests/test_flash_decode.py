@@ -278,8 +278,9 @@ def test_the_timeline_diagnostic_says_it_needs_stage_3_on_a_gpu():
 
 
 def _bound_steps(ctx):
-    """Steps of FlashDecode.bind (stage 1, and stage 3's one-launch path) with new values written into the
-    bound tensors before each: every step against the reference; a q that bind would have to copy is refused."""
+    """Steps of FlashDecode.bind (stage 1, and stage 3's one-launch path), then calls given the same tensors,
+    with new values written into them before each: every step against the reference; a q that bind would have
+    to copy is refused, and so is a wrong out after repeated calls."""
     from bspfuse.kernels.flash_decode import FlashDecode, reference_decode
 
     g = torch.Generator().manual_seed(_seed())
@@ -291,12 +292,13 @@ def _bound_steps(ctx):
         k, v = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
         out = (torch.empty(B, Hq, D), torch.empty(B, Hq))
         step = fd.bind(q, k, v, kv_lens=lens, out=out)
-        for i in range(3):
+        # bound steps, then calls given the very same tensors (which repeat the last call's prepared launch)
+        for i, call in enumerate([step] * 3 + [lambda: fd(q, k, v, kv_lens=lens, out=out)] * 3):
             q.copy_(torch.randn(B, Hq, D, generator=g))
-            lens.copy_(torch.randint(0 if i == 1 else 1, S + 1, (B,), generator=g))
-            if i == 2:
+            lens.copy_(torch.randint(0 if i % 3 == 1 else 1, S + 1, (B,), generator=g))
+            if i % 3 == 2:
                 k.mul_(-1)
-            o, lse = step()
+            o, lse = call()
             assert o is out[0] and lse is out[1]
             ref_o, ref_lse = reference_decode(q, k, v, kv_lens=lens)
             finite = torch.isfinite(ref_lse)
@@ -307,11 +309,16 @@ def _bound_steps(ctx):
             fd.bind(torch.randn(B, D, Hq).transpose(1, 2), k, v, kv_lens=lens, out=out)
         except ValueError as e:
             refused.append(str(e))
+        try:  # another out after repeated calls: checked, not repeated
+            fd(q, k, v, kv_lens=lens, out=(torch.empty(B, Hq, D + 1), out[1]))
+        except ValueError as e:
+            refused.append(str(e))
         fd.close()
     return errors, refused
 
 
-def test_a_bound_step_reads_the_values_written_into_its_tensors():
+def test_a_bound_step_and_a_repeated_call_read_the_values_written_into_their_tensors():
     errors, refused = launch(_bound_steps, 1, backend="sim", heap_bytes=1 << 20, timeout_s=300)[0]
-    assert len(errors) == 6 and max(errors) < TOL_O[torch.float32], errors
-    assert len(refused) == 2 and all("FlashDecode.bind: q would be copied" in r for r in refused), refused
+    assert len(errors) == 12 and max(errors) < TOL_O[torch.float32], errors
+    assert len(refused) == 4 and all("FlashDecode.bind: q would be copied" in r for r in refused[::2]), refused
+    assert all("out o must be a contiguous" in r for r in refused[1::2]), refused
