@@ -10,7 +10,8 @@ variants of their tuning, so the gap can be split into its parts:
 - ``split``: decode_split_kernel alone (every split's state to HBM);
 - ``merge``: merge_states_kernel over the split kernel's states, CHUNK (1-16) states a load;
 - ``fused``: FlashDecode stage 3 at world size 1 (one launch: splits, the last split's merge, the push of
-  the tile to its own gather slot with a flag, the merge program);
+  the tile to its own gather slot with a flag, the merge program), called back to back with the same
+  tensors; ``fused ... graph``: its default form's steps replayed from a CUDA graph, as an engine runs them;
 - ``read``: a plain kernel that reads the same K and V bytes once, with as many programs as the split
   kernel (what streaming alone costs with this grid);
 
@@ -56,6 +57,16 @@ def us_per_call(fn, calls: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return statistics.median(ms_per_call(fn, calls) for _ in range(3)) * 1e3
+
+
+def graph_us_per_step(step, steps: int = 20) -> float:
+    """Device time per step of `steps` steps captured in one CUDA graph and replayed (no launch gaps)."""
+    step()  # prepared (and compiled) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            step()
+    return us_per_call(graph.replay, 20) / steps
 
 
 def copy_rate(device) -> float:
@@ -128,6 +139,8 @@ def run(ctx, opts) -> dict:
                     fd = F.FlashDecode(ctx.heap, 1, 0, B, Hq, Hkv, D, torch.bfloat16, stage=3, num_splits=splits, **kw)
                     step = lambda: fd(q, k, v, kv_lens=lens, out=out)  # noqa: E731
                     row["us"][name] = us_per_call(step)
+                    if not kw and splits == base and ctx.device.type == "cuda":  # as an engine replays it
+                        row["us"][name + " graph"] = graph_us_per_step(step)
                     o, lse = step()
                     row["err"][name] = ((o.float() - ref_o.float()).norm() / ref_o.float().norm()).item()
                     fd.close()
