@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from bspfuse import tune
 from bspfuse.lowering import TARGETS, plan_kernel
@@ -233,3 +234,25 @@ def test_steps_that_replay_from_a_cuda_graph_are_decided_by_their_graph_times(tm
     assert stage == 0 and decision.estimate.us == {"stage0": 8.0, "stage3": 9.0}
     assert "CUDA graphs" in str(decision.estimate)
     tune.table(reload=True)
+
+
+def test_a_host_object_freed_leaves_the_heap_whole_and_one_that_does_not_fit_leaves_nothing():
+    """The tuner builds and frees one object per candidate: every byte an object took (its buffers, flags, error
+    record and ticket) comes back, else small leftovers split the free space and large objects stop fitting."""
+    from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulReduceScatter
+    from bspfuse.runtime import SymmetricHeap
+    from bspfuse.runtime.errors import HeapExhausted
+
+    heap = SymmetricHeap(4 << 20)  # one rank, host memory: the simulator's device
+    whole = (heap.free_bytes, heap.largest_free_block)
+    for make in (lambda M: FusedMatmulReduceScatter(heap, M, 64, 32, torch.float32, mode="direct"),
+                 lambda M: FusedAllGatherMatmul(heap, M, 64, 32, torch.float32, mode="copy_engine")):
+        for _ in range(3):
+            op = make(64)
+            assert heap.free_bytes < whole[0]
+            for buf in op.buffers():
+                heap.free(buf)
+            assert (heap.free_bytes, heap.largest_free_block) == whole
+        with pytest.raises(HeapExhausted):
+            make(1 << 16)  # its C or staging does not fit
+        assert (heap.free_bytes, heap.largest_free_block) == whole

@@ -188,8 +188,15 @@ class _Fused:
         cfg = self.config
         self.sizes = _layout_sizes(self.world, M_bound, self.N, self.K, cfg)
         # buffers of sums (float32) and flags start at zero; the kernels zero the sums again after each use
-        made = {name: (self.heap.zeros if zeroed else self.heap.empty)(*shape, dtype=dtype, name=f"{self.name}.{name}")
-                for name, shape, dtype, zeroed in _allocations(iface, self.sizes, self.dtype)}
+        made = {}
+        try:
+            for name, shape, dtype, zeroed in _allocations(iface, self.sizes, self.dtype):
+                made[name] = (self.heap.zeros if zeroed else self.heap.empty)(*shape, dtype=dtype,
+                                                                              name=f"{self.name}.{name}")
+        except BaseException:  # a buffer that does not fit: nothing of this object stays on the heap
+            for t in (*made.values(), self.err, self.ticket):
+                self.heap.free(t)
+            raise
         self.flags = made.pop("flags")
         self.bufs = made
         # what every launch passes the same: the buffers, flags, kept state and the sizes of the bound
@@ -199,8 +206,10 @@ class _Fused:
         self._fixed = {k: v for k, v in fixed.items() if k in iface.names()}
 
     def buffers(self) -> list[torch.Tensor]:
-        """The heap buffers this object holds (a caller that is done with it frees these)."""
-        return [self.flags, *self.bufs.values()]
+        """The heap buffers this object holds (a caller that is done with it frees these): its flags, buffers,
+        error record and ticket. (A small one left behind splits the free space around it: objects built
+        and freed one after another, as a tuner does, then fragment the heap.)"""
+        return [self.flags, *self.bufs.values(), self.err, self.ticket]
 
     def _row_offset(self, buffer: str, slot: int, owner: int) -> int:
         """The first row of `owner`'s block in `slot` of heap buffer `buffer` (tile.HeapBuffer's layout). Owner

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from bspfuse.runtime.errors import HeapExhausted
 from bspfuse.tune.search import UNFUSED, Candidate, DecodeProblem, Problem, Tuner
 
 TORCH_DTYPE = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -172,13 +173,22 @@ class GpuTimer:
                 self.ctx.heap.barrier()
                 for buf in op.buffers():
                     self.ctx.heap.free(buf)
+                del self._ops[key]
             heap, dt, M = self.ctx.heap, TORCH_DTYPE[p.dtype], max(p.M, self.m_bounds.get(self.gemm(p), 0))
-            if p.kind == "ag_matmul":
-                op = FusedAllGatherMatmul(heap, M, p.N, p.K, dt, mode=cand.schedule, config=cand.config,
-                                          b_layout=p.b_layout)
-            else:
+
+            def build():
+                if p.kind == "ag_matmul":
+                    return FusedAllGatherMatmul(heap, M, p.N, p.K, dt, mode=cand.schedule, config=cand.config,
+                                                b_layout=p.b_layout)
                 cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
-                op = cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
+                return cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
+            try:
+                op = build()
+            except HeapExhausted:  # the GEMM's other candidates' objects go (rebuilt when next timed), then again
+                gemm = self._gemm
+                self.close()
+                self._gemm = gemm
+                op = build()
             self._ops[key] = op
         return lambda: op(a, b)
 
