@@ -187,6 +187,7 @@ class _Fused:
         self._launchers = {}
         cfg = self.config
         self.sizes = _layout_sizes(self.world, M_bound, self.N, self.K, cfg)
+        self._offsets = {}  # (buffer, slot, owner) -> its first row (_row_offset)
         # buffers of sums (float32) and flags start at zero; the kernels zero the sums again after each use
         made = {}
         try:
@@ -213,9 +214,14 @@ class _Fused:
 
     def _row_offset(self, buffer: str, slot: int, owner: int) -> int:
         """The first row of `owner`'s block in `slot` of heap buffer `buffer` (tile.HeapBuffer's layout). Owner
-        0 and blocks laid out by M_BOUND only: a buffer packed by a call's rows (M_LOCAL) is addressed from 0."""
-        start = self.interface.buffer(buffer).row_start(str(slot), str(owner))
-        return size_of(start, {**self.sizes, "M_LOCAL": 0})
+        0 and blocks laid out by M_BOUND only: a buffer packed by a call's rows (M_LOCAL) is addressed from 0.
+        Worked out once per (buffer, slot, owner): calls ask for it, and evaluating the layout's expressions
+        took tens of microseconds of host time."""
+        key = (buffer, slot, owner)
+        if key not in self._offsets:
+            start = self.interface.buffer(buffer).row_start(str(slot), str(owner))
+            self._offsets[key] = size_of(start, {**self.sizes, "M_LOCAL": 0})
+        return self._offsets[key]
 
     def _rows_at(self, buffer: str, slot: int, owner: int) -> torch.Tensor:
         """Heap buffer `buffer`'s rows from `owner`'s block in `slot` on."""
@@ -486,6 +492,8 @@ class _CopyEngineRows:
         self._thread = None
 
     def before_launch(self, a: torch.Tensor, epoch: int) -> None:
+        if not self.peers:  # a world of one: nothing to move, no stream to order
+            return
         if self.sim:  # the copy stream runs beside the kernel: plain copies, then the flag
             import threading
 
@@ -496,6 +504,8 @@ class _CopyEngineRows:
             self.stream.wait_stream(torch.cuda.current_stream())
 
     def after_launch(self, a: torch.Tensor, epoch: int) -> None:
+        if not self.peers:
+            return
         if self.sim:
             self._thread.join()
         else:
