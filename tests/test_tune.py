@@ -69,6 +69,24 @@ def test_auto_never_keeps_a_fused_schedule_measured_slower_than_the_unfused_prog
     assert entry.choice() == tune.UNFUSED
 
 
+def test_host_bound_calls_are_told_apart_by_their_device_times_and_both_are_kept():
+    """Back to back, calls shorter than the host's time per call all take that time: the tuner keeps the
+    kernel fastest on the device alone, the unfused comparison stays on back-to-back times, and a saved entry
+    keeps both."""
+    def timer(problem, cand):
+        if cand.config is None:
+            return 30e-6, 12e-6
+        return 40e-6, (5 + cand.config.BM / 16 + cand.config.num_stages) * 1e-6  # host-bound back to back
+
+    p = tune.Problem("matmul_rs", 8, 4096, 4096)
+    entry = tune.Tuner(timer, "H100", keep=8).tune(p)
+    device = {label: us for label, us in entry.device_us.items() if label != tune.UNFUSED}
+    assert entry.device_us[entry.best.label] == min(device.values()) and entry.best.config.BM == 16
+    assert entry.choice() == tune.UNFUSED  # 40 us back to back against 30: an eager program keeps cuBLAS
+    again = tune.Entry.from_json(entry.to_json())
+    assert again.device_us == entry.device_us and again.times_us == entry.times_us
+
+
 def _table_with(entry, tmp_path, monkeypatch):
     monkeypatch.setenv("BSPFUSE_CACHE_DIR", str(tmp_path))
     table = tune.TunedTable.load(paths=[tune.cache_path()])

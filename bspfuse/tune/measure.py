@@ -43,6 +43,7 @@ class GpuTimer:
         self._inputs: dict = {}
         self._ops: dict = {}  # (schedule, config) -> host object, for the GEMM of self._gemm
         self._gemm = None
+        self._spin_rate = None  # torch.cuda._sleep's cycles per second, once measured
 
     def inputs(self, p: Problem):
         """(this rank's A, B, the float32 reference of this rank's output), drawn once per problem."""
@@ -70,11 +71,11 @@ class GpuTimer:
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err <= TOLERANCE[p.dtype]:
             raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float32 reference")
-        return self.time_gemm(fn, p)
+        return self.time_gemm(fn, p), self.time_gemm(fn, p, device_alone=True)
 
-    def time_gemm(self, fn, p: Problem) -> float:
+    def time_gemm(self, fn, p: Problem, device_alone: bool = False) -> float:
         """Seconds per call of a GEMM of problem p (time_calls with the call count for its flops)."""
-        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6))
+        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6), device_alone)
 
     def _decode(self, p: DecodeProblem, cand: Candidate) -> float:
         """A decode step at the candidate's stage and knobs (FlashDecode), its O checked against float64 over
@@ -123,21 +124,59 @@ class GpuTimer:
                     self.ctx.heap.free(buf)
         self._ops.clear()
 
-    def time_calls(self, fn, guess_s: float) -> float:
+    def time_calls(self, fn, guess_s: float, device_alone: bool = False) -> float:
         """Seconds per call over a fixed count of back-to-back calls, after warm-up. The count comes from
         `guess_s` (a first-order estimate, the same on every rank: collective kernels must be called as often
-        on each), not from this rank's own timing."""
-        calls = int(min(2000, max(5, self.rep_ms * 1e-3 / guess_s)))
+        on each), not from this rank's own timing.
+
+        device_alone: the calls are queued while a spin kernel holds the GPU for longer than the host takes to
+        queue them all (timed first), and timed from the spin's end: the device's time per call with no host
+        time between calls, as when a CUDA graph replays them or the host runs ahead. Back to back (the
+        default), a call shorter than the host's time per call takes the host's time."""
+        # queued calls stay under the driver's queue of pending launches (about a thousand): a full queue
+        # would hold the host back while the spin runs, and the calls after it would again wait for the host
+        calls = int(min(400 if device_alone else 2000, max(5, self.rep_ms * 1e-3 / guess_s)))
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.ctx.barrier()
+        if device_alone:
+            host_s = self._host_seconds(fn, calls)
+            self.ctx.barrier()
+            torch.cuda._sleep(int(1.5 * host_s * self._spin_cycles_per_s()) + 10_000)
         start.record()
         for _ in range(calls):
             fn()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) * 1e-3 / calls
+
+    def _host_seconds(self, fn, calls: int) -> float:
+        """Seconds the host takes to queue `calls` calls (the longest of any rank: every rank spins as long)."""
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = torch.tensor([time.perf_counter() - t0], device=self.ctx.device)
+        torch.cuda.synchronize()
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(host, op=dist.ReduceOp.MAX)
+        return float(host)
+
+    def _spin_cycles_per_s(self) -> float:
+        """The rate of torch.cuda._sleep's spin (GPU clock cycles per second), measured once."""
+        if self._spin_rate is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1_000_000)  # warm
+            start.record()
+            torch.cuda._sleep(20_000_000)
+            end.record()
+            end.synchronize()
+            self._spin_rate = 20_000_000 / (start.elapsed_time(end) * 1e-3)
+        return self._spin_rate
 
     def _unfused(self, p: Problem, a, b):
         """The bulk-synchronous program: the collective then cuBLAS (AG), or cuBLAS then the collective."""
