@@ -15,7 +15,8 @@ COMPILE = textwrap.dedent('''
     from triton.compiler import ASTSource
     from bspfuse.codegen.decode import decode_kernels
     from bspfuse.kernels import decode as K
-    from bspfuse.kernels.flash_decode import choose_num_splits, decode_tiling, merge_chunk, merge_h
+    from bspfuse.kernels.flash_decode import (FUSED_MERGE_REGISTERS, choose_num_splits, decode_tiling, merge_chunk,
+                                              merge_h)
 
     def compile_one(fn, pointers, constexprs, **options):
         sig, attrs = {}, {}
@@ -54,9 +55,10 @@ COMPILE = textwrap.dedent('''
         out.append(compile_one(decode_kernels(2)["put"], ptr, dict(t.constexprs(), WORLD=2, SIGNAL=bool(page)),
                                num_warps=t.num_warps))
         # batch 1 is one wave of split programs: FlashDecode then pipelines 4 deep, tickets KV-head-fastest
+        fused_chunk = merge_chunk(choose_num_splits(t, 1 << 17, 132), t, FUSED_MERGE_REGISTERS)  # as FlashDecode's
         out.append(compile_one(decode_kernels(3)["fused"], ptr,
-                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=chunk, MAX_SPINS=0, SLEEP_NS=256,
-                                    TARGET="cuda", TIMELINE=bool(page),
+                               dict(attend, WORLD=2, ONE_SPLIT=one_split, SPLIT_CHUNK=fused_chunk, MAX_SPINS=0,
+                                    SLEEP_NS=256, TARGET="cuda", TIMELINE=bool(page),
                                     TILE_FASTEST=not one_split, MERGE_H=merge_h(t), RANK_CHUNK=2),
                                **dict(opts, num_stages=4 if not one_split else t.num_stages)))
     print(json.dumps(out))

@@ -59,6 +59,10 @@ SPLIT_OVERHEAD_BLOCKS = 2  # a program's fixed cost: q, the pipeline's fill, the
 MERGE_STEP_BLOCKS = 1  # one step of the merge of splits (an L2 round trip for a chunk of states)
 PROGRAMS_TO_SATURATE = 2  # programs an SM needs at once to keep enough K/V bytes in flight
 MERGE_REGISTERS = 64  # fp32 registers a thread may spend on one chunk of states in a merge
+# ... in the fused kernel's merge of splits, which holds nothing else by then: at 64/8 heads and 4K keys (16
+# splits) folding all 16 at once took 14.6 us a step against 16.8 in chunks of 8 (one H100, 2026-12-08,
+# decode_core_bench.py's merge_chunk variants; 96/12's timeline likewise)
+FUSED_MERGE_REGISTERS = 128
 # On GPUs, a waiting merge sleeps this long between polls (iris.wait_until's SLEEP_NS); 0: a tight loop.
 # 64-1024 ns changed no step time on one H100 (benchmarks/decode_core_bench.py).
 WAIT_SLEEP_NS = 0
@@ -116,10 +120,10 @@ def merge_h(tiling: DecodeTiling) -> int:
     return min(tiling.block_h, triton.next_power_of_2(tiling.group))
 
 
-def merge_chunk(n_states: int, tiling: DecodeTiling) -> int:
-    """States a merge loads and folds in one step (a power of two): as many as fit MERGE_REGISTERS fp32
+def merge_chunk(n_states: int, tiling: DecodeTiling, registers: int = MERGE_REGISTERS) -> int:
+    """States a merge loads and folds in one step (a power of two): as many as fit `registers` fp32
     registers a thread for their [chunk, MERGE_H, BLOCK_D] values of O (merge_h)."""
-    fit = MERGE_REGISTERS * 32 * tiling.num_warps // (merge_h(tiling) * tiling.block_d)
+    fit = registers * 32 * tiling.num_warps // (merge_h(tiling) * tiling.block_d)
     return max(1, min(triton.next_power_of_2(n_states), 1 << max(fit, 1).bit_length() - 1))
 
 
@@ -368,7 +372,8 @@ class FlashDecode:
     that gives up raises RemoteWaitTimeout naming rank, tile and flag); ``wait_sleep_ns``: how often a
     waiting merge polls its flags on a GPU (default WAIT_SLEEP_NS; 0: a tight loop); ``timeline`` (stage 3 on
     a GPU, a diagnostic): every step records when each program reached each phase, read by ``timeline()``;
-    ``merge_chunk``: splits' states the fused kernel's merge folds at once (default ``merge_chunk()``);
+    ``merge_chunk``: splits' states the fused kernel's merge folds at once (default ``merge_chunk()`` with
+    FUSED_MERGE_REGISTERS);
     ``group`` the process group of stage 0's collective (default: the default group, if one is initialized).
     """
 
@@ -603,7 +608,7 @@ class FlashDecode:
                 decode_kernels(3)["fused"], (t.num_tiles * splits + t.num_tiles,), **_attend_meta(t, kv.layout, stages),
                 WORLD=W, ONE_SPLIT=splits == 1, TILE_FASTEST=wave, MERGE_H=merge_h(t),
                 RANK_CHUNK=min(triton.next_power_of_2(W), 4),
-                SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t),
+                SPLIT_CHUNK=self.split_merge_chunk or merge_chunk(splits, t, FUSED_MERGE_REGISTERS),
                 MAX_SPINS=self.max_spins, SLEEP_NS=self.wait_sleep_ns, TARGET=self.target,
                 TIMELINE=self._want_timeline))
         else:  # the stage's kernels; the flags the put raises and the merge of ranks waits for are its statements'
