@@ -19,7 +19,8 @@ for each (heads, KV length) at batch 1, with the default tuning (``choose_num_sp
 depth and wait backoff) and variants (splits halved or doubled, FUSED_VARIANTS), and the timeline of a fused
 step (when its programs reached each phase, FlashDecode(timeline=True)). Every fused variant's result is
 checked against decode_partial's in the same run. The floor is K+V bytes at the highest rate the read kernel
-reached in the run (a read, not a copy: a copy also writes, and a step ran below the copy-rate floor);
+reached in the run, over its shapes and 1 GiB of K and V (a read, not a copy: a copy also writes, and a step
+ran below the copy-rate floor);
 copy_floor_us keeps K+V bytes over the copy rate. A world of one has no peer: no flag round trip is added.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from read_rate import read_kv  # noqa: E402  (benchmarks/, the script's own folder)
+from read_rate import best_read_rate, read_kv  # noqa: E402  (benchmarks/, the script's own folder)
 
 HEADS = [(96, 12, 128), (32, 8, 128)]
 LENGTHS = [4096, 16384, 65536, 131072]
@@ -152,8 +153,9 @@ def run(ctx, opts) -> dict:
         rows.append(row)
         print(f"{Hq}/{Hkv} S={S}: copy floor {floor:.1f} " + ", ".join(f"{n} {x:.1f}" for n, x in row["us"].items()),
               flush=True)
-    read_rate = max(r["kv_bytes"] / (us * 1e-6) for r in rows for name, us in r["us"].items()
-                    if name.startswith("read") and us == us and us > 0)
+    read_rate = max([r["kv_bytes"] / (us * 1e-6) for r in rows for name, us in r["us"].items()
+                     if name.startswith("read") and us == us and us > 0]
+                    + ([best_read_rate(ctx.device, us_per_call)] if ctx.device.type == "cuda" else []))
     for r in rows:  # the floor: K+V bytes at the best read rate of the run
         r["floor_us"] = r["kv_bytes"] / read_rate * 1e6
     return {"device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu simulator",

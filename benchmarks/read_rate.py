@@ -44,3 +44,16 @@ def read_kv(k, v, splits: int, block_n: int = 64):
         read_kv_kernel[(Hkv, splits)](k, v, partial, rows, splits, k.stride(1), k.stride(2), Hkv, D=D,
                                       BLOCK_N=block_n, num_warps=4, num_stages=4)
     return launch
+
+
+def best_read_rate(device, time_us, S: int = 1 << 18, Hkv: int = 8, D: int = 128) -> float:
+    """Bytes/s of the read kernel over K and V of S keys (1 GiB together by default: long enough that launch
+    time does not count), the best of a few grids; `time_us(fn)` times one call. A run of short contexts
+    alone would otherwise take its floor's rate from reads shorter than a launch."""
+    import torch
+
+    k = torch.randn(1, S, Hkv, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    best = max(2 * k.numel() * k.element_size() / (time_us(read_kv(k, v, n)) * 1e-6) for n in (33, 66, 132))
+    del k, v
+    return best
