@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from operator import is_
 from dataclasses import dataclass
+from operator import is_
 
 import torch
 import triton

@@ -10,6 +10,8 @@ the call count comes from a first-order estimate (the device table's rates), not
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from bspfuse.runtime.errors import HeapExhausted
@@ -153,8 +155,6 @@ class GpuTimer:
 
     def _host_seconds(self, fn, calls: int) -> float:
         """Seconds the host takes to queue `calls` calls (the longest of any rank: every rank spins as long)."""
-        import time
-
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
