@@ -92,6 +92,15 @@ def _stmt(e: Emitter, s) -> None:
     e(f"# {s}", s)
 
 
+def _store_state(e: Emitter, s, row: str, o: str, lse: str, mask: str, row_mask: str,
+                 buffers: tuple[str, str] = ("mid_o", "mid_lse")) -> None:
+    """A StoreState: the state's O rows (cast to the buffer's dtype when it is the step's result) and LSE."""
+    o_buf, lse_buf = buffers
+    value = o if o_buf == "mid_o" else f"{o}.to({o_buf}.dtype.element_ty)"
+    e(f"tl.store({o_buf} + {row}[:, None] * D + offs_d[None, :], {value}, mask={mask})", s)
+    e(f"tl.store({lse_buf} + {row}, {lse}, mask={row_mask})", s)
+
+
 def _split(e: Emitter, k: DecodeKernel) -> None:
     e('"""Grid (tiles, splits): each tile\'s state over each split -> mid_o [splits, B, Hq, D], mid_lse."""')
     e("tile = tl.program_id(0)")
@@ -104,8 +113,7 @@ def _split(e: Emitter, k: DecodeKernel) -> None:
         elif s == StoreState("mid"):
             e("offs_d = tl.arange(0, BLOCK_D)", s)
             e("row = (split * B + b).to(tl.int64) * Hq + heads", s)
-            e("tl.store(mid_o + row[:, None] * D + offs_d[None, :], o, mask=hmask[:, None] & (offs_d < D)[None, :])", s)
-            e("tl.store(mid_lse + row, lse, mask=hmask)", s)
+            _store_state(e, s, "row", "o", "lse", "hmask[:, None] & (offs_d < D)[None, :]", "hmask")
         else:
             raise ValueError(f"split kernel: {s} has no Triton form")
 
@@ -126,8 +134,7 @@ def _merge(e: Emitter, k: DecodeKernel) -> None:
         elif isinstance(s, StoreState):  # the splits' merge into this rank's slot, or the ranks' into out
             e("offs_d = tl.arange(0, BLOCK_D)", s)
             e("omask = hmask[:, None] & (offs_d < D)[None, :]", s)
-            e("tl.store(out_o + row[:, None] * D + offs_d[None, :], o.to(out_o.dtype.element_ty), mask=omask)", s)
-            e("tl.store(out_lse + row, lse, mask=hmask)", s)
+            _store_state(e, s, "row", "o", "lse", "omask", "hmask", buffers=("out_o", "out_lse"))
         else:
             raise ValueError(f"merge kernel: {s} has no Triton form")
 
@@ -232,8 +239,7 @@ def _fused_split(e: Emitter, body: tuple) -> None:
     with e.block():
         _stmt(e, store)
         e("srow = split.to(tl.int64) * B * Hq + row", store)
-        e("tl.store(mid_o + srow[:, None] * D + offs_d[None, :], o, mask=omask)", store)
-        e("tl.store(mid_lse + srow, lse, mask=hmask)", store)
+        _store_state(e, store, "srow", "o", "lse", "omask", "hmask")
         _stmt(e, count)
         e("tl.debug_barrier()  # every thread's stores come before the count that publishes them", count)
         e(f'done = tl.atomic_add({count.counter} + tile, 1, sem="acq_rel", scope="gpu")', count)
@@ -268,9 +274,7 @@ def _fused_tile(e: Emitter, body: tuple) -> None:
       "num_tiles, epoch, rank, err_ptr, MERGE_H, D, BLOCK_D, RANK_CHUNK, True, MAX_SPINS, SLEEP_NS, TARGET)", merge)
     e("stamp(timeline, t, 3, TIMELINE, TARGET)", merge)
     _stmt(e, store)
-    e("tl.store(out_o + rrow[:, None] * D + offs_d[None, :], ro.to(out_o.dtype.element_ty), "
-      "mask=rmask[:, None] & dmask)", store)
-    e("tl.store(out_lse + rrow, rlse, mask=rmask)", store)
+    _store_state(e, store, "rrow", "ro", "rlse", "rmask[:, None] & dmask", "rmask", buffers=("out_o", "out_lse"))
     e("stamp(timeline, t, 5, TIMELINE, TARGET)", store)
 
 
