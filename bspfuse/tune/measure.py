@@ -7,10 +7,18 @@ checked against float64. On every rank of `launch(..., backend="cuda")`.
 
 Every rank runs the same candidates in the same order with the same number of calls (collective kernels), so
 the call count comes from a first-order estimate (the device table's rates), not from a rank's own timing.
+
+Triton compiles each candidate's kernel at its first call, about a second each and one after another: before a
+GEMM's candidates are timed, every kernel they will ask for is compiled at once on threads (`compile_ahead`).
 """
 from __future__ import annotations
 
+import itertools
+import os
 import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -32,12 +40,93 @@ class WrongResult(RuntimeError):
     """A candidate ran but its output differs from the reference: it is never timed or chosen."""
 
 
+@dataclass
+class CompiledAhead:
+    """What compile_ahead did: kernels compiled (each JITFunction and specialization once), on how many threads, in
+    how many seconds; the kernels whose compile failed, as ("module:name", error), and the calls that raised
+    (index in `calls`: the error)."""
+    kernels: int
+    workers: int
+    seconds: float
+    failed: list = field(default_factory=list)
+    call_errors: dict = field(default_factory=dict)
+
+
+def compile_ahead(calls, workers: int | None = None) -> CompiledAhead:
+    """Run each zero-argument callable in `calls` with every Triton compile it asks for recorded and declined,
+    then compile what was recorded at once on `workers` threads (default: the CPUs, at most 16), each kernel
+    installed in its JITFunction's cache as its own launch would: the next launch of that specialization finds
+    it compiled. Triton's compile releases the GIL in its heavy parts, so threads overlap (4 GEMM kernels for
+    sm_90 on 2 CPU cores: 1.9 s on one thread, 1.1 s on two).
+
+        compile_ahead([lambda: op(a, b) for op in throwaway_ops])   # then op(a, b) of like ops compiles nothing
+
+    Declined (Triton's jit_cache_hook returns True), a launch returns None and runs nothing, so the calls' host
+    state may end up odd: FastLaunch, for one, never again takes its direct path after such a first launch. Let
+    the calls use objects made for them and dropped after. A kernel already compiled is not asked for: it
+    launches as usual. A call that raises is skipped (its error kept); a kernel that fails to compile does not
+    stop the others (its error kept), and fails again where it is next launched."""
+    import triton
+    from concurrent.futures import ThreadPoolExecutor
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    t0 = time.perf_counter()
+    wanted: dict = {}  # (JITFunction's id, specialization) -> (JITFunction, specialization), in order asked
+
+    def record(*, fn, compile, **_):  # Triton 3.6's JITFunction._call_hook keywords
+        jit, data = fn.jit_function, compile["specialization_data"]
+        wanted.setdefault((id(jit), data), (jit, data))
+        return True  # declined: nothing compiles, nothing launches
+
+    runtime = triton.knobs.runtime
+    previous, runtime.jit_cache_hook = runtime.jit_cache_hook, record
+    call_errors = {}
+    try:
+        for i, call in enumerate(calls):
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - kept for the caller; the others still run
+                call_errors[i] = e
+    finally:
+        runtime.jit_cache_hook = previous
+    workers = workers or min(_cpus(), 16)
+    failed, pending = [], []
+    # the preloads run here (each submits its compile to the pool); leaving the mode waits for every compile
+    # and installs each kernel in its JITFunction's cache
+    with ThreadPoolExecutor(workers, thread_name_prefix="compile_ahead") as pool, \
+            AsyncCompileMode(pool, ignore_errors=True):
+        for jit, data in wanted.values():
+            try:
+                pending.append((jit, jit.preload(data)))
+            except Exception as e:  # noqa: BLE001 - one kernel's failure stops no other
+                failed.append((_kernel_name(jit), e))
+    compiled = 0
+    for jit, future in pending:
+        if future is None:  # a cache hook set before this one declined the compile
+            continue
+        if future.kernel is not None:
+            compiled += 1
+        else:
+            failed.append((_kernel_name(jit), future.future.exception()))
+    return CompiledAhead(compiled, workers, time.perf_counter() - t0, failed, call_errors)
+
+
+def _kernel_name(jit) -> str:
+    return f"{jit.fn.__module__}:{jit.fn.__qualname__}"
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class GpuTimer:
     """timer(problem, candidate) -> seconds per call on this rank's GPU, inside a launch (`ctx`).
 
     Host objects take M as a bound, so one object serves every M of a (op, N, K, layout) up to `m_bounds`'s
     value for it (default: the problem's own M): tuning the Ms of one GEMM in a row builds each candidate's
-    object once. Objects of another GEMM are freed when the next one starts."""
+    object once. Objects of another GEMM are freed when the next one starts; `compile_ahead` compiles the
+    kernels of a GEMM's candidates before they are timed."""
 
     def __init__(self, ctx, rep_ms: float = 20.0, seed: int = 0, m_bounds: dict | None = None):
         self.ctx, self.rep_ms, self.seed = ctx, rep_ms, seed
@@ -46,6 +135,7 @@ class GpuTimer:
         self._ops: dict = {}  # (schedule, config) -> host object, for the GEMM of self._gemm
         self._gemm = None
         self._spin_rate = None  # torch.cuda._sleep's cycles per second, once measured
+        self._ahead = True  # off after compile_ahead failed unexpectedly (warned once)
 
     def inputs(self, p: Problem):
         """(this rank's A, B, the float32 reference of this rank's output), drawn once per problem."""
@@ -55,7 +145,7 @@ class GpuTimer:
             g = torch.Generator(device=dev).manual_seed(self.seed)
             a_all = [torch.randn(p.M, p.K, device=dev, generator=g).to(dt) for _ in range(W)]
             w = (torch.randn(p.N, p.K, device=dev, generator=g) / p.K ** 0.5).to(dt)
-            b = w.t() if p.b_layout == "nk" else w.t().contiguous()
+            b = _weight_operand(w, p.b_layout)
             if p.kind == "ag_matmul":  # every rank holds its rows; C is the gathered rows times B
                 ref = torch.cat(a_all).float() @ b.float()
             else:  # every rank's partial product of the same B, summed (scattered for RS)
@@ -119,12 +209,85 @@ class GpuTimer:
 
     def close(self) -> None:
         """Free every host object's heap buffers (collective)."""
-        if self._ops:
+        self._free(*self._ops.values())
+        self._ops.clear()
+
+    def _free(self, *ops) -> None:
+        """Free these host objects' heap buffers once every rank's work on them is done (collective)."""
+        if ops:
             self.ctx.heap.barrier()
-            for op in self._ops.values():
+            for op in ops:
                 for buf in op.buffers():
                     self.ctx.heap.free(buf)
-        self._ops.clear()
+
+    def compile_ahead(self, problems: list, candidates) -> CompiledAhead | None:
+        """Compile the kernels of every fused candidate of `problems` (the Ms of one GEMM; `candidates(problem)`
+        lists a problem's, Tuner.candidates) at once, before any of them is timed (collective: every rank, the
+        same lists). None where nothing is compiled: no fused GEMM among the problems, or not on a GPU (the
+        simulator interprets its kernels). Never raises: a failure is warned of once and turns this off (the
+        kernels then compile at their first timed call)."""
+        problems = [p for p in problems if isinstance(p, Problem)]
+        if not problems or self.ctx.device.type != "cuda" or not self._ahead:
+            return None
+        try:
+            return self._compile_ahead(problems, candidates)
+        except Exception as e:  # noqa: BLE001 - tuning goes on without it
+            self._ahead = False
+            warnings.warn(f"bspfuse tune: compiling kernels ahead failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); each compiles at its first call",
+                          stacklevel=2)
+            return None
+
+    def _compile_ahead(self, problems: list[Problem], candidates) -> CompiledAhead:
+        """compile_ahead's work: the previous GEMM's objects freed, then one throwaway host object per candidate
+        (and M bound), called at each M it is timed at (Triton specializes integers on == 1 and multiples of 16),
+        compile_ahead recording the kernels they ask for, and freed. The objects timed later are never among
+        them: a declined first launch would take their launchers off the direct path for good."""
+        self._enter_gemm(problems[0])
+        runs: dict = {}  # (schedule, config, M bound) -> (candidate, {M: problem})
+        for p in problems:
+            for cand in candidates(p):
+                if cand.config is not None:
+                    key = (cand.schedule, cand.config, self._bound(p))
+                    runs.setdefault(key, (cand, {}))[1].setdefault(p.M, p)
+        calls = [partial(self._run_throwaway, cand, list(ps.values()), bound)
+                 for (_, _, bound), (cand, ps) in runs.items()]
+        # this host's CPUs shared among its ranks, which compile the same kernels at the same time
+        return compile_ahead(calls, max(1, min(16, _cpus() // max(1, self.ctx.world_size))))
+
+    def _run_throwaway(self, cand: Candidate, problems: list[Problem], bound: int) -> None:
+        """A host object of the candidate built for this call alone, called once at each problem's M on inputs
+        of its shapes, then freed. Their values never matter: a kernel runs only where it was compiled before
+        (another GEMM's candidate of the same kernel), on every rank alike, and its output is dropped."""
+        op = self._build(problems[0], cand, bound)
+        try:
+            dev, dt = self.ctx.device, TORCH_DTYPE[problems[0].dtype]
+            for p in problems:
+                op(torch.empty(p.M, p.K, dtype=dt, device=dev),
+                   _weight_operand(torch.empty(p.N, p.K, dtype=dt, device=dev), p.b_layout))
+        finally:
+            self._free(op)
+
+    def _enter_gemm(self, p: Problem) -> None:
+        """Make p's GEMM the current one: the host objects of another are freed (collective)."""
+        if self.gemm(p) != self._gemm:
+            self.close()
+            self._gemm = self.gemm(p)
+
+    def _bound(self, p: Problem) -> int:
+        """The rows a host object for p is built for: m_bounds's value for p's GEMM, at least p's M."""
+        return max(p.M, self.m_bounds.get(self.gemm(p), 0))
+
+    def _build(self, p: Problem, cand: Candidate, M: int):
+        """The candidate's host object for p's GEMM, for up to M rows (AG+GEMM: this rank's; collective)."""
+        from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
+
+        heap, dt = self.ctx.heap, TORCH_DTYPE[p.dtype]
+        if p.kind == "ag_matmul":
+            return FusedAllGatherMatmul(heap, M, p.N, p.K, dt, mode=cand.schedule, config=cand.config,
+                                        b_layout=p.b_layout)
+        cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
+        return cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
 
     def time_calls(self, fn, guess_s: float, device_alone: bool = False) -> float:
         """Seconds per call over a fixed count of back-to-back calls, after warm-up. The count comes from
@@ -200,36 +363,25 @@ class GpuTimer:
 
     def fused_call(self, p: Problem, cand: Candidate, a, b):
         """The candidate's host object for p (built once per GEMM and config), called on (a, b)."""
-        from bspfuse.kernels.gemm import FusedAllGatherMatmul, FusedMatmulAllReduce, FusedMatmulReduceScatter
-
-        if self.gemm(p) != self._gemm:
-            self.close()
-            self._gemm = self.gemm(p)
+        self._enter_gemm(p)
         key = (cand.schedule, cand.config)
         op = self._ops.get(key)
         if op is None or (op.M_local if p.kind == "ag_matmul" else op.M) < p.M:
             if op is not None:
-                self.ctx.heap.barrier()
-                for buf in op.buffers():
-                    self.ctx.heap.free(buf)
-                del self._ops[key]
-            heap, dt, M = self.ctx.heap, TORCH_DTYPE[p.dtype], max(p.M, self.m_bounds.get(self.gemm(p), 0))
-
-            def build():
-                if p.kind == "ag_matmul":
-                    return FusedAllGatherMatmul(heap, M, p.N, p.K, dt, mode=cand.schedule, config=cand.config,
-                                                b_layout=p.b_layout)
-                cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
-                return cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
+                self._free(self._ops.pop(key))
             try:
-                op = build()
+                op = self._build(p, cand, self._bound(p))
             except HeapExhausted:  # the GEMM's other candidates' objects go (rebuilt when next timed), then again
-                gemm = self._gemm
                 self.close()
-                self._gemm = gemm
-                op = build()
+                op = self._build(p, cand, self._bound(p))
             self._ops[key] = op
         return lambda: op(a, b)
+
+
+def _weight_operand(w: torch.Tensor, b_layout: str) -> torch.Tensor:
+    """B as a problem of this layout passes it, from its weight w [N, K] (an nn.Linear's): w.t() for "nk", a
+    row-major [K, N] copy for "kn"."""
+    return w.t() if b_layout == "nk" else w.t().contiguous()
 
 
 class _Progress:
@@ -245,11 +397,22 @@ class _Progress:
             print(f"\r[tune] {self.problem}: {done}/{total} {label[:60]:60}", end="" if done < total else "\n",
                   file=sys.stderr, flush=True)
 
+    def ahead(self, done: CompiledAhead | None) -> None:
+        """One line for a GEMM's kernels compiled ahead (nothing where none were: not on a GPU)."""
+        if self.show and done is not None:
+            import sys
+
+            failed = len(done.failed) + len(done.call_errors)
+            print(f"[tune] compiled {done.kernels} kernels ahead on {done.workers} threads in {done.seconds:.1f} s"
+                  + (f" ({failed} failed here, tried again when timed)" if failed else ""),
+                  file=sys.stderr, flush=True)
+
 
 def tune_in_rank(ctx, problems: list[Problem], gpu: str, keep: int = 12, rep_ms: float = 20.0,
                  progress: bool = True) -> list:
     """Tune `problems` inside a launch (every rank, same list): the Ms of one GEMM one after another, so each
-    candidate's host object is built once for them."""
+    candidate's host object is built once for them, and the kernels of all their candidates compiled at once
+    before the first is timed."""
     order = sorted(problems, key=lambda p: (GpuTimer.gemm(p), p.M))
     bounds: dict = {}
     for p in order:
@@ -260,9 +423,12 @@ def tune_in_rank(ctx, problems: list[Problem], gpu: str, keep: int = 12, rep_ms:
                   num_sms=torch.cuda.get_device_properties(ctx.device).multi_processor_count)
     entries = {}
     try:
-        for p in order:
-            report.problem = p
-            entries[p] = tuner.tune(p)
+        for _, same_gemm in itertools.groupby(order, key=GpuTimer.gemm):
+            same_gemm = list(same_gemm)
+            report.ahead(timer.compile_ahead(same_gemm, tuner.candidates))
+            for p in same_gemm:
+                report.problem = p
+                entries[p] = tuner.tune(p)
     finally:
         timer.close()
     return [entries[p] for p in problems]
@@ -285,4 +451,5 @@ def tune_on_gpus(problems: list[Problem], world: int, keep: int = 12, rep_ms: fl
                   args=(problems, gpu, keep, rep_ms, progress), timeout_s=24 * 3600)[0]
 
 
-__all__ = ["GpuTimer", "UNFUSED", "WrongResult", "gpu_model", "tune_in_rank", "tune_on_gpus"]
+__all__ = ["CompiledAhead", "GpuTimer", "UNFUSED", "WrongResult", "compile_ahead", "gpu_model", "tune_in_rank",
+           "tune_on_gpus"]
