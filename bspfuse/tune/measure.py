@@ -27,6 +27,8 @@ from bspfuse.tune.search import UNFUSED, Candidate, DecodeProblem, Problem, Tune
 
 TORCH_DTYPE = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 TOLERANCE = {"bf16": 2e-2, "f16": 5e-3, "f32": 1e-3}
+# the host queued each call in under this share of the device's time per call: the device never waited for it
+HOST_AHEAD = 0.8
 
 
 def _rates() -> tuple[float, float]:
@@ -163,11 +165,12 @@ class GpuTimer:
         err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err <= TOLERANCE[p.dtype]:
             raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float32 reference")
-        return self.time_gemm(fn, p), self.time_gemm(fn, p, device_alone=True)
+        return self.time_gemm(fn, p)
 
-    def time_gemm(self, fn, p: Problem, device_alone: bool = False) -> float:
-        """Seconds per call of a GEMM of problem p (time_calls with the call count for its flops)."""
-        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6), device_alone)
+    def time_gemm(self, fn, p: Problem) -> tuple[float, float]:
+        """(back to back, on the device alone) seconds per call of a GEMM of problem p (time_calls with the call
+        count for its flops)."""
+        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6), device_alone=True)
 
     def _decode(self, p: DecodeProblem, cand: Candidate) -> float:
         """A decode step at the candidate's stage and knobs (FlashDecode), its O checked against float64 over
@@ -289,45 +292,50 @@ class GpuTimer:
         cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
         return cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
 
-    def time_calls(self, fn, guess_s: float, device_alone: bool = False) -> float:
-        """Seconds per call over a fixed count of back-to-back calls, after warm-up. The count comes from
-        `guess_s` (a first-order estimate, the same on every rank: collective kernels must be called as often
-        on each), not from this rank's own timing.
+    def time_calls(self, fn, guess_s: float, device_alone: bool = False):
+        """Seconds per call over a fixed count of back-to-back calls, after warm-up; with device_alone, the pair
+        (back to back, on the device alone). The count comes from `guess_s` (a first-order estimate, the same on
+        every rank: collective kernels must be called as often on each), not from this rank's own timing.
 
-        device_alone: the calls are queued while a spin kernel holds the GPU for longer than the host takes to
-        queue them all (timed first), and timed from the spin's end: the device's time per call with no host
-        time between calls, as when a CUDA graph replays them or the host runs ahead. Back to back (the
-        default), a call shorter than the host's time per call takes the host's time."""
+        Back to back, a call shorter than the host's time per call takes the host's time. On the device alone,
+        no host time between calls, as when a CUDA graph replays them or the host runs ahead: the back-to-back
+        pass also times the host's queueing of its calls, and where the host queued each in under HOST_AHEAD of
+        the device's time per call (on every rank), the device never waited for it and the back-to-back time is
+        the device's; otherwise the calls are queued again while a spin kernel holds the GPU for longer than the
+        host took, and timed from the spin's end."""
+        b2b, host = self._timed_pass(fn, int(min(2000, max(5, self.rep_ms * 1e-3 / guess_s))))
+        if not device_alone:
+            return b2b
+        if host < HOST_AHEAD * b2b:
+            return b2b, b2b
         # queued calls stay under the driver's queue of pending launches (about a thousand): a full queue
         # would hold the host back while the spin runs, and the calls after it would again wait for the host
-        calls = int(min(400 if device_alone else 2000, max(5, self.rep_ms * 1e-3 / guess_s)))
+        calls = int(min(400, max(5, self.rep_ms * 1e-3 / guess_s)))
+        return b2b, self._timed_pass(fn, calls, spin_s=1.5 * host * calls)[0]
+
+    def _timed_pass(self, fn, calls: int, spin_s: float = 0.0) -> tuple[float, float]:
+        """(device seconds per call, host seconds per call to queue it), each the largest of any rank, over
+        `calls` calls after three warm-up calls; spin_s: first a spin kernel that holds the GPU that long."""
         for _ in range(3):
             fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.ctx.barrier()
-        if device_alone:
-            host_s = self._host_seconds(fn, calls)
-            self.ctx.barrier()
-            torch.cuda._sleep(int(1.5 * host_s * self._spin_cycles_per_s()) + 10_000)
+        if spin_s:
+            torch.cuda._sleep(int(spin_s * self._spin_cycles_per_s()) + 10_000)
         start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / calls
-
-    def _host_seconds(self, fn, calls: int) -> float:
-        """Seconds the host takes to queue `calls` calls (the longest of any rank: every rank spins as long)."""
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        host = torch.tensor([time.perf_counter() - t0], device=self.ctx.device)
-        torch.cuda.synchronize()
-        if self.ctx.world_size > 1:
+        host = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        both = torch.tensor([start.elapsed_time(end) * 1e-3 / calls, host / calls], dtype=torch.float64)
+        if self.ctx.world_size > 1:  # every rank decides alike whether to spin, and spins as long
             import torch.distributed as dist
 
-            dist.all_reduce(host, op=dist.ReduceOp.MAX)
-        return float(host)
+            both = both.to(self.ctx.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return float(both[0]), float(both[1])
 
     def _spin_cycles_per_s(self) -> float:
         """The rate of torch.cuda._sleep's spin (GPU clock cycles per second), measured once."""
