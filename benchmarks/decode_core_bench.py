@@ -43,7 +43,9 @@ from read_rate import best_read_rate, read_kv  # noqa: E402  (benchmarks/, the s
 HEADS = [(96, 12, 128), (32, 8, 128)]
 LENGTHS = [4096, 16384, 65536, 131072]
 # FlashDecode's own choices first, then variants (its keyword arguments); other split counts run the first two
-FUSED_VARIANTS = [{}, {"wait_sleep_ns": 0}, {"num_stages": 3}]
+# the default, then a shallower pipeline, twice the warps, and half the keys a loop step (fewer bytes in flight
+# each, more of them)
+FUSED_VARIANTS = [{}, {"num_stages": 3}, {"num_warps": 8}, {"block_n": 32}]
 
 
 def us_per_call(fn, calls: int = 200) -> float:
