@@ -180,6 +180,30 @@ def test_split_k_is_in_the_space_where_few_tiles_leave_sms_idle():
     assert any(c.config and c.config.split_k > 1 for c in kept)
 
 
+def test_no_candidate_needs_more_shared_memory_than_the_device_gives_a_program():
+    p, h100 = tune.Problem("matmul_rs", 512, 8192, 8192), DeviceModel.of("H100")
+    assert h100.smem_bytes == 232448  # what Triton reported as the H100's limit
+    every, fits = tune.space(p, 132), tune.space(p, 132, h100.smem_bytes)
+    too_big = [c for c in every if c.config and c.config.BM * c.config.BN == 128 * 256 and c.config.num_stages == 4]
+    assert too_big and not any(c in fits for c in too_big)  # 262144 bytes: Triton refused them on an H100
+    assert all(tune.search.tile_smem_bytes(c.config.BM, c.config.BN, c.config.BK, c.config.num_stages, "bf16")
+               <= h100.smem_bytes for c in fits if c.config)
+    assert set(fits) < set(every) and any(c.config and c.config.BM * c.config.BN == 128 * 256 for c in fits)
+    assert all(c in fits for c in tune.Tuner(None, "H100").candidates(p))  # the tuner measures only those
+
+
+def test_gemm_and_decode_problems_tune_in_one_order():
+    from bspfuse.tune.measure import GpuTimer, gemm_order
+
+    a, b = tune.Problem("matmul_rs", 512, 4096, 4096), tune.Problem("matmul_rs", 8, 4096, 4096)
+    c = tune.Problem("ag_matmul", 32, 4096, 4096)
+    d1, d2 = tune.DecodeProblem(1, 32, 8, 128, 4096), tune.DecodeProblem(1, 64, 8, 128, 65536)
+    order, bounds = gemm_order([d2, a, c, d1, b])
+    assert order.index(b) == order.index(a) - 1  # one GEMM's Ms together, rising
+    assert set(order) == {a, b, c, d1, d2} and gemm_order([b, d1, a, c, d2])[0] == order
+    assert bounds[GpuTimer.gemm(a)] == 512 and bounds[GpuTimer.gemm(c)] == 32
+
+
 STEP = tune.DecodeProblem(B=2, Hq=8, Hkv=2, D=64, S=128, world=2)  # examples/flash_decode.bsp's step, per rank
 
 

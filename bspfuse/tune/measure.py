@@ -416,15 +416,23 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
+def gemm_order(problems: list) -> tuple[list, dict]:
+    """The problems in tuning order, the Ms of one GEMM together and rising (a decode step is a group of its
+    own), and each GEMM's largest M: the rows its candidates' host objects are built for (GpuTimer.m_bounds)."""
+    rows = lambda p: p.M if isinstance(p, Problem) else 0  # noqa: E731
+    order = sorted(problems, key=lambda p: (repr(GpuTimer.gemm(p)), rows(p)))
+    bounds: dict = {}
+    for p in order:
+        bounds[GpuTimer.gemm(p)] = max(bounds.get(GpuTimer.gemm(p), 0), rows(p))
+    return order, bounds
+
+
 def tune_in_rank(ctx, problems: list[Problem], gpu: str, keep: int = 12, rep_ms: float = 20.0,
                  progress: bool = True) -> list:
     """Tune `problems` inside a launch (every rank, same list): the Ms of one GEMM one after another, so each
     candidate's host object is built once for them, and the kernels of all their candidates compiled at once
     before the first is timed."""
-    order = sorted(problems, key=lambda p: (GpuTimer.gemm(p), p.M))
-    bounds: dict = {}
-    for p in order:
-        bounds[GpuTimer.gemm(p)] = max(bounds.get(GpuTimer.gemm(p), 0), p.M)
+    order, bounds = gemm_order(problems)
     report = _Progress(progress and ctx.rank == 0)
     timer = GpuTimer(ctx, rep_ms, m_bounds=bounds)
     tuner = Tuner(timer, gpu, keep=keep, progress=report,
