@@ -46,6 +46,7 @@ class Device:
     collective_latency_us: Figure  # the alpha of a collective: its time at zero bytes
     # the fusion cost model's (passes/fuse_gemm.py, choose_mode)
     num_sms: Figure  # SMs (CUs): a fused kernel's programs, comm programs taken from the GEMM's
+    program_smem_kb: Figure  # KiB of shared memory one program may take: a kernel asking more does not launch
     sm_push_gbps: Figure  # GB/s one program's stores move to a peer
     nccl_efficiency: Figure  # NCCL's bulk rate over link_gbps
     flag_round_trip_us: Figure  # a flag raised on a peer and the answer seen back
@@ -91,6 +92,7 @@ H200 = Device(
                                        "reduce_scatter and all_reduce moving 2-134 MB fit lines with 21-28 us "
                                        "intercepts (benchmarks/results/gemm_h200x2.json, 'collective alone')"),
     num_sms=Figure(132, "datasheet: H200 SXM, 132 SMs (torch reported 132: benchmarks/results/decode_h200x2.json)"),
+    program_smem_kb=Figure(227, "datasheet: Hopper (sm_90), 227 KiB of shared memory a thread block (228 an SM)"),
     sm_push_gbps=Figure(20.0, "measured here: Triton remote writes of 512 MiB to the peer on 2xH200 "
                               "(rma_bench.py, benchmarks/results/rma_h200x2.json, 2026-11-22): 217 GB/s from 8 "
                               "programs (27 a program), 304 from 16 (19 a program); 20 a program for the few comm "
@@ -164,6 +166,9 @@ H100 = Device(
     collective_latency_us=_as_on_the_h200(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us"),
     num_sms=Figure(132, "datasheet: H100 SXM, 132 SMs (torch reported 132: "
                         "benchmarks/results/decode_core_h100.json)"),
+    program_smem_kb=Figure(227, "measured here: Triton's hardware limit on an H100, 232448 bytes, when it refused "
+                                "a 128x256x64 GEMM tile of 4 stages that asked 262176 (core_suite.py's log, "
+                                "benchmarks/results/core_suite_h100/, 2026-12-08); datasheet 227 KiB a thread block"),
     **_peer_figures_as_on_the_h200(),
 )
 
@@ -184,6 +189,7 @@ MI300X = Device(
     collective_latency_us=_as_on_the_h200(H200.collective_latency_us, "a 48 KiB NCCL all_gather took {v:g} us",
                                           "RCCL and AMD GPUs not measured here"),
     num_sms=Figure(304, "datasheet: MI300X, 304 compute units"),
+    program_smem_kb=Figure(64, "datasheet: MI300X (CDNA 3), 64 KiB of LDS a compute unit"),
     **_peer_figures_as_on_the_h200("RCCL and AMD GPUs not measured here"),
 )
 

@@ -39,6 +39,7 @@ class DeviceModel:
     flag_round_trip_s: float
     hbm_bytes: float  # read + write
     num_sms: int
+    smem_bytes: int  # shared memory one program may take
     # GEMM+RS/AR direct: the epilogue's remote stores (partials; AR also finished tiles) cost time beyond the
     # GEMM, the traffic at an exposed rate plus a tail per dependent hop; push's comm programs each move staged
     # tiles at a rate (wait, copy, flag)
@@ -61,6 +62,7 @@ class DeviceModel:
                    sm_push_bytes=d.sm_push_gbps.value * 1e9, nccl_latency_s=d.collective_latency_us.value * 1e-6,
                    nccl_efficiency=d.nccl_efficiency.value, flag_round_trip_s=d.flag_round_trip_us.value * 1e-6,
                    hbm_bytes=d.hbm_gbps.value * 1e9, num_sms=int(d.num_sms.value),
+                   smem_bytes=int(d.program_smem_kb.value * 1024),
                    direct_exposed_bytes=d.direct_exposed_gbps.value * 1e9, direct_hop_s=d.direct_hop_us.value * 1e-6,
                    comm_program_bytes=d.comm_program_gbps.value * 1e9,
                    copy_engine_fixed_s=d.copy_engine_fixed_us.value * 1e-6, min_gain=d.min_gain.value)

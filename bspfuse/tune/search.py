@@ -139,8 +139,9 @@ def schedules(problem: Problem) -> tuple[str, ...]:
     return tuple(m for m in AG_MODES if m != "direct") if problem.kind == "ag_matmul" else SCATTER_MODES
 
 
-def space(problem: Problem, num_sms: int) -> list[Candidate]:
-    """Every candidate: schedules x tiles x (warps, stages) x GROUP_M x comm programs, and the unfused program."""
+def space(problem: Problem, num_sms: int, smem_bytes: int | None = None) -> list[Candidate]:
+    """Every candidate: schedules x tiles x (warps, stages) x GROUP_M x comm programs, and the unfused program;
+    with smem_bytes (the device's, a program), none whose tiles need more shared memory (tile_smem_bytes)."""
     from bspfuse.tile import default_comm_programs, group_rows
 
     out = [Candidate(UNFUSED)]
@@ -162,8 +163,17 @@ def space(problem: Problem, num_sms: int) -> list[Candidate]:
                                                         for c in comms for sk in splits):
                 if BM * BN >= 128 * 256 and warps == 4:  # a 128x256 accumulator needs 8 warps' registers
                     continue
+                if smem_bytes and tile_smem_bytes(BM, BN, BK, stages, problem.dtype) > smem_bytes:
+                    continue
                 out.append(Candidate(schedule, TileConfig(BM, BN, BK, group, warps, stages, comm, split)))
     return out
+
+
+def tile_smem_bytes(BM: int, BN: int, BK: int, stages: int, dtype: str) -> int:
+    """Shared memory a GEMM program takes: the A and B blocks of each pipeline stage and the output tile staged
+    for its TMA store (128x256x64 at 4 stages: 262144 bytes; Triton asked 262176 with its barriers)."""
+    item = 4 if dtype == "f32" else 2
+    return (stages * (BM * BK + BK * BN) + BM * BN) * item
 
 
 DECODE_STAGES = ("stage0", "stage1", "stage2", "stage3")
@@ -270,7 +280,7 @@ class Tuner:
     def candidates(self, problem: Problem | DecodeProblem) -> list[Candidate]:
         if isinstance(problem, DecodeProblem):
             return decode_space(problem, self.num_sms)
-        return prune(problem, space(problem, self.num_sms), self.device, self.keep)
+        return prune(problem, space(problem, self.num_sms, self.device.smem_bytes), self.device, self.keep)
 
     def tune(self, problem: Problem) -> Entry:
         """Every candidate timed; a timer gives seconds back to back, or (back to back, on the device alone)."""
