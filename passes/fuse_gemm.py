@@ -51,6 +51,12 @@ class DeviceModel:
     copy_engine_fixed_s: float
     # a fused schedule must be estimated this much faster than BSP to be chosen (the spread between runs)
     min_gain: float
+    # a GEMM: max(flops / rate, bytes / stream rate) + fixed; cuBLAS's (matmul_flops, hbm_bytes, matmul_fixed_s)
+    # and the fused kernels' core's
+    matmul_fixed_s: float
+    core_flops: float
+    core_bytes: float
+    core_fixed_s: float
     # the AG+GEMM schedules auto chooses among (all are estimated and shown)
     ag_auto_modes: tuple = ("push", "pull", "copy_engine")
 
@@ -65,7 +71,15 @@ class DeviceModel:
                    smem_bytes=int(d.program_smem_kb.value * 1024),
                    direct_exposed_bytes=d.direct_exposed_gbps.value * 1e9, direct_hop_s=d.direct_hop_us.value * 1e-6,
                    comm_program_bytes=d.comm_program_gbps.value * 1e9,
-                   copy_engine_fixed_s=d.copy_engine_fixed_us.value * 1e-6, min_gain=d.min_gain.value)
+                   copy_engine_fixed_s=d.copy_engine_fixed_us.value * 1e-6, min_gain=d.min_gain.value,
+                   matmul_fixed_s=d.matmul_fixed_us.value * 1e-6, core_flops=d.core_matmul_tflops.value * 1e12,
+                   core_bytes=d.core_stream_gbps.value * 1e9, core_fixed_s=d.core_fixed_us.value * 1e-6)
+
+    def gemm_s(self, flops: float, bytes_: float, fused: bool = False) -> float:
+        """Seconds of one GEMM of `flops` reading and writing `bytes_`: cuBLAS's, or the fused kernels' core's."""
+        if fused:
+            return max(flops / self.core_flops, bytes_ / self.core_bytes) + self.core_fixed_s
+        return max(flops / self.matmul_flops, bytes_ / self.hbm_bytes) + self.matmul_fixed_s
 
 
 _WHY = {"push": "each rank writes its data into its peers' buffers as soon as it is ready, and no rank waits to be "
@@ -98,8 +112,10 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         return Choice("off", "a world of one rank: the collective moves nothing, so there is nothing to overlap",
                       {"bsp": round(t * 1e6, 1)})
     k_eff = K if kind == "ag_matmul" else K / W  # RS/AR multiply a K-shard on every rank
-    # a few rows multiply a whole weight: then reading it from HBM, not the MMAs, bounds the GEMM
-    t_mm = max(2 * M * N * k_eff / device.matmul_flops, (M * k_eff + k_eff * N + M * N) * item / device.hbm_bytes)
+    # a few rows multiply a whole weight: then reading it from HBM, not the MMAs, bounds the GEMM; the unfused
+    # program's GEMM is cuBLAS's (t_mm), the fused schedules' the fused kernels' core (t_core)
+    flops, operand_bytes = 2 * M * N * k_eff, (M * k_eff + k_eff * N + M * N) * item
+    t_mm, t_core = device.gemm_s(flops, operand_bytes), device.gemm_s(flops, operand_bytes, fused=True)
     if kind == "ag_matmul":
         moved = (W - 1) / W * M * K * item  # rows of A each rank receives
     elif kind == "matmul_rs":
@@ -111,7 +127,7 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     if kind == "ag_matmul":
         cfg = choose_config(kind, M, N, K, W, device.num_sms)
         comm = cfg.comm_programs
-        t_gemm = t_mm * device.num_sms / (device.num_sms - comm)  # comm programs take SMs from the GEMM
+        t_gemm = t_core * device.num_sms / (device.num_sms - comm)  # comm programs take SMs from the GEMM
         push_rate = min(device.link_bytes, comm * device.sm_push_bytes)
         t_link = moved / push_rate
         first_chunk = cfg.BM * K * item / push_rate  # the first remote rows, if local rows run out
@@ -121,20 +137,20 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
         copy_in = 0.0 if a_on_heap else M / W * K * item * 2 / device.hbm_bytes
         est["pull"] = est["push"] + copy_in + 2 * device.flag_round_trip_s  # entry and exit handshakes
         # copy_engine: all SMs multiply; the copies (a quarter of the rows first) run beside them
-        local_part = t_mm / W
-        exposed = max(0.0, moved / device.link_bytes - (t_mm - local_part)) \
+        local_part = t_core / W
+        exposed = max(0.0, moved / device.link_bytes - (t_core - local_part)) \
             + max(0.0, moved / (W - 1) / 4 / device.link_bytes - local_part)
-        est["copy_engine"] = t_mm + exposed + device.copy_engine_fixed_s
+        est["copy_engine"] = t_core + exposed + device.copy_engine_fixed_s
     else:
         # Both interleave own and peer tiles, so traffic spreads over the GEMM. direct stores from the
         # epilogue (flags raised a tile later); push stages tiles locally and comm programs move them,
         # taking SMs from the GEMM and moving at most comm * comm_program_bytes, from the end of the
         # first wave of tiles on (nothing is staged before it).
         hops = 2 if kind == "matmul_ar" else 1
-        est["direct"] = t_mm + hops * device.direct_hop_s + moved / device.direct_exposed_bytes
+        est["direct"] = t_core + hops * device.direct_hop_s + moved / device.direct_exposed_bytes
         cfg = choose_config(kind, M, N, K // W, W, device.num_sms)
         gemm_programs = device.num_sms - cfg.comm_programs
-        t_gemm = t_mm * device.num_sms / gemm_programs
+        t_gemm = t_core * device.num_sms / gemm_programs
         tiles = -(-M // W // cfg.BM) * W * -(-N // cfg.BN)
         first_wave = t_gemm / -(-tiles // gemm_programs)
         t_move = moved / (cfg.comm_programs * device.comm_program_bytes)

@@ -84,8 +84,25 @@ def test_options_device_picks_the_figures():
     assert on["H200"].device == "H200" and on["h100"].device == "H100"
     assert on["h100"].us == choose_mode("ag_matmul", 8192, 14336, 8192, 2, device="H100").estimates_us
     assert on["h100"].us != on["H200"].us
-    assert on["h100"].us["bsp"] > on["H200"].us["bsp"]  # the H100's cuBLAS and HBM measured slower
     assert "cost model on H100" in str(on["h100"])
+
+
+def test_fused_schedules_take_the_fused_core_s_fitted_gemm_and_bsp_cublas_s():
+    from dataclasses import replace as dc_replace
+
+    h100 = DeviceModel.of("H100")
+    assert h100.core_flops < h100.matmul_flops and h100.core_fixed_s > h100.matmul_fixed_s  # fitted: the core lags
+    as_cublas = dc_replace(h100, core_flops=h100.matmul_flops, core_bytes=h100.hbm_bytes,
+                           core_fixed_s=h100.matmul_fixed_s)
+    for kind in ("ag_matmul", "matmul_rs", "matmul_ar"):
+        fitted = choose_mode(kind, 8192, 8192, 8192, 2, device=h100).estimates_us
+        equal = choose_mode(kind, 8192, 8192, 8192, 2, device=as_cublas).estimates_us
+        assert fitted["bsp"] == equal["bsp"]
+        assert all(fitted[s] > equal[s] for s in fitted if s != "bsp"), kind
+    h200 = DeviceModel.of("H200")  # no suite fitted there: the core at cuBLAS's rates, no fixed times
+    assert (h200.core_flops, h200.core_bytes, h200.core_fixed_s, h200.matmul_fixed_s) == \
+        (h200.matmul_flops, h200.hbm_bytes, 0.0, 0.0)
+    assert devices.H200.core_matmul_tflops.kind == "assumed" and devices.H100.core_matmul_tflops.kind == "fitted"
 
 
 def test_an_unknown_device_is_named():
