@@ -52,7 +52,10 @@ from bspfuse.runtime.target import device_target
 STAGES = (0, 1, 2, 3)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
-MIN_SPLIT_BLOCKS = 4  # a split streams at least this many BLOCK_N blocks, or its fixed cost dominates
+# a split streams at least this many BLOCK_N blocks, or its fixed cost dominates: at 4K keys, 32/8 and 64/8 heads,
+# 32 splits of 2 blocks ran a step in 13.2 and 13.6 us against 14.6 and 14.5 with 16 of 4 (one H100, 2026-12-08,
+# benchmarks/results/decode_core_4k_64k_h100.json)
+MIN_SPLIT_BLOCKS = 2
 # The split choice's cost model (choose_num_splits), in units of one BLOCK_N block of K and V streamed by
 # one SM at its share of HBM bandwidth (about 1 us on an H200 at D = 128, BLOCK_N = 64):
 SPLIT_OVERHEAD_BLOCKS = 2  # a program's fixed cost: q, the pipeline's fill, the state's store, the count
