@@ -183,15 +183,17 @@ REPLAYABLE_STAGES = ("stage0", "stage3")
 
 
 def decode_space(problem: DecodeProblem, num_sms: int) -> list[Candidate]:
-    """Every stage with the split count choose_num_splits gives, half and twice it, and two pipeline depths, and
-    the stages that replay from a CUDA graph again replayed: a few dozen candidates, all measured (no pruning)."""
+    """Every stage with the split count choose_num_splits gives, half and twice it, and two K/V pipeline depths
+    (3 and 4: at 4K keys 3 ran a step 3-4% faster than the 4 FlashDecode takes for one wave of splits, at 64K the
+    same; one H100, decode_core_4k_64k_h100.json), and the stages that replay from a CUDA graph again replayed:
+    a few dozen candidates, all measured (no pruning)."""
     from bspfuse.kernels.flash_decode import MAX_SPLITS, choose_num_splits, decode_tiling
 
     tiling = decode_tiling(problem.B, problem.Hq, problem.Hkv, problem.D, device="cuda")
     base = choose_num_splits(tiling, problem.S, num_sms)
     splits = sorted({max(1, base // 2), base, min(MAX_SPLITS, 2 * base)})
     return [Candidate(stage, DecodeConfig(n, depth, graph)) for graph in (False, True) for stage in DECODE_STAGES
-            if not graph or stage in REPLAYABLE_STAGES for n in splits for depth in (None, 4)]
+            if not graph or stage in REPLAYABLE_STAGES for n in splits for depth in (3, 4)]
 
 
 def estimate(problem: Problem, cand: Candidate, device) -> float:
