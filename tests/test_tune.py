@@ -180,6 +180,20 @@ def test_split_k_is_in_the_space_where_few_tiles_leave_sms_idle():
     assert any(c.config and c.config.split_k > 1 for c in kept)
 
 
+def test_the_measured_set_spans_tile_shapes_and_keeps_one_without_split_k():
+    # AG+GEMM 512x2304x3584: the model ranks large tiles split 2 and 4 ways first (measured 2.2x cuBLAS's time)
+    for p in (tune.Problem("ag_matmul", 512, 2304, 3584), tune.Problem("matmul_rs", 128, 5120, 2560),
+              tune.Problem("matmul_rs", 512, 8192, 8192, world=2)):
+        kept = [c for c in tune.Tuner(None, "H100", keep=8).candidates(p) if c.config]
+        assert len(kept) == 8 and len(set(kept)) == 8, p
+        for schedule in {c.schedule for c in kept}:
+            mine = [c for c in kept if c.schedule == schedule]
+            assert any(c.config.split_k == 1 for c in mine), (p, schedule)
+        shapes = [(c.schedule, c.config.BM, c.config.BN) for c in kept]
+        cap = max(1, 8 // len({c.schedule for c in kept}) // 3)
+        assert max(shapes.count(t) for t in shapes) <= cap and len(set(shapes)) >= 8 // cap, p
+
+
 def test_no_candidate_needs_more_shared_memory_than_the_device_gives_a_program():
     p, h100 = tune.Problem("matmul_rs", 512, 8192, 8192), DeviceModel.of("H100")
     assert h100.smem_bytes == 232448  # what Triton reported as the H100's limit
