@@ -8,12 +8,23 @@ for cuBLAS (the unfused program) and for the fused kernels' GEMM core from core_
 squared log error on the models it trains on, and prints the error on the models it left out (by default
 every model whose name sorts last in each family: held out, never seen by the fit). The fitted figures go into
 bspfuse/devices.py with this script and the data file as their source.
+
+    python3 benchmarks/fit_cost_model.py benchmarks/results/core_suite_h100.json --table bspfuse/tune/tables/H100.json
+
+--table also fits the constants the tuner ranks its space with (bspfuse/tune/search.py: estimate's
+TILE_EFFICIENCY_EXP, PER_SM_STREAM, SPLIT_K_TRAFFIC) to every candidate the table measured on the device: each
+problem's estimates against its measured times, in log, each problem centred on its own mean (ranking needs
+only the ratios between a problem's candidates). It reports the error and how often the model's pick among the
+measured candidates was within 5% of the fastest, fitted and left out, for the constants in search.py and the
+fitted ones. The candidates are those the ranking of the day chose to measure: the fit sees no others.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import re
 
 
 def predict(row, R: float, B: float, C: float) -> float:
@@ -51,11 +62,87 @@ def errors(rows, key: str, params) -> dict:
             "p90_abs_error": round(errs[int(0.9 * (len(errs) - 1))], 3), "max_abs_error": round(errs[-1], 3)}
 
 
+LABEL = re.compile(r"(\w+) (\d+)x(\d+)x(\d+) group_m=(\d+) warps=(\d+) stages=(\d+)(?: comm_programs=(\d+))?"
+                   r"(?: split_k=(\d+))?$")
+RANKING = ("TILE_EFFICIENCY_EXP", "PER_SM_STREAM", "SPLIT_K_TRAFFIC")
+
+
+def measured_candidates(table: str, model_of: dict) -> list:
+    """[(problem, model name, [(candidate, device seconds)])] of a tuned table's GEMM entries."""
+    from bspfuse.tile import TileConfig
+    from bspfuse.tune import Candidate, Problem
+
+    out = []
+    for e in json.load(open(table))["entries"]:
+        if e["problem"].get("kind") not in ("ag_matmul", "matmul_rs", "matmul_ar"):
+            continue
+        p, device = Problem(**e["problem"]), e.get("device_us") or {}
+        pts = []
+        for label, us in e["times_us"].items():
+            m = LABEL.match(label)
+            if m and us is not None:
+                s, *nums = m.groups()
+                BM, BN, BK, g, w, st, comm, sk = (int(x or d) for x, d in zip(nums, (0,) * 6 + (0, 1)))
+                pts.append((Candidate(s, TileConfig(BM, BN, BK, g, w, st, comm, sk)), device.get(label, us) * 1e-6))
+        if len(pts) >= 3:
+            out.append((p, model_of.get((p.kind, p.N, p.K), "?"), pts))
+    return out
+
+
+def ranking_error(data, device) -> dict:
+    """Mean |centred log error| of estimate over every candidate, and the share of problems whose estimated
+    best (among the measured) ran within 5% of the measured best."""
+    from bspfuse.tune.search import estimate
+
+    errs, hits = [], []
+    for p, _, pts in data:
+        logs = [math.log(estimate(p, c, device)) - math.log(t) for c, t in pts]
+        mean = sum(logs) / len(logs)
+        errs += [abs(x - mean) for x in logs]
+        picked = min(pts, key=lambda x: estimate(p, x[0], device))[1]
+        hits.append(picked <= 1.05 * min(t for _, t in pts))
+    return {"problems": len(data), "mean_abs_log_error": round(sum(errs) / len(errs), 4),
+            "pick_within_5pct": round(sum(hits) / len(hits), 3)}
+
+
+def fit_ranking(train, test, device) -> dict:
+    """The ranking constants minimising the training error: a grid, then halving steps around the best."""
+    from bspfuse.tune import search
+
+    def loss(values):
+        for name, v in zip(RANKING, values):
+            setattr(search, name, v)
+        return ranking_error(train, device)["mean_abs_log_error"]
+
+    given = tuple(getattr(search, n) for n in RANKING)
+    out = {"given": dict(zip(RANKING, given)), "given_train": (loss(given), ranking_error(train, device))[1],
+           "given_held_out": ranking_error(test, device)}
+    best = min(((a, b, c) for a in (0.2, 0.35, 0.5, 0.7, 1.0) for b in (0.5, 1.0, 2.0) for c in (1.0, 2.0, 3.0, 5.0)),
+               key=loss)
+    step = [0.2, 0.2, 0.2]
+    while max(step) > 0.01:
+        improved = False
+        for i in range(3):
+            for f in (1 + step[i], 1 / (1 + step[i])):
+                trial = list(best)
+                trial[i] = round(trial[i] * f, 3)
+                if loss(trial) < loss(best):
+                    best, improved = tuple(trial), True
+        if not improved:
+            step = [x / 2 for x in step]
+    loss(best)
+    out.update(fitted=dict(zip(RANKING, best)), fitted_train=ranking_error(train, device),
+               fitted_held_out=ranking_error(test, device))
+    loss(given)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("data", nargs="+", help="core_suite.py JSON files of one GPU")
     p.add_argument("--hold-out", nargs="*", help="models left out of the fit (default: the last of each family)")
     p.add_argument("--json", help="write the fitted figures and errors here")
+    p.add_argument("--table", help="a tuned table of the same GPU: also fit the tuner's ranking constants")
     args = p.parse_args()
     rows = [r for path in args.data for r in json.load(open(path))["rows"] if "ratio" in r]
     models = sorted({r["name"].split()[0] for r in rows})
@@ -70,6 +157,17 @@ def main():
                      "fixed_us": round(C * 1e6, 2), "train": errors(train, key, (R, B, C)), "held_out": errors(test, key, (R, B, C)) if test else None}
         print(f"{name:10}: R {R / 1e12:6.1f} TFLOP/s, B {B / 1e9:7.1f} GB/s, C {C * 1e6:5.2f} us; "
               f"train {out[name]['train']}; held out ({', '.join(sorted(held))}) {out[name]['held_out']}")
+    if args.table:
+        import sys
+
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        from bspfuse.passes.fuse_gemm import DeviceModel
+
+        data = measured_candidates(args.table, {(r["op"], r["N"], r["K"]): r["name"].split()[0] for r in rows})
+        device = DeviceModel.of(json.load(open(args.table))["entries"][0]["gpu"])
+        out["ranking"] = dict(table=args.table, **fit_ranking([d for d in data if d[1] not in held],
+                                                              [d for d in data if d[1] in held], device))
+        print("ranking:", {k: v for k, v in out["ranking"].items() if k != "table"})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
