@@ -235,10 +235,10 @@ def estimate(problem: Problem, cand: Candidate, device) -> float:
 
 # A program streams at most this many times an even share of HBM. 1.0: at M = 1 the GEMM core read a 58.7 MB
 # weight at 1.07 TB/s with fewer tiles than SMs (one H100, 2026-12-07, issue 19's table), about an even share
-# per busy SM; a first-order figure for ranking, to be fitted (benchmarks/fit_cost_model.py).
+# per busy SM; a first-order figure for ranking, fitted with the two below (it stayed 1.0).
 PER_SM_STREAM = 1.0
 # A tile's MMA rate falls as (its area over 128x256's) ** TILE_EFFICIENCY_EXP; split-K's float32 partials cost
-# SPLIT_K_TRAFFIC times their bytes at the copy rate. Fitted with PER_SM_STREAM (which stayed 1.0) to the device
+# SPLIT_K_TRAFFIC times their bytes at the copy rate. Fitted with PER_SM_STREAM to the device
 # times of the 3989 candidates core_suite measured on an H100 (512 problems), each problem's estimates in log
 # against its measured times (benchmarks/fit_cost_model.py --table, cost_model_fit_h100.json; 0.35 and 1.0
 # before): on the two models left out the mean error went from 0.097 to 0.076, and the model's pick among the
@@ -261,9 +261,7 @@ def prune(problem: Problem, candidates: list[Candidate], device, keep: int) -> l
     cap = max(1, keep // max(1, len(by_schedule)) // 3)
     kept = [next(c for c in q if c.config.split_k == 1) for q in by_schedule.values()
             if any(c.config.split_k == 1 for c in q)][:keep]
-    per_tile: dict = {}
-    for c in kept:
-        per_tile[(c.schedule, c.config.BM, c.config.BN)] = 1
+    per_tile = {(c.schedule, c.config.BM, c.config.BN): 1 for c in kept}
     queues = [iter(q) for q in by_schedule.values()]
     while queues and len(kept) < keep:
         for q in list(queues):
