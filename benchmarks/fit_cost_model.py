@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import re
 
 
 def predict(row, R: float, B: float, C: float) -> float:
@@ -62,8 +61,6 @@ def errors(rows, key: str, params) -> dict:
             "p90_abs_error": round(errs[int(0.9 * (len(errs) - 1))], 3), "max_abs_error": round(errs[-1], 3)}
 
 
-LABEL = re.compile(r"(\w+) (\d+)x(\d+)x(\d+) group_m=(\d+) warps=(\d+) stages=(\d+)(?: comm_programs=(\d+))?"
-                   r"(?: split_k=(\d+))?$")
 RANKING = ("TILE_EFFICIENCY_EXP", "PER_SM_STREAM", "SPLIT_K_TRAFFIC")
 
 
@@ -79,11 +76,9 @@ def measured_candidates(table: str, model_of: dict) -> list:
         p, device = Problem(**e["problem"]), e.get("device_us") or {}
         pts = []
         for label, us in e["times_us"].items():
-            m = LABEL.match(label)
-            if m and us is not None:
-                s, *nums = m.groups()
-                BM, BN, BK, g, w, st, comm, sk = (int(x or d) for x, d in zip(nums, (0,) * 6 + (0, 1)))
-                pts.append((Candidate(s, TileConfig(BM, BN, BK, g, w, st, comm, sk)), device.get(label, us) * 1e-6))
+            schedule, _, config = label.partition(" ")
+            if config and us is not None:  # a fused candidate ("copy_engine 128x256x64 group_m=1 ..."), measured
+                pts.append((Candidate(schedule, TileConfig.parse(config)), device.get(label, us) * 1e-6))
         if len(pts) >= 3:
             out.append((p, model_of.get((p.kind, p.N, p.K), "?"), pts))
     return out

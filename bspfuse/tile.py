@@ -246,6 +246,15 @@ class TileConfig:
         s += f" comm_programs={self.comm_programs}" if self.comm_programs else ""
         return s + (f" split_k={self.split_k}" if self.split_k > 1 else "")
 
+    @classmethod
+    def parse(cls, text: str) -> "TileConfig":
+        """The config __str__ wrote ("128x256x64 group_m=8 warps=8 stages=3 split_k=2")."""
+        tile, *fields = text.split()
+        BM, BN, BK = map(int, tile.split("x"))
+        kw = dict(f.split("=") for f in fields)
+        return cls(BM, BN, BK, int(kw["group_m"]), int(kw["warps"]), int(kw["stages"]),
+                   int(kw.get("comm_programs", 0)), int(kw.get("split_k", 1)))
+
 
 # How a kernel reads B[K, N] (both without a copy; any other strides are copied to "kn" by the host):
 #   kn  row-major [K, N] storage: tiles [BK, BN] go straight into the dot

@@ -194,6 +194,14 @@ def test_the_measured_set_spans_tile_shapes_and_keeps_one_without_split_k():
         assert max(shapes.count(t) for t in shapes) <= cap and len(set(shapes)) >= 8 // cap, p
 
 
+def test_a_candidate_label_reads_back_as_its_config():
+    from bspfuse.tile import TileConfig
+
+    for c in tune.space(tune.Problem("matmul_rs", 32, 8192, 14336, world=2), 132)[1:]:
+        schedule, _, config = c.label.partition(" ")
+        assert (schedule, TileConfig.parse(config)) == (c.schedule, c.config)
+
+
 def test_no_candidate_needs_more_shared_memory_than_the_device_gives_a_program():
     p, h100 = tune.Problem("matmul_rs", 512, 8192, 8192), DeviceModel.of("H100")
     assert h100.smem_bytes == 232448  # what Triton reported as the H100's limit
