@@ -108,7 +108,7 @@ def choose_mode(kind: str, M: int, N: int, K: int, world_size: int, dtype: str =
     device = device if isinstance(device, DeviceModel) else DeviceModel.of(device)
     W, item = world_size, DTYPE_BYTES.get(dtype, 2)
     if W == 1:
-        t = 2 * M * N * K / device.matmul_flops
+        t = device.gemm_s(2 * M * N * K, (M * K + K * N + M * N) * item)
         return Choice("off", "a world of one rank: the collective moves nothing, so there is nothing to overlap",
                       {"bsp": round(t * 1e6, 1)})
     k_eff = K if kind == "ag_matmul" else K / W  # RS/AR multiply a K-shard on every rank

@@ -259,8 +259,8 @@ def prune(problem: Problem, candidates: list[Candidate], device, keep: int) -> l
     for c in ranked:
         by_schedule.setdefault(c.schedule, []).append(c)
     cap = max(1, keep // max(1, len(by_schedule)) // 3)
-    kept = [next(c for c in q if c.config.split_k == 1) for q in by_schedule.values()
-            if any(c.config.split_k == 1 for c in q)][:keep]
+    unsplit = (next((c for c in q if c.config.split_k == 1), None) for q in by_schedule.values())
+    kept = [c for c in unsplit if c is not None][:keep]
     per_tile = {(c.schedule, c.config.BM, c.config.BN): 1 for c in kept}
     queues = [iter(q) for q in by_schedule.values()]
     while queues and len(kept) < keep:
