@@ -170,7 +170,7 @@ class GpuTimer:
     def time_gemm(self, fn, p: Problem) -> tuple[float, float]:
         """(back to back, on the device alone) seconds per call of a GEMM of problem p (time_calls with the call
         count for its flops)."""
-        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6), device_alone=True)
+        return self.time_calls(fn, max(p.flops / _rates()[0], 2e-6))
 
     def _decode(self, p: DecodeProblem, cand: Candidate) -> float:
         """A decode step at the candidate's stage and knobs (FlashDecode), its O checked against float64 over
@@ -201,7 +201,8 @@ class GpuTimer:
             err = float((o.double() - ref_o).norm() / ref_o.norm().clamp_min(1e-30))
             if not err <= TOLERANCE[p.dtype]:
                 raise WrongResult(f"{cand.label}: relative error {err:.2e} against the float64 reference")
-            return self.time_calls(step, max(2 * k.numel() * k.element_size() / _rates()[1], 2e-6))
+            # back to back only: a stage's host work (stage 1's barrier, stage 2's epochs) is part of its time
+            return self._timed_pass(step, self._count(max(2 * k.numel() * k.element_size() / _rates()[1], 2e-6)))[0]
         finally:
             fd.close()
 
@@ -292,9 +293,9 @@ class GpuTimer:
         cls = FusedMatmulReduceScatter if p.kind == "matmul_rs" else FusedMatmulAllReduce
         return cls(heap, M, p.N, p.K, dt, config=cand.config, b_layout=p.b_layout, mode=cand.schedule)
 
-    def time_calls(self, fn, guess_s: float, device_alone: bool = False):
-        """Seconds per call over a fixed count of back-to-back calls, after warm-up; with device_alone, the pair
-        (back to back, on the device alone). The count comes from `guess_s` (a first-order estimate, the same on
+    def time_calls(self, fn, guess_s: float) -> tuple[float, float]:
+        """(back to back, on the device alone) seconds per call, each over a fixed count of calls after warm-up.
+        The count comes from `guess_s` (a first-order estimate, the same on
         every rank: collective kernels must be called as often on each), not from this rank's own timing.
 
         Back to back, a call shorter than the host's time per call takes the host's time. On the device alone,
@@ -303,15 +304,17 @@ class GpuTimer:
         the device's time per call (on every rank), the device never waited for it and the back-to-back time is
         the device's; otherwise the calls are queued again while a spin kernel holds the GPU for longer than the
         host took, and timed from the spin's end."""
-        b2b, host = self._timed_pass(fn, int(min(2000, max(5, self.rep_ms * 1e-3 / guess_s))))
-        if not device_alone:
-            return b2b
+        b2b, host = self._timed_pass(fn, self._count(guess_s))
         if host < HOST_AHEAD * b2b:
             return b2b, b2b
         # queued calls stay under the driver's queue of pending launches (about a thousand): a full queue
         # would hold the host back while the spin runs, and the calls after it would again wait for the host
-        calls = int(min(400, max(5, self.rep_ms * 1e-3 / guess_s)))
+        calls = self._count(guess_s, most=400)
         return b2b, self._timed_pass(fn, calls, spin_s=1.5 * host * calls)[0]
+
+    def _count(self, guess_s: float, most: int = 2000) -> int:
+        """Calls that take about rep_ms at `guess_s` seconds each: at least 5, at most `most`."""
+        return int(min(most, max(5, self.rep_ms * 1e-3 / guess_s)))
 
     def _timed_pass(self, fn, calls: int, spin_s: float = 0.0) -> tuple[float, float]:
         """(device seconds per call, host seconds per call to queue it), each the largest of any rank, over
